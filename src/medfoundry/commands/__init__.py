@@ -1,0 +1,1 @@
+"""Subcommands of the ``medfoundry`` CLI, one module each."""

@@ -1,0 +1,44 @@
+"""Save last-layer attention (per head + mean) and patch PCA maps: medfoundry attention CHECKPOINT IMAGE... --out DIR.
+
+For every image, DIR gets ``NAME_head{i}.png`` (class-token attention of head i overlaid on the
+image), ``NAME_mean.png`` (averaged over heads), ``NAME_pca.png`` (first three principal components
+of the patch features as RGB, DINOv2-style), ``NAME_panel.png`` (all of them side by side) and
+``NAME_maps.npz`` (the raw maps). Images are preprocessed like the evaluation preprocesses them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", help="run folder or checkpoint file (.pt)")
+    parser.add_argument("images", nargs="+", help="image files (PNG/JPEG/TIFF, DICOM, NIfTI/NRRD: middle slice)")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--img-size", type=int, default=0,
+                        help="input side (default: eval.img_size or crops.global_size; larger gives finer maps)")
+    parser.add_argument("--best", action="store_true", help="use RUN/best.pt instead of the newest checkpoint")
+    parser.add_argument("--random-init", action="store_true", help="the backbone at its random initialisation")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+
+
+def run(args: argparse.Namespace) -> int:
+    from medfoundry.eval.attention import save_attention_maps
+    from medfoundry.eval.load import load_backbone
+
+    missing = [p for p in args.images if not Path(p).exists()]
+    if missing:
+        print(f"medfoundry attention: no such image(s): {missing}", file=sys.stderr)
+        return 2
+    if not Path(args.checkpoint).exists():
+        print(f"medfoundry attention: '{args.checkpoint}' does not exist", file=sys.stderr)
+        return 2
+    loaded = load_backbone(args.checkpoint, random_init=args.random_init, which="best" if args.best else "latest",
+                           device=args.device)
+    files = save_attention_maps(loaded.backbone, args.images, args.out, loaded.cfg, args.img_size, loaded.label)
+    for f in files:
+        print(f["panel"])
+    print(f"{len(files)} image(s) written to {args.out} ({loaded.checkpoint}, {loaded.label})")
+    return 0

@@ -1,0 +1,160 @@
+"""Configuration of image-report contrastive training (method=clip).
+
+One section, ``clip``, with nested parts: the image tower (any registered backbone from ``model`` plus
+a projection), the text tower (OpenAI/CheXzero CLIP text transformer via ``open_clip_torch`` or an HF
+BERT-family model from a local folder), the loss (symmetric InfoNCE of Radford et al. 2021 or SigLIP
+of Zhai et al. 2023), image preprocessing, the image-report data and in-training evaluation
+(CheXzero-style zero-shot classification, Tiu et al. 2022, and image<->text Recall@K). See docs/clip.md.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+
+@dataclass
+class ClipImageConfig:
+    """Image tower: the backbone of ``model`` + token pooling + a projection to ``clip.embed_dim``.
+
+    LoRA and partial freezing of the image backbone come from the ``adapt`` section (``models.lora``).
+    """
+
+    pool: Literal["token", "avg"] = "token"  # class token (default) or mean of patch tokens (timm DINOv3's default)
+    proj: Literal["linear", "mlp"] = "linear"  # projection head to the shared embedding
+    proj_hidden_dim: int = 2048  # hidden width of the MLP projection
+    proj_bias: bool = False  # bias in the (last) projection layer
+    freeze: bool = False  # freeze the whole backbone (the projection still trains; LiT, Zhai et al. 2022)
+
+
+@dataclass
+class ClipTextConfig:
+    """Text tower: open_clip's CLIP text transformer (BPE) or an HF BERT-family model (WordPiece)."""
+
+    kind: Literal["clip", "hf"] = "clip"  # clip: OpenAI/CheXzero text transformer; hf: local HF model folder
+    context_length: int = 77  # max tokens incl. special tokens; CLIP towers stretch 77 positions (Long-CLIP)
+    keep_positions: int = 20  # Long-CLIP: leading position embeddings copied unchanged when stretching
+    pretrained: Optional[str] = None  # clip: OpenAI-layout state dict or JIT archive (OpenAI CLIP, CheXzero)
+    width: int = 512  # clip: transformer width (must match `pretrained`; OpenAI ViT-B/32 and CheXzero: 512)
+    heads: int = 8  # clip: attention heads
+    layers: int = 12  # clip: transformer blocks
+    vocab_size: int = 49408  # clip: BPE vocabulary of open_clip's tokenizer
+    mlp_ratio: float = 4.0  # clip: MLP expansion
+    native_dim: int = 0  # clip: output width of text_projection (0 = embed_dim, or width when proj is linear/mlp)
+    quick_gelu: bool = True  # clip: QuickGELU activation as OpenAI CLIP / CheXzero were trained with
+    hf_path: str = ""  # hf: local folder with config.json, tokenizer files and (unless hf_random_init) weights
+    hf_random_init: bool = False  # hf: build from config.json only (random weights), e.g. to train from scratch
+    pooling: Literal["cls", "mean"] = "cls"  # hf: first token or attention-masked mean of the last hidden states
+    proj: Literal["auto", "none", "linear", "mlp"] = "auto"  # auto: clip -> native text_projection, hf -> linear
+    proj_hidden_dim: int = 2048  # hidden width of the MLP projection
+    freeze: bool = False  # freeze the text trunk (projection still trains)
+    grad_checkpointing: bool = False  # recompute text-block activations in backward
+    lora_rank: int = 0  # LoRA rank on the text trunk's linear layers (0 = off; trunk frozen except LoRA)
+    lora_alpha: float = 16.0  # LoRA scaling numerator (update = alpha / rank * B A)
+    lora_targets: list[str] = field(default_factory=lambda: ["c_fc", "c_proj", "query", "value"])  # name suffixes
+    truncation_check: int = 2000  # reports tokenised when the loader starts, to warn with truncation counts
+
+
+@dataclass
+class ClipLossConfig:
+    """Contrastive objective and its learnable logit scale."""
+
+    kind: Literal["infonce", "siglip"] = "infonce"  # symmetric InfoNCE (CLIP) or pairwise sigmoid (SigLIP)
+    temperature: float = 0.07  # initial temperature: logit_scale = log(1 / temperature) (InfoNCE)
+    learn_temperature: bool = True  # learn the logit scale
+    max_logit_scale: float = 100.0  # exp(logit_scale) clamped to at most this after every step (CLIP)
+    siglip_init_scale: float = 10.0  # SigLIP initial exp(logit_scale) (Zhai et al. 2023)
+    siglip_init_bias: float = -10.0  # SigLIP initial logit bias
+    local_loss: bool = True  # under DDP: local rows against all gathered columns (open_clip's local loss)
+    gather_with_grad: bool = True  # under DDP: gathered features carry gradients back to their rank
+
+
+@dataclass
+class ClipPreprocessConfig:
+    """Image preprocessing presets (CheXzero: 320 px stored, 224 px bicubic, OpenAI CLIP normalisation)."""
+
+    stored_size: int = 320  # shorter side images are resized to first (CheXzero's HDF5 is already 320 px)
+    size: int = 224  # model input side (random resized crop in training, resize + centre crop in evaluation)
+    crop_scale: list[float] = field(default_factory=lambda: [0.9, 1.0])  # area fraction of the random crop
+    interpolation: Literal["bicubic", "bilinear"] = "bicubic"  # resize interpolation
+    normalize: Literal["openai_clip", "imagenet", "dataset", "custom"] = "openai_clip"  # mean/std preset
+    mean: list[float] = field(default_factory=list)  # custom: per-channel mean (of [0, 1] pixels)
+    std: list[float] = field(default_factory=list)  # custom: per-channel std
+    stats_samples: int = 256  # dataset: training images used to estimate mean/std
+    hflip_prob: float = 0.0  # off by default: a flip swaps left and right against the report's wording
+
+
+@dataclass
+class ClipDataConfig:
+    """Image-report pairs: a CSV/Parquet manifest, CheXzero's HDF5 + CSV layout, or the offline demo."""
+
+    kind: Literal["manifest", "chexzero", "demo"] = "manifest"  # pair source
+    manifest: str = ""  # manifest: CSV/Parquet of pairs; chexzero: CSV of report text aligned with the HDF5 rows
+    image_column: str = "image"  # manifest: column of image paths
+    image_root: str = ""  # base folder of relative image paths (default: the manifest's folder)
+    text_column: str = "report"  # column of report text (CheXzero's CSV: impression)
+    sections: list[str] = field(default_factory=list)  # e.g. [impression]: a column of that name or a heading
+    section_fallback: Literal["full", "skip"] = "full"  # when no chosen section exists: whole report or drop pair
+    hdf5: str = ""  # chexzero: HDF5 file of 320 px images
+    hdf5_dataset: str = "cxr"  # chexzero: dataset name inside the HDF5 file
+    hdf5_scale: float = 255.0  # chexzero: stored pixel value of white (images are mapped to [0, 1])
+    demo_dir: str = ".cache/clip_demo"  # demo: where the real pydicom-data frames are exported
+    demo_seed: int = 0  # demo: seed of the (arbitrary, unpaired) report-to-image assignment
+    max_pairs: int = 0  # use only the first N pairs (0 = all)
+    num_workers: int = 0  # DataLoader worker processes
+
+
+@dataclass
+class ZeroShotConfig:
+    """External labelled set for zero-shot classification (CheXzero prompt pairs or class-name ensembles)."""
+
+    kind: Literal["none", "manifest", "hdf5", "demo"] = "none"  # labelled image source
+    labels: str = ""  # CSV/Parquet: image column + label columns (manifest) or label rows aligned with hdf5
+    hdf5: str = ""  # hdf5: images (CheXzero test layout)
+    hdf5_dataset: str = "cxr"  # hdf5: dataset name
+    hdf5_scale: float = 255.0  # hdf5: stored value of white
+    image_column: str = "image"  # manifest: column of image paths
+    image_root: str = ""  # base folder of relative image paths (default: the labels file's folder)
+    findings: list[str] = field(default_factory=list)  # binary label columns (1 pos, 0 neg, else ignored)
+    positive_template: str = "{}"  # CheXzero positive prompt (the finding name)
+    negative_template: str = "no {}"  # CheXzero negative prompt
+    label_column: str = ""  # multi-class: column holding the class of each image
+    class_names: list[str] = field(default_factory=list)  # multi-class: classes in order (default: sorted values)
+    templates: list[str] = field(default_factory=lambda: ["{}"])  # multi-class prompt templates (ensembled)
+    max_images: int = 0  # evaluate on the first N images (0 = all)
+    bootstrap: int = 1000  # bootstrap resamples for the AUC confidence intervals (0 = none)
+
+
+@dataclass
+class RetrievalEvalConfig:
+    """Image<->text Recall@K pairs: the training pairs themselves or another pair source."""
+
+    source: Literal["none", "train", "data"] = "none"  # train: clip.data (no augmentation); data: retrieval.data
+    data: ClipDataConfig = field(default_factory=ClipDataConfig)  # used when source=data
+    max_pairs: int = 1000  # evaluate on the first N pairs
+    ks: list[int] = field(default_factory=lambda: [1, 5, 10])  # recall cut-offs
+
+
+@dataclass
+class ClipEvalConfig:
+    """Zero-shot and retrieval evaluation every N steps and best-checkpoint tracking."""
+
+    every_steps: int = 0  # evaluate every N steps (0 = off)
+    batch_size: int = 64  # images / texts per encoder call
+    zeroshot: ZeroShotConfig = field(default_factory=ZeroShotConfig)
+    retrieval: RetrievalEvalConfig = field(default_factory=RetrievalEvalConfig)
+    best_metric: str = "zeroshot/mean_auc"  # metric that decides RUN/best.pt ("" = keep no best checkpoint)
+    best_mode: Literal["max", "min"] = "max"  # whether larger or smaller is better
+
+
+@dataclass
+class ClipConfig:
+    """Towers, loss, preprocessing, data and evaluation of CLIP-style image-report training."""
+
+    embed_dim: int = 512  # shared embedding width
+    image: ClipImageConfig = field(default_factory=ClipImageConfig)
+    text: ClipTextConfig = field(default_factory=ClipTextConfig)
+    loss: ClipLossConfig = field(default_factory=ClipLossConfig)
+    preprocess: ClipPreprocessConfig = field(default_factory=ClipPreprocessConfig)
+    data: ClipDataConfig = field(default_factory=ClipDataConfig)
+    eval: ClipEvalConfig = field(default_factory=ClipEvalConfig)

@@ -1,0 +1,234 @@
+"""Load a typed run configuration from a YAML recipe plus ``key.sub=value`` overrides.
+
+The dataclass tree in :mod:`medfoundry.config.schema` is the single source of truth: a recipe is
+one flat YAML document validated against it (no stacking of files), and command-line overrides are
+applied on top. Unknown keys and wrong types raise :class:`ConfigError`, whose message names the
+source, the dotted key, the offending value and the nearest valid key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin
+
+import yaml
+
+from medfoundry.config.schema import RunConfig
+
+
+class ConfigError(ValueError):
+    """A recipe or override does not fit the schema; the message says what to change."""
+
+
+def load_config(recipe: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Build a :class:`RunConfig` from defaults, an optional YAML recipe and dotted overrides.
+
+    Overrides have the form ``a.b.c=value``; the value is parsed as YAML (so ``true``, ``3``,
+    ``[0.5, 1.0]`` and ``null`` work) and then coerced to the field's declared type.
+    """
+    cfg = RunConfig()
+    if recipe is not None:
+        path = Path(recipe)
+        if not path.is_file():
+            raise ConfigError(f"recipe file not found: {path} (list bundled recipes with `medfoundry recipes`)")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML: {err}") from err
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: a recipe must be a mapping of config sections, got {type(data).__name__}")
+        apply_mapping(cfg, data, source=str(path))
+    for item in overrides:
+        key, value = parse_override(item)
+        apply_override(cfg, key, value, source=f"override '{item}'")
+    validate(cfg)
+    return cfg
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """Split ``key.sub=value`` into the dotted key and its YAML-parsed value."""
+    if "=" not in item:
+        raise ConfigError(f"override '{item}' must look like key.sub=value")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override '{item}' has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def apply_override(cfg: Any, dotted: str, value: Any, source: str) -> None:
+    """Set one dotted key; an unknown key is reported in full with the nearest valid key."""
+    parts = dotted.split(".")
+    node = cfg
+    for _i, part in enumerate(parts[:-1]):
+        child = getattr(node, part, None) if dataclasses.is_dataclass(node) else None
+        if child is None or not dataclasses.is_dataclass(child):
+            raise ConfigError(
+                f"{source}: unknown key '{dotted}' (value {value!r}); nearest valid key: '{_nearest(dotted)}'"
+            )
+        node = child
+    apply_mapping(node, {parts[-1]: value}, source, prefix=".".join(parts[:-1]) + "." if parts[:-1] else "")
+
+
+def all_keys(cls: type = RunConfig, prefix: str = "") -> list[str]:
+    """Every dotted key of the schema, leaves and sections, for suggestions and docs."""
+    keys = []
+    for f in dataclasses.fields(cls):
+        name = prefix + f.name
+        keys.append(name)
+        ftype = _resolved_hints(cls)[f.name]
+        if dataclasses.is_dataclass(ftype):
+            keys.extend(all_keys(ftype, name + "."))
+    return keys
+
+
+def _nearest(key: str) -> str:
+    candidates = all_keys()
+    close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.0)
+    if close:
+        return close[0]
+    return ""
+
+
+def apply_mapping(obj: Any, data: dict, source: str, prefix: str = "") -> None:
+    """Set fields of dataclass ``obj`` from ``data`` recursively, strictly typed."""
+    hints = _resolved_hints(type(obj))
+    names = {f.name for f in dataclasses.fields(obj)}
+    for key, value in data.items():
+        dotted = prefix + str(key)
+        if key not in names:
+            raise ConfigError(
+                f"{source}: unknown key '{dotted}' (value {value!r}); nearest valid key: '{_nearest(dotted)}'"
+            )
+        ftype = hints[key]
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(ftype):
+            if not isinstance(value, dict):
+                raise ConfigError(
+                    f"{source}: '{dotted}' is a section; give a mapping of its keys, not {value!r}"
+                )
+            apply_mapping(current, value, source, dotted + ".")
+        else:
+            setattr(obj, key, coerce(value, ftype, dotted, source))
+
+
+def coerce(value: Any, ftype: Any, key: str, source: str) -> Any:
+    """Convert ``value`` to the declared field type or raise :class:`ConfigError` naming the key."""
+    origin = get_origin(ftype)
+    args = get_args(ftype)
+    if origin in (Union, types.UnionType):
+        is_null = value is None or (isinstance(value, str) and value.lower() in ("null", "none"))
+        if is_null and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return coerce(value, arg, key, source)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0] if errors else f"{source}: '{key}' cannot be {value!r}")
+    if origin is Literal:
+        if value in args:
+            return value
+        raise ConfigError(f"{source}: '{key}' = {value!r} is not one of {list(args)}")
+    if origin in (list, tuple):
+        if isinstance(value, str) and "," in value:
+            value = [yaml.safe_load(v) for v in value.split(",")]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{source}: '{key}' expects a list, got {value!r}")
+        inner = args[0] if args else Any
+        return [coerce(v, inner, f"{key}[{i}]", source) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: '{key}' expects a mapping, got {value!r}")
+        return dict(value)
+    if ftype is Any:
+        return value
+    if ftype is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        raise ConfigError(f"{source}: '{key}' expects true or false, got {value!r}")
+    if ftype is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        try:
+            as_float = float(value)
+        except (TypeError, ValueError):
+            as_float = None
+        if as_float is not None and as_float.is_integer() and not isinstance(value, bool):
+            return int(as_float)
+        raise ConfigError(f"{source}: '{key}' expects an integer, got {value!r}")
+    if ftype is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{source}: '{key}' expects a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{source}: '{key}' expects a number, got {value!r}") from None
+    if ftype is str:
+        if isinstance(value, (dict, list)) or value is None:
+            raise ConfigError(f"{source}: '{key}' expects a string, got {value!r}")
+        return str(value)
+    raise ConfigError(f"{source}: '{key}' has an unsupported schema type {ftype!r}")
+
+
+def validate(cfg: RunConfig) -> None:
+    """Cross-field checks that a single field's type cannot express."""
+    for section in (cfg.crops,):
+        for name in ("global_scale", "local_scale"):
+            lo_hi = getattr(section, name)
+            if len(lo_hi) != 2 or not (0 < lo_hi[0] <= lo_hi[1] <= 1):
+                raise ConfigError(f"'crops.{name}' = {lo_hi} must be [low, high] with 0 < low <= high <= 1")
+    if cfg.train.steps < 0:
+        raise ConfigError(f"'train.steps' = {cfg.train.steps} must be >= 0")
+    if cfg.train.batch_size < 1:
+        raise ConfigError(f"'train.batch_size' = {cfg.train.batch_size} must be >= 1")
+    if cfg.dino.gram_weight > 0 and cfg.dino.gram_mode == "anchor" and not cfg.dino.gram_anchor:
+        raise ConfigError("'dino.gram_mode' = 'anchor' needs 'dino.gram_anchor' (a checkpoint path)")
+
+
+def to_dict(cfg: Any) -> dict:
+    """Plain nested dict of a config dataclass (for YAML/JSON output)."""
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg: Any) -> str:
+    """The resolved config as YAML text, keys in schema order."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def save_config(cfg: Any, path: str | Path) -> None:
+    """Write the resolved config as YAML (atomic: temporary file then rename)."""
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(to_yaml(cfg))
+    tmp.replace(path)
+
+
+def from_dict(data: dict, source: str = "saved config") -> RunConfig:
+    """Rebuild a :class:`RunConfig` from a dict written by :func:`to_dict` (e.g. in a checkpoint)."""
+    cfg = RunConfig()
+    apply_mapping(cfg, data, source=source)
+    return cfg
+
+
+_HINTS_CACHE: dict[type, dict[str, Any]] = {}
+
+
+def _resolved_hints(cls: type) -> dict[str, Any]:
+    if cls not in _HINTS_CACHE:
+        module = __import__(cls.__module__, fromlist=["_"])
+        _HINTS_CACHE[cls] = typing.get_type_hints(cls, globalns=vars(module))
+    return _HINTS_CACHE[cls]

@@ -1,0 +1,153 @@
+"""The typed configuration schema: one tree of dataclasses, the single source of truth.
+
+Every field has a default and a one-line comment; ``medfoundry config RECIPE`` prints the resolved
+tree. Each component receives only its own section (e.g. the backbone factory gets ``ModelConfig``),
+never the whole tree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+from medfoundry.config.adapt import AdaptConfig, DistillConfig
+from medfoundry.config.clip import ClipConfig
+from medfoundry.config.evaluation import EvalConfig
+from medfoundry.data.config import DataConfig
+
+
+@dataclass
+class ModelConfig:
+    """Backbone construction (see ``medfoundry models`` for registered names)."""
+
+    name: str = "vit_tiny_patch8"  # registered backbone name
+    img_size: int = 224  # native input size: sets the absolute position-embedding grid
+    in_chans: int = 3  # input channels (1 for grey CT/X-ray, 3 for RGB or 2.5D/multi-window)
+    drop_path_rate: float = 0.0  # stochastic depth rate (student only)
+    pretrained: Optional[str] = None  # local checkpoint to start from (no hub access at run time)
+    pretrained_format: str = "auto"  # auto|dinov2|dinov3|hf|timm|medfoundry
+    grad_checkpointing: bool = False  # recompute block activations in backward to save memory
+
+
+@dataclass
+class HeadConfig:
+    """DINO projection head: MLP -> bottleneck -> weight-normalised prototypes (Caron et al. 2021)."""
+
+    out_dim: int = 65536  # number of prototypes K
+    hidden_dim: int = 2048  # MLP hidden width
+    bottleneck_dim: int = 256  # L2-normalised bottleneck before the prototypes
+    nlayers: int = 3  # MLP depth (>= 1)
+
+
+@dataclass
+class DinoConfig:
+    """The DINO-family objective: DINO + optional iBOT, KoLeo, KDE and Gram terms."""
+
+    head: HeadConfig = field(default_factory=HeadConfig)  # image-level (class token) head
+    ibot_separate_head: bool = False  # separate iBOT patch head (DINOv2 default for large models)
+    ibot_head: HeadConfig = field(default_factory=HeadConfig)  # used when ibot_separate_head
+    student_temp: float = 0.1  # student softmax temperature
+    teacher_temp: float = 0.07  # teacher temperature after warm-up
+    warmup_teacher_temp: float = 0.04  # teacher temperature at step 0
+    warmup_teacher_temp_steps: int = 0  # linear teacher-temperature warm-up length
+    centering: Literal["center", "sinkhorn"] = "center"  # DINOv1 centering or DINOv2 Sinkhorn-Knopp
+    center_momentum: float = 0.9  # EMA of the center; 0.999 avoids the CT "entropy wall" (DINO-X)
+    sinkhorn_iterations: int = 3  # Sinkhorn-Knopp iterations
+    teacher_momentum: float = 0.996  # EMA momentum of the teacher at step 0
+    teacher_momentum_end: float = 1.0  # EMA momentum at the last step (cosine schedule)
+    dino_weight: float = 1.0  # weight of the class-token DINO loss
+    ibot_weight: float = 0.0  # weight of the iBOT masked-patch loss (0 = off)
+    mask_probability: float = 0.5  # share of global crops that get an iBOT mask
+    mask_ratio_min: float = 0.1  # smallest masked-patch ratio
+    mask_ratio_max: float = 0.5  # largest masked-patch ratio
+    koleo_weight: float = 0.0  # KoLeo regulariser on student class tokens (0 = off)
+    kde_weight: float = 0.0  # KDE uniformity regulariser (OpenMidnight) (0 = off)
+    kde_temperature: float = 2.5  # kernel sharpness t of the KDE term (OpenMidnight kappa=5 -> t=2.5)
+    gram_weight: float = 0.0  # Gram loss on patch tokens (0 = off)
+    gram_mode: Literal["ema", "anchor"] = "ema"  # target: EMA teacher (DINO-X) or frozen checkpoint (DINOv3)
+    gram_anchor: Optional[str] = None  # checkpoint of the Gram anchor when gram_mode=anchor
+    gram_start_step: int = 0  # first step at which the Gram term is active
+    freeze_last_layer_steps: int = 0  # keep the prototype layer frozen for this many steps
+
+
+@dataclass
+class CropsConfig:
+    """Multi-crop views (Caron et al. 2020/2021): global and local crops and their augmentations."""
+
+    n_global: int = 2  # number of global crops (the teacher sees these)
+    global_size: int = 224  # side of a global crop in pixels
+    global_scale: list[float] = field(default_factory=lambda: [0.32, 1.0])  # area fraction range
+    n_local: int = 8  # number of local crops (student only)
+    local_size: int = 96  # side of a local crop in pixels
+    local_scale: list[float] = field(default_factory=lambda: [0.05, 0.32])  # area fraction range
+    hflip_prob: float = 0.5  # horizontal flip probability
+    color_jitter_prob: float = 0.0  # colour jitter probability (off for medical data)
+    grayscale_prob: float = 0.0  # random greyscale probability (RGB only)
+    blur_prob: float = 0.0  # Gaussian blur probability
+    solarize_prob: float = 0.0  # solarisation probability (second global crop only, as DINO)
+    region_crop_prob: float = 0.0  # chance a crop must contain the labelled region, if any (DINO-MX)
+    interpolation: Literal["bilinear", "bicubic"] = "bicubic"  # resize interpolation
+    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])  # per-channel mean
+    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])  # per-channel std
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with warm-up + cosine learning rate and cosine weight decay (schedules by step)."""
+
+    name: Literal["adamw", "sgd"] = "adamw"  # optimizer: AdamW (decoupled decay) or SGD with momentum (CheXzero)
+    momentum: float = 0.9  # SGD momentum (optim.name=sgd)
+    lr: float = 5e-4  # peak learning rate (for the global batch; not rescaled)
+    min_lr: float = 1e-6  # final learning rate of the cosine
+    warmup_steps: int = 0  # linear warm-up steps
+    weight_decay: float = 0.04  # weight decay at step 0
+    weight_decay_end: float = 0.4  # weight decay at the last step (cosine)
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW betas
+    clip_grad: float = 3.0  # max global grad norm (0 = no clipping)
+    layer_decay: float = 1.0  # layer-wise lr decay (1.0 = off)
+    freeze_backbone_steps: int = 0  # head-only warm-up: backbone frozen for this many steps
+
+
+@dataclass
+class TrainConfig:
+    """The step-based loop."""
+
+    steps: int = 1000  # total optimizer steps
+    schedule_steps: int = 0  # horizon of the cosine schedules (0 = train.steps); fix it to extend runs exactly
+    batch_size: int = 64  # global batch size (split evenly over ranks)
+    seed: int = 0  # seed for init, data order and augmentation
+    device: str = "auto"  # auto|cpu|cuda|cuda:N
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto = bf16 autocast on GPU, fp32 on CPU
+    log_every: int = 1  # steps between metric lines
+    checkpoint_every: int = 500  # steps between checkpoints (the last step always saves)
+    keep_last: int = 3  # checkpoints kept on disk
+    max_nonfinite_steps: int = 5  # stop after this many non-finite losses in a row
+    progress: bool = True  # show a progress bar
+    tensorboard: bool = True  # write TensorBoard event files
+
+
+@dataclass
+class DistConfig:
+    """Parallelism, applied from outside the model."""
+
+    strategy: Literal["ddp", "fsdp"] = "ddp"  # data parallel wrapper when world size > 1
+    backend: str = "auto"  # auto = nccl on GPU, gloo on CPU
+
+
+@dataclass
+class RunConfig:
+    """One run: everything a training job needs, written to ``OUTPUT/config.yaml``."""
+
+    output_dir: str = "runs/default"  # run folder (config, metrics, checkpoints, TensorBoard)
+    method: Literal["dino", "clip", "distill"] = "dino"  # training method
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    crops: CropsConfig = field(default_factory=CropsConfig)
+    dino: DinoConfig = field(default_factory=DinoConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    adapt: AdaptConfig = field(default_factory=AdaptConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    clip: ClipConfig = field(default_factory=ClipConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)

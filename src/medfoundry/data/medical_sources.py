@@ -1,0 +1,298 @@
+"""Medical image sources (``data.kind``): dicom, nifti, slices, hdf5, wsi, manifest, prepared.
+
+Every source is a list of *entries* (a volume, a folder of slice files, a slide, ...) each offering
+sample *positions* (the slices that can be centres of a 2.5D stack, or a slide's tissue tiles):
+
+* ``data.slice_sampling=all``: every position of every entry is one item;
+* ``data.slice_sampling=one_per_volume``: item ``i`` is entry ``i`` at a random position (torch RNG), so
+  a batch drawn without replacement holds at most one slice per series.
+
+Volume samples hold ``data.slices`` slices (z - s, z, z + s for 3) in the volume's units (HU for
+CT) as channels; :mod:`medfoundry.data.intensity` then maps them to [0, 1]. Slide tiles and plain
+pictures are RGB/grey in [0, 1]. Entries that cannot be opened when the source is built are left
+out and listed in ``source.skipped`` (path, reason) and in the log.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from medfoundry.data.config import DataConfig
+from medfoundry.data.entries import (
+    DicomEntry,
+    LoadedVolumeEntry,
+    PreparedTilesEntry,
+    PreparedVolumeEntry,
+    SliceFilesEntry,
+    SlideEntry,
+    read_array_volume,
+    regions_of_mask,
+)
+from medfoundry.data.readers import HDF5Images, ReaderError, ValueMapping, detect_format
+from medfoundry.data.readers.dicom import DicomSeries, find_series, read_header
+from medfoundry.data.readers.hdf5 import HDF5_SUFFIXES
+from medfoundry.data.readers.nifti import NIFTI_SUFFIXES, NRRD_SUFFIXES, has_suffix
+from medfoundry.data.readers.slices import read_slice
+from medfoundry.data.readers.wsi import VENDOR_SUFFIXES
+from medfoundry.data.sources import Sample, array_to_chw, list_files, register_source
+from medfoundry.data.transforms.label_guided import region_from_mask
+from medfoundry.data.transforms.stack25d import neighbour_indices, valid_centres
+
+log = logging.getLogger("medfoundry.data")
+
+
+class EntrySource:
+    """An :class:`~medfoundry.data.sources.ImageSource` over volume and tile entries (see module doc)."""
+
+    def __init__(self, entries: Sequence[Any], cfg: DataConfig, skipped: Sequence[tuple[str, str]] = ()) -> None:
+        if cfg.slices < 1 or cfg.slices % 2 == 0:
+            raise ValueError(f"data.slices={cfg.slices} must be odd (1 or 3 for z-s, z, z+s)")
+        if cfg.slice_stride < 1:
+            raise ValueError(f"data.slice_stride={cfg.slice_stride} must be >= 1")
+        self.cfg = cfg
+        self.skipped = list(skipped)
+        self.entries, self.positions = [], []
+        for entry in entries:
+            if entry.kind == "volume":
+                pos = valid_centres(entry.depth, cfg.slices, cfg.slice_stride, cfg.slice_edge)
+            else:
+                pos = range(entry.depth)
+            if len(pos) == 0:
+                self.skipped.append((entry.describe(None), "no usable slice or tile (too few slices or no tissue)"))
+                continue
+            self.entries.append(entry)
+            self.positions.append(pos)
+        for path, reason in self.skipped:
+            log.warning("data: skipped %s", reason if reason.startswith(path) else f"{path}: {reason}")
+        if not self.entries:
+            first = f"; first problem: {self.skipped[0][0]}: {self.skipped[0][1]}" if self.skipped else ""
+            raise FileNotFoundError(f"data.root '{cfg.root}' (kind {cfg.kind}) yields no usable image{first}")
+        self.per_entry = cfg.slice_sampling == "one_per_volume"
+        self.offsets = np.cumsum([0] + [len(p) for p in self.positions])
+
+    def __len__(self) -> int:
+        return len(self.entries) if self.per_entry else int(self.offsets[-1])
+
+    def _locate(self, index: int) -> tuple[Any, int | None]:
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} items")
+        if self.per_entry:
+            return self.entries[index], None
+        e = int(np.searchsorted(self.offsets, index, side="right")) - 1
+        return self.entries[e], self.positions[e][index - int(self.offsets[e])]
+
+    def describe(self, index: int) -> str:
+        entry, pos = self._locate(index)
+        return entry.describe(pos)
+
+    def __getitem__(self, index: int) -> Sample:
+        entry, pos = self._locate(index)
+        if pos is None:
+            choices = self.positions[index]
+            pos = choices[int(torch.randint(len(choices), (1,)))]
+        if entry.kind == "tiles":
+            image = entry.read(pos)
+        else:
+            c = self.cfg
+            arr = entry.read(neighbour_indices(pos, entry.depth, c.slices, c.slice_stride, c.slice_edge))
+            if arr.ndim == 4:  # colour slices: channels of the one slice
+                if c.slices != 1:
+                    raise ValueError(f"{entry.describe(pos)}: colour volumes cannot be stacked (data.slices=1)")
+                image = array_to_chw(arr[0])
+            else:
+                image = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
+        meta = {**entry.meta, "position": int(pos)}
+        return Sample(image=image, path=entry.describe(pos), region=entry.region(pos), meta=meta)
+
+
+def _slice_mapping(cfg: DataConfig) -> ValueMapping | None:
+    if cfg.slice_slope is None and cfg.slice_intercept is None:
+        return None
+    if cfg.slice_slope is None or cfg.slice_intercept is None:
+        raise ValueError("set both data.slice_slope and data.slice_intercept (value = stored * slope + intercept)")
+    return ValueMapping(float(cfg.slice_slope), float(cfg.slice_intercept))
+
+
+def _collect(build: Callable[[str], Any], paths: Sequence[str]) -> tuple[list, list]:
+    entries, skipped = [], []
+    for path in paths:
+        try:
+            entries.append(build(path))
+        except (ReaderError, OSError, ValueError) as err:
+            skipped.append((path, str(err)))
+    return entries, skipped
+
+
+def _files(root: str, test: Callable[[str], bool]) -> list[str]:
+    p = Path(root)
+    if not p.exists():
+        raise FileNotFoundError(f"data.root '{root}' does not exist")
+    if p.is_file():
+        return [str(p)]
+    return [str(f) for f in sorted(p.rglob("*")) if f.is_file() and test(str(f))]
+
+
+@register_source("dicom")
+def build_dicom(cfg: DataConfig) -> EntrySource:
+    """``data.kind=dicom``: every DICOM series under ``data.root`` (or the one file given)."""
+    root = Path(cfg.root)
+    if not root.exists():
+        raise FileNotFoundError(f"data.root '{root}' does not exist")
+    if root.is_file():
+        series, skipped = [DicomSeries(read_header(root))], []
+    else:
+        series, skipped = find_series(root)
+    return EntrySource([DicomEntry(s) for s in series], cfg, skipped)
+
+
+@register_source("nifti")
+def build_nifti(cfg: DataConfig) -> EntrySource:
+    """``data.kind=nifti``: every NIfTI (``.nii``, ``.nii.gz``) and NRRD volume under ``data.root``."""
+    files = _files(cfg.root, lambda f: has_suffix(f, NIFTI_SUFFIXES + NRRD_SUFFIXES))
+    entries, skipped = _collect(lambda f: LoadedVolumeEntry(f, cfg.volume_cache), files)
+    return EntrySource(entries, cfg, skipped)
+
+
+@register_source("slices")
+def build_slices(cfg: DataConfig) -> EntrySource:
+    """``data.kind=slices``: PNG/TIFF slices with a value mapping; each folder's files (name order) form a volume."""
+    mapping = _slice_mapping(cfg)
+    files = list_files(cfg.root, cfg.extensions) if Path(cfg.root).is_dir() else [Path(cfg.root)]
+    folders: dict[str, list[str]] = {}
+    for f in files:
+        folders.setdefault(str(f.parent), []).append(str(f))
+    entries = [SliceFilesEntry(sorted(fs), mapping, meta={"series_id": d}) for d, fs in sorted(folders.items())]
+    return EntrySource(entries, cfg)
+
+
+class HDF5Source:
+    """``data.kind=hdf5``: the rows of one HDF5 dataset (e.g. CheXzero's ``cxr``), with aligned reports."""
+
+    def __init__(self, cfg: DataConfig) -> None:
+        self.images = HDF5Images(cfg.root, cfg.hdf5_dataset)
+        self.reports: list[str] | None = None
+        if cfg.hdf5_reports:
+            import pandas as pd
+
+            table = pd.read_csv(cfg.hdf5_reports)
+            if cfg.text_column not in table.columns:
+                raise ValueError(
+                    f"data.hdf5_reports '{cfg.hdf5_reports}' has no column '{cfg.text_column}' "
+                    f"(data.text_column); columns: {list(table.columns)}"
+                )
+            if len(table) != len(self.images):
+                raise ValueError(
+                    f"data.hdf5_reports has {len(table)} rows but '{cfg.root}' holds {len(self.images)} images"
+                )
+            self.reports = table[cfg.text_column].fillna("").astype(str).tolist()
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def describe(self, index: int) -> str:
+        return f"{self.images.path}[{self.images.dataset}][{index}]"
+
+    def __getitem__(self, index: int) -> Sample:
+        image = array_to_chw(self.images.read(index))
+        meta: dict[str, Any] = {"position": int(index)}
+        if self.reports is not None:
+            meta["report"] = self.reports[index]
+        return Sample(image=image, path=self.describe(index), meta=meta)
+
+
+@register_source("hdf5")
+def build_hdf5(cfg: DataConfig) -> HDF5Source:
+    """``data.kind=hdf5``: images in ``data.hdf5_dataset`` of the file ``data.root``."""
+    if not has_suffix(cfg.root, HDF5_SUFFIXES) and not Path(cfg.root).is_file():
+        raise FileNotFoundError(f"data.root '{cfg.root}' is not an HDF5 file")
+    return HDF5Source(cfg)
+
+
+@register_source("wsi")
+def build_wsi(cfg: DataConfig) -> EntrySource:
+    """``data.kind=wsi``: tissue tiles (``data.tile_size`` px at ``data.tile_mpp``) of the slides in ``data.root``."""
+    files = _files(cfg.root, lambda f: Path(f).suffix.lower() in VENDOR_SUFFIXES + (".tif", ".tiff"))
+    entries, skipped = _collect(lambda f: SlideEntry(f, cfg), files)
+    return EntrySource(entries, cfg, skipped)
+
+
+def _row_meta(row: dict) -> dict:
+    keys = ("patient_id", "series_id", "split", "label", "report")
+    return {k: (v if isinstance(v, (int, float)) else str(v)) for k, v in row.items() if k in keys}
+
+
+def _manifest_entry(row: dict, cfg: DataConfig, mapping: ValueMapping | None):
+    path, meta = str(row["path"]), _row_meta(row)
+    fmt = detect_format(path)
+    mask = str(row["mask"]) if row.get("mask") else None
+    if fmt == "dicom":
+        if Path(path).is_file():
+            series = DicomSeries(read_header(path))
+        else:
+            found, errors = find_series(path)
+            if len(found) != 1:
+                raise ReaderError(f"{path}: {len(found)} DICOM series here (need exactly one per row); {errors[:1]}")
+            series = found[0]
+        regions = regions_of_mask(read_array_volume(mask).array > 0) if mask else None
+        return DicomEntry(series, meta, regions)
+    if fmt in ("nifti", "nrrd"):
+        return LoadedVolumeEntry(path, cfg.volume_cache, meta, mask)
+    if fmt == "slice":
+        region = None
+        if mask:
+            region = region_from_mask(read_slice(mask, None, require_mapping=False)[0] > 0)
+        elif all(row.get(k) is not None for k in ("y0", "x0", "y1", "x1")):
+            region = tuple(int(row[k]) for k in ("y0", "x0", "y1", "x1"))
+        return SliceFilesEntry([path], mapping, require_mapping=False, meta=meta, region=region)
+    if fmt == "slide":
+        return SlideEntry(path, cfg, meta)
+    raise ReaderError(f"{path}: not a recognised image (DICOM, NIfTI, NRRD, PNG/TIFF, slide)")
+
+
+@register_source("manifest")
+def build_manifest(cfg: DataConfig) -> EntrySource:
+    """``data.kind=manifest``: the rows of split ``data.split`` of a CSV/Parquet manifest (see :mod:`.manifest`)."""
+    from medfoundry.data.manifest import read_manifest, rows_as_dicts, select_split
+
+    df = select_split(read_manifest(cfg.root, cfg.text_column), cfg.split)
+    mapping = _slice_mapping(cfg)
+    rows = rows_as_dicts(df, list(df.columns))
+    entries, skipped = [], []
+    for row in rows:
+        try:
+            entries.append(_manifest_entry(row, cfg, mapping))
+        except (ReaderError, OSError, ValueError) as err:
+            skipped.append((str(row["path"]), str(err)))
+    return EntrySource(entries, cfg, skipped)
+
+
+@register_source("prepared")
+def build_prepared(cfg: DataConfig) -> EntrySource:
+    """``data.kind=prepared``: the output folder of ``medfoundry prepare`` (its ``manifest.csv``)."""
+    from medfoundry.data.manifest import read_manifest, rows_as_dicts, select_split
+
+    manifest = Path(cfg.root) / "manifest.csv"
+    if not manifest.is_file():
+        raise FileNotFoundError(
+            f"data.root '{cfg.root}' has no manifest.csv; run `medfoundry prepare SRC --out {cfg.root}` first"
+        )
+    df = select_split(read_manifest(manifest, cfg.text_column), cfg.split)
+    entries = []
+    for row in rows_as_dicts(df, list(df.columns)):
+        meta = _row_meta(row)
+        if row["kind"] == "tiles":
+            entries.append(PreparedTilesEntry(row["path"], int(row["depth"]), str(row.get("source", "")), meta))
+        else:
+            regions = str(Path(cfg.root) / row["regions"]) if row.get("regions") else None
+            entries.append(PreparedVolumeEntry(row["path"], int(row["depth"]), float(row["slope"]),
+                                               float(row["intercept"]), str(row.get("source", "")), regions, meta))
+    return EntrySource(entries, cfg)
+
+
+__all__ = ["EntrySource", "HDF5Source"]

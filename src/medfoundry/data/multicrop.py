@@ -1,0 +1,113 @@
+"""Multi-crop views for DINO-family training (Caron et al. 2020 SwAV; 2021 DINO).
+
+Global crops (seen by teacher and student) and local crops (student only), each a random resized
+crop with optional flip. Photometric augmentations (colour jitter, greyscale, blur, solarisation)
+exist but are off in the medical recipes: they change Hounsfield-unit semantics. All randomness comes
+from torch's global RNG, which :mod:`medfoundry.data.views` seeds per sample for exact resume.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torchvision.transforms.v2.functional as TF
+from torch import Tensor
+from torchvision.transforms import InterpolationMode
+
+from medfoundry.config.schema import CropsConfig
+
+_RATIO = (3 / 4, 4 / 3)
+
+
+def random_resized_crop_box(height: int, width: int, scale: tuple[float, float]) -> tuple[int, int, int, int]:
+    """(top, left, h, w) of a random crop with area fraction in ``scale`` and aspect ratio in [3/4, 4/3].
+
+    Inception-style sampling (Szegedy et al. 2015) as torchvision does it, with a centre-crop fallback.
+    """
+    area = height * width
+    log_ratio = (math.log(_RATIO[0]), math.log(_RATIO[1]))
+    for _ in range(10):
+        target = area * float(torch.empty(1).uniform_(scale[0], scale[1]))
+        aspect = math.exp(float(torch.empty(1).uniform_(*log_ratio)))
+        w = int(round(math.sqrt(target * aspect)))
+        h = int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(torch.randint(0, height - h + 1, (1,)))
+            left = int(torch.randint(0, width - w + 1, (1,)))
+            return top, left, h, w
+    side = min(height, width)
+    return (height - side) // 2, (width - side) // 2, side, side
+
+
+class MultiCropTransform:
+    """Image (C, H, W) in [0, 1] -> ``{"global": [n_global x (C, S, S)], "local": [n_local x (C, s, s)]}``."""
+
+    def __init__(self, cfg: CropsConfig, channels: int) -> None:
+        self.cfg = cfg
+        self.channels = channels
+        self.interp = InterpolationMode.BICUBIC if cfg.interpolation == "bicubic" else InterpolationMode.BILINEAR
+        self.mean = _per_channel(cfg.mean, channels, "crops.mean")
+        self.std = _per_channel(cfg.std, channels, "crops.std")
+
+    def _crop(self, img: Tensor, size: int, scale: list[float], region, index: int, is_global: bool) -> Tensor:
+        c = self.cfg
+        h, w = img.shape[-2:]
+        if region is not None:
+            from medfoundry.data.transforms.label_guided import label_guided_crop_box
+
+            top, left, ch, cw = label_guided_crop_box(h, w, tuple(scale), _RATIO, region, c.region_crop_prob)
+        else:
+            top, left, ch, cw = random_resized_crop_box(h, w, (scale[0], scale[1]))
+        out = TF.resized_crop(img, top, left, ch, cw, [size, size], interpolation=self.interp, antialias=True)
+        if c.hflip_prob > 0 and float(torch.rand(1)) < c.hflip_prob:
+            out = TF.horizontal_flip(out)
+        if self.channels == 3 and c.color_jitter_prob > 0 and float(torch.rand(1)) < c.color_jitter_prob:
+            out = _color_jitter(out)
+        if self.channels == 3 and c.grayscale_prob > 0 and float(torch.rand(1)) < c.grayscale_prob:
+            out = TF.rgb_to_grayscale(out, num_output_channels=3)
+        if c.blur_prob > 0 and float(torch.rand(1)) < c.blur_prob:
+            sigma = float(torch.empty(1).uniform_(0.1, 2.0))
+            k = max(3, int(2 * math.ceil(3 * sigma) + 1))
+            out = TF.gaussian_blur(out, [k, k], [sigma, sigma])
+        if is_global and index == 1 and c.solarize_prob > 0 and float(torch.rand(1)) < c.solarize_prob:
+            out = torch.where(out >= 0.5, 1.0 - out, out)
+        out = out.clamp(0.0, 1.0) if (c.color_jitter_prob > 0 or c.blur_prob > 0) else out
+        return TF.normalize(out, self.mean, self.std)
+
+    def __call__(self, img: Tensor, region=None) -> dict[str, list[Tensor]]:
+        """The global and local views of one image."""
+        if img.shape[0] != self.channels:
+            raise ValueError(f"image has {img.shape[0]} channels, transform expects {self.channels}")
+        c = self.cfg
+        glob = [self._crop(img, c.global_size, c.global_scale, region, i, True) for i in range(c.n_global)]
+        loc = [self._crop(img, c.local_size, c.local_scale, region, i, False) for i in range(c.n_local)]
+        return {"global": glob, "local": loc}
+
+
+def _color_jitter(img: Tensor) -> Tensor:
+    b = float(torch.empty(1).uniform_(0.6, 1.4))
+    c = float(torch.empty(1).uniform_(0.6, 1.4))
+    s = float(torch.empty(1).uniform_(0.8, 1.2))
+    h = float(torch.empty(1).uniform_(-0.1, 0.1))
+    order = torch.randperm(4).tolist()
+    for i in order:
+        if i == 0:
+            img = TF.adjust_brightness(img, b)
+        elif i == 1:
+            img = TF.adjust_contrast(img, c)
+        elif i == 2:
+            img = TF.adjust_saturation(img, s)
+        else:
+            img = TF.adjust_hue(img.clamp(0, 1), h)
+    return img
+
+
+def _per_channel(values: list[float], channels: int, key: str) -> list[float]:
+    if len(values) == channels:
+        return list(values)
+    if len(values) == 1:
+        return list(values) * channels
+    if channels == 1:
+        return [sum(values) / len(values)]
+    raise ValueError(f"'{key}' has {len(values)} values but the data has {channels} channels")

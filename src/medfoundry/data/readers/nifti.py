@@ -1,0 +1,102 @@
+"""NIfTI (``.nii``/``.nii.gz``) with nibabel and NRRD (``.nrrd``/``.nhdr``, needs ``pynrrd``).
+
+Volumes are reoriented (axis flips and permutations only, no resampling) so that their voxel axes
+run towards the patient's left, posterior and superior (LPS, see :mod:`.base`): an array read from
+NIfTI then lies the same way as one read from the equivalent axial DICOM series. The scaling in the
+NIfTI header (``scl_slope``/``scl_inter``) is applied; 4-D files give one frame (``frame=``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from medfoundry.data.readers.base import (
+    ReaderError,
+    Volume,
+    axis_codes,
+    reorient_to_lps,
+    spacing_from_affine,
+    xyz_to_zyx,
+)
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+NRRD_SUFFIXES = (".nrrd", ".nhdr")
+
+_RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+def has_suffix(path: str | Path, suffixes: tuple[str, ...]) -> bool:
+    """Case-insensitive test of a (possibly double) suffix such as ``.nii.gz``."""
+    name = str(path).lower()
+    return any(name.endswith(s) for s in suffixes)
+
+
+def _finish(data_xyz: np.ndarray, affine_lps: np.ndarray, path: str, meta: dict) -> Volume:
+    if data_xyz.ndim != 3:
+        raise ReaderError(f"{path}: wrong dimensions {data_xyz.shape}; expected a 3-D volume")
+    if min(data_xyz.shape) < 1:
+        raise ReaderError(f"{path}: empty volume {data_xyz.shape}")
+    meta = dict(meta)
+    meta["orientation_on_disk"] = axis_codes(affine_lps)
+    data_xyz, affine = reorient_to_lps(data_xyz, affine_lps)
+    return Volume(
+        array=xyz_to_zyx(data_xyz.astype(np.float32, copy=False)),
+        spacing=spacing_from_affine(affine),
+        affine=affine,
+        units=meta.pop("units", "stored"),
+        path=path,
+        meta=meta,
+    )
+
+
+def read_nifti(path: str | Path, frame: int = 0) -> Volume:
+    """A NIfTI volume in LPS voxel order, values with the header scaling applied (float32)."""
+    import nibabel as nib
+
+    path = str(path)
+    try:
+        img = nib.load(path)
+        data = np.asarray(img.dataobj[..., frame] if len(img.shape) == 4 else img.dataobj, dtype=np.float32)
+    except FileNotFoundError as err:
+        raise ReaderError(f"{path}: no such file") from err
+    except Exception as err:  # nibabel raises many types on corrupt input
+        raise ReaderError(f"{path}: corrupt or unreadable NIfTI ({type(err).__name__}: {err})") from err
+    shape = img.shape
+    if len(shape) not in (3, 4):
+        raise ReaderError(f"{path}: wrong dimensions {shape}; expected a 3-D volume (or 4-D with frame=)")
+    meta = {"frames": int(shape[3]) if len(shape) == 4 else 1, "format": "nifti"}
+    return _finish(data, _RAS_TO_LPS @ img.affine, path, meta)
+
+
+def read_nrrd(path: str | Path) -> Volume:
+    """An NRRD volume (e.g. the pyradiomics CT cases) in LPS voxel order; needs ``pip install pynrrd``."""
+    try:
+        import nrrd
+    except ImportError as err:
+        raise ReaderError(f"{path}: reading NRRD needs the pynrrd package: pip install pynrrd") from err
+    path = str(path)
+    try:
+        data, header = nrrd.read(path)
+    except FileNotFoundError as err:
+        raise ReaderError(f"{path}: no such file") from err
+    except Exception as err:
+        raise ReaderError(f"{path}: corrupt or unreadable NRRD ({type(err).__name__}: {err})") from err
+    if data.ndim != 3:
+        raise ReaderError(f"{path}: wrong dimensions {data.shape}; expected a 3-D volume")
+    affine = np.eye(4)
+    directions = header.get("space directions")
+    if directions is not None:
+        affine[:3, :3] = np.asarray(directions, dtype=float).T
+    elif header.get("spacings") is not None:
+        affine[:3, :3] = np.diag(np.asarray(header["spacings"], dtype=float))
+    origin = header.get("space origin")
+    if origin is not None:
+        affine[:3, 3] = np.asarray(origin, dtype=float)
+    space = str(header.get("space", "left-posterior-superior")).lower()
+    if space in ("right-anterior-superior", "ras"):
+        affine = _RAS_TO_LPS @ affine
+    elif space not in ("left-posterior-superior", "lps"):
+        raise ReaderError(f"{path}: NRRD space '{space}' is not supported (need LPS or RAS)")
+    return _finish(np.asarray(data, dtype=np.float32), affine, path, {"format": "nrrd"})

@@ -1,0 +1,228 @@
+"""8/16-bit PNG and TIFF slices with an explicit, recorded mapping between stored values and units (HU).
+
+Convention (the DICOM modality LUT's): ``value = stored * slope + intercept``. The mapping is written
+*into the file* by :func:`write_slice` (a PNG text chunk or the TIFF ImageDescription, both holding
+JSON under the key ``medfoundry.value_mapping``) or kept in a JSON sidecar ``<file>.json``, and
+:func:`read_slice` applies the recorded mapping. A mapping given by the caller (e.g. from the config)
+that disagrees with the recorded one is an error, never silently preferred: storing HU one way and
+reading them back another (stored ``HU + 32768``, read as ``(x - 32768) * 0.1``) turns air at
+-1000 HU into -100 HU without any visible failure.
+
+Common mappings: :data:`HU_UINT16` (stored = HU + 32768, lossless for integer HU) and
+:data:`HU_INT16` (stored = HU).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from medfoundry.data.readers.base import ReaderError, Volume
+
+MAPPING_KEY = "medfoundry.value_mapping"
+SLICE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg")
+
+
+class MappingMismatchError(ReaderError):
+    """A configured value mapping contradicts the one recorded with the file."""
+
+
+@dataclass(frozen=True)
+class ValueMapping:
+    """``value = stored * slope + intercept`` (in ``units``)."""
+
+    slope: float = 1.0
+    intercept: float = 0.0
+    units: str = "HU"
+
+    def to_units(self, stored: np.ndarray) -> np.ndarray:
+        """Stored integers -> float32 values in :attr:`units`."""
+        return stored.astype(np.float32) * np.float32(self.slope) + np.float32(self.intercept)
+
+    def to_stored(self, values: np.ndarray, dtype: str | np.dtype, clip: bool = False) -> np.ndarray:
+        """Values -> stored integers of ``dtype``; out-of-range values raise unless ``clip``."""
+        dtype = np.dtype(dtype)
+        stored = np.rint((np.asarray(values, dtype=np.float64) - self.intercept) / self.slope)
+        info = np.iinfo(dtype)
+        if not clip and stored.size and (stored.min() < info.min or stored.max() > info.max):
+            lo, hi = float(np.min(values)), float(np.max(values))
+            raise ValueError(
+                f"values {lo:g}..{hi:g} {self.units} do not fit {dtype} with slope={self.slope:g}, "
+                f"intercept={self.intercept:g}; choose another mapping or pass clip=True"
+            )
+        return np.clip(stored, info.min, info.max).astype(dtype)
+
+    def same_as(self, other: ValueMapping) -> bool:
+        """Equal slope and intercept (relative tolerance 1e-6)."""
+        return math.isclose(self.slope, other.slope, rel_tol=1e-6) and math.isclose(
+            self.intercept, other.intercept, rel_tol=1e-6, abs_tol=1e-6
+        )
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @staticmethod
+    def from_dict(data: dict) -> ValueMapping:
+        return ValueMapping(float(data["slope"]), float(data["intercept"]), str(data.get("units", "HU")))
+
+
+HU_UINT16 = ValueMapping(1.0, -32768.0, "HU")  # stored = HU + 32768
+HU_INT16 = ValueMapping(1.0, 0.0, "HU")  # stored = HU
+
+
+def window_mapping(center: float, width: float, dtype: str = "uint8") -> ValueMapping:
+    """Mapping that spreads the HU window [center - width/2, center + width/2] over ``dtype``'s range."""
+    info = np.iinfo(np.dtype(dtype))
+    slope = width / float(info.max - info.min)
+    return ValueMapping(slope, center - width / 2 - info.min * slope, "HU")
+
+
+def sidecar_path(path: str | Path) -> Path:
+    """``<file>.json`` next to the image, where a mapping can be kept for files that cannot hold one."""
+    return Path(str(path) + ".json")
+
+
+def write_slice(
+    path: str | Path,
+    values: np.ndarray,
+    mapping: ValueMapping = HU_UINT16,
+    dtype: str = "uint16",
+    sidecar: bool = False,
+    clip: bool = False,
+) -> None:
+    """Write a 2-D array of values (e.g. HU) as a PNG/TIFF of ``dtype`` with the mapping recorded in it."""
+    path = Path(path)
+    values = np.asarray(values)
+    if values.ndim != 2:
+        raise ValueError(f"{path}: write_slice takes a 2-D array, got shape {values.shape}")
+    stored = mapping.to_stored(values, dtype, clip=clip)
+    suffix = path.suffix.lower()
+    if suffix == ".png":
+        from PIL import Image, PngImagePlugin
+
+        if stored.dtype not in (np.uint8, np.uint16):
+            raise ValueError(f"{path}: PNG holds uint8 or uint16, not {stored.dtype}")
+        info = PngImagePlugin.PngInfo()
+        info.add_text(MAPPING_KEY, mapping.to_json())
+        Image.fromarray(stored).save(path, pnginfo=info)
+    elif suffix in (".tif", ".tiff"):
+        import tifffile
+
+        tifffile.imwrite(path, stored, description=json.dumps({MAPPING_KEY: asdict(mapping)}), metadata=None)
+    else:
+        raise ValueError(f"{path}: write_slice writes .png or .tif(f), not '{suffix}'")
+    if sidecar:
+        sidecar_path(path).write_text(json.dumps({MAPPING_KEY: asdict(mapping)}))
+
+
+def _parse_mapping(description: str | None) -> ValueMapping | None:
+    if not description:
+        return None
+    try:
+        data = json.loads(description)
+    except ValueError:
+        return None
+    if isinstance(data, dict) and MAPPING_KEY in data:
+        data = data[MAPPING_KEY]
+    if isinstance(data, dict) and "slope" in data and "intercept" in data:
+        return ValueMapping.from_dict(data)
+    return None
+
+
+def read_stored(path: str | Path) -> tuple[np.ndarray, ValueMapping | None]:
+    """(stored pixel array, recorded mapping or None) of a PNG/TIFF/JPEG: from the file, else its sidecar."""
+    path = Path(path)
+    stored, embedded = _load_pixels(path)
+    return stored, embedded or _sidecar_mapping(path)
+
+
+def _load_pixels(path: Path) -> tuple[np.ndarray, ValueMapping | None]:
+    """Stored array and the mapping embedded in the file (if any)."""
+    suffix = path.suffix.lower()
+    try:
+        if suffix in (".tif", ".tiff"):
+            import tifffile
+
+            with tifffile.TiffFile(path) as tf:
+                page = tf.pages[0]
+                return page.asarray(), _parse_mapping(page.description)
+        from PIL import Image
+
+        with Image.open(path) as im:
+            im.load()
+            text = getattr(im, "text", {}) or {}
+            arr = np.asarray(im)
+            return arr, _parse_mapping(text.get(MAPPING_KEY))
+    except FileNotFoundError as err:
+        raise ReaderError(f"{path}: no such file") from err
+    except Exception as err:  # PIL/tifffile raise many types on truncated or corrupt files
+        raise ReaderError(f"{path}: corrupt or truncated image ({type(err).__name__}: {err})") from err
+
+
+def read_mapping(path: str | Path) -> ValueMapping | None:
+    """The mapping recorded in the file or its JSON sidecar, or None."""
+    return read_stored(path)[1]
+
+
+def _sidecar_mapping(path: Path) -> ValueMapping | None:
+    side = sidecar_path(path)
+    if not side.is_file():
+        return None
+    try:
+        return _parse_mapping(side.read_text())
+    except OSError:
+        return None
+
+
+def read_slice(
+    path: str | Path, mapping: ValueMapping | None = None, require_mapping: bool = True
+) -> tuple[np.ndarray, ValueMapping | None]:
+    """(values float32 (H, W) or (H, W, C), mapping used) of a PNG/TIFF/JPEG slice.
+
+    The recorded mapping wins; ``mapping`` is used for files without one, and a ``mapping`` that
+    contradicts the recorded one raises :class:`MappingMismatchError`. With neither, the file is
+    refused when ``require_mapping`` (the default), else the stored values are returned scaled by
+    their storage type to [0, 1] (plain 8/16-bit pictures) and the mapping returned is None.
+    """
+    from medfoundry.data.image_folder import scale_by_dtype
+
+    path = Path(path)
+    stored, recorded = read_stored(path)
+    if stored.ndim not in (2, 3) or min(stored.shape[:2]) < 1:
+        raise ReaderError(f"{path}: wrong dimensions {stored.shape}; expected a 2-D image")
+    if recorded is not None and mapping is not None and not recorded.same_as(mapping):
+        raise MappingMismatchError(
+            f"{path}: configured value mapping (slope={mapping.slope:g}, intercept={mapping.intercept:g}) "
+            f"contradicts the one recorded with the file (slope={recorded.slope:g}, "
+            f"intercept={recorded.intercept:g}); remove data.slice_slope/data.slice_intercept "
+            "or fix the file's mapping"
+        )
+    used = recorded or mapping
+    if used is None:
+        if require_mapping:
+            raise ReaderError(
+                f"{path}: no value mapping recorded (PNG text chunk, TIFF description or {sidecar_path(path).name}); "
+                "set data.slice_slope and data.slice_intercept (value = stored * slope + intercept), "
+                "e.g. slope 1, intercept -32768 for PNGs that store HU + 32768"
+            )
+        return scale_by_dtype(stored, str(path)), None
+    if not np.issubdtype(stored.dtype, np.integer):
+        raise ReaderError(f"{path}: a value mapping needs integer pixels, got {stored.dtype}")
+    return used.to_units(stored), used
+
+
+def read_slice_volume(path: str | Path, mapping: ValueMapping | None = None) -> Volume:
+    """A slice file as a one-slice :class:`Volume` (Z=1) in the mapping's units."""
+    values, used = read_slice(path, mapping)
+    return Volume(
+        array=values[None],
+        spacing=(1.0, 1.0, 1.0),
+        affine=np.eye(4),
+        units=used.units if used else "unit",
+        path=str(path),
+        meta={"format": Path(path).suffix.lower().lstrip(".")},
+    )

@@ -1,0 +1,140 @@
+"""The training dataset: deterministic, resumable sample order and per-sample seeded augmentation.
+
+Sample ``k`` of a run (k = 0, 1, 2, ... over the whole run, across epochs) is image
+``perm(epoch)[k % N]`` with ``epoch = k // N``, augmented under a torch RNG seeded from
+``(seed, k)``. The data position of a run is therefore just ``step * global_batch``: resuming at a
+step reproduces exactly the batches an uninterrupted run would have seen, for any number of workers
+and ranks (rank r takes the r-th slice of each global batch).
+
+An unreadable sample is replaced by the next readable one, recorded, and reported with the batch;
+the loop stops once the share of distinct bad files passes ``data.max_bad_fraction``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset, Sampler
+
+from medfoundry.data.masking import MaskSampler
+from medfoundry.data.sources import ImageSource
+
+_MIX = 0x9E3779B97F4A7C15
+
+
+def sample_seed(seed: int, k: int) -> int:
+    """A 63-bit seed for sample ``k`` of a run seeded with ``seed`` (splitmix64-style mixing)."""
+    z = (seed * _MIX + k + 1) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return (z ^ (z >> 31)) & 0x7FFFFFFFFFFFFFFF
+
+
+@dataclass
+class ViewsSpec:
+    """What to produce per sample besides the crops."""
+
+    mask_sampler: MaskSampler | None = None  # iBOT masks for global crops
+    patch_size: int = 16  # backbone patch size (mask grid = global_size / patch_size)
+    global_size: int = 224
+
+
+class SeededViews(Dataset):
+    """Map-style dataset over the run's sample counter ``k`` (see module docstring)."""
+
+    def __init__(
+        self,
+        source: ImageSource,
+        views: Callable[..., dict[str, list[Tensor]]],
+        intensity: Callable[[Tensor], Tensor] | None = None,
+        seed: int = 0,
+        spec: ViewsSpec | None = None,
+        max_substitutes: int = 16,
+    ) -> None:
+        if len(source) == 0:
+            raise ValueError("the data source is empty")
+        self.source = source
+        self.views = views
+        self.intensity = intensity
+        self.seed = seed
+        self.spec = spec or ViewsSpec()
+        self.max_substitutes = max_substitutes
+        self._perm_epoch = -1
+        self._perm: Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def index_of(self, k: int) -> int:
+        """Source index of run sample ``k``."""
+        n = len(self.source)
+        epoch = k // n
+        if epoch != self._perm_epoch:
+            g = torch.Generator().manual_seed(sample_seed(self.seed, -1 - epoch))
+            self._perm = torch.randperm(n, generator=g)
+            self._perm_epoch = epoch
+        return int(self._perm[k % n])
+
+    def __getitem__(self, k: int) -> dict:
+        n = len(self.source)
+        idx = self.index_of(k)
+        bad: list[tuple[str, str]] = []
+        for attempt in range(self.max_substitutes + 1):
+            j = (idx + attempt) % n
+            try:
+                sample = self.source[j]
+                break
+            except Exception as err:  # noqa: BLE001 - any reader failure is a bad sample
+                bad.append((self.source.describe(j), f"{type(err).__name__}: {err}"))
+        else:
+            names = ", ".join(p for p, _ in bad[:5])
+            raise RuntimeError(f"{len(bad)} consecutive unreadable samples, e.g. {names}")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(sample_seed(self.seed, k))
+            image = sample.image
+            if self.intensity is not None:
+                image = self.intensity(image)
+            out = self.views(image, sample.region)
+            if self.spec.mask_sampler is not None:
+                g = self.spec.global_size // self.spec.patch_size
+                out["masks"] = [self.spec.mask_sampler((g, g)) for _ in out["global"]]
+        out["bad"] = bad
+        return out
+
+
+def collate_views(items: list[dict]) -> dict:
+    """Stack per-sample view lists into view-major tensors: (n_views, B, C, H, W) and masks (n_global, B, N)."""
+    batch: dict = {
+        "global_crops": torch.stack([torch.stack(it["global"]) for it in items], dim=1),
+        "bad": [b for it in items for b in it["bad"]],
+    }
+    if items[0]["local"]:
+        batch["local_crops"] = torch.stack([torch.stack(it["local"]) for it in items], dim=1)
+    if "masks" in items[0]:
+        batch["masks"] = torch.stack([torch.stack(it["masks"]) for it in items], dim=1)
+    return batch
+
+
+class StepBatchSampler(Sampler[list[int]]):
+    """Infinite batches of run sample counters for one rank, starting at ``start_step``."""
+
+    def __init__(self, start_step: int, global_batch: int, rank: int = 0, world_size: int = 1) -> None:
+        if global_batch % world_size:
+            raise ValueError(
+                f"train.batch_size={global_batch} is not divisible by the {world_size} processes; "
+                f"use a multiple of {world_size}"
+            )
+        self.step = start_step
+        self.global_batch = global_batch
+        self.per_rank = global_batch // world_size
+        self.rank = rank
+
+    def __iter__(self) -> Iterator[list[int]]:
+        step = self.step
+        while True:
+            base = step * self.global_batch + self.rank * self.per_rank
+            yield list(range(base, base + self.per_rank))
+            step += 1

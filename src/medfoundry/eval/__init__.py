@@ -1,0 +1,31 @@
+"""medfoundry.eval: evaluators over fixed features (numpy arrays or torch tensors).
+
+kNN (DINO), linear probe (CLIP/DINOv2 protocol), metrics with bootstrap CIs, view retrieval
+(DINO-X) and recall@k, representation health (RankMe, DINO collapse indicators) and training
+monitors (entropy wall, collapse).
+"""
+
+from .health import effective_rank, representation_health
+from .knn import knn_classify, knn_evaluate
+from .linear_probe import DEFAULT_CS, linear_probe
+from .metrics import accuracy, auc_roc, balanced_accuracy, bootstrap_ci
+from .monitors import CollapseDetector, EntropyWallDetector, RepresentationHealthError
+from .retrieval import retrieval_recall_at_k, view_retrieval_ratio
+
+__all__ = [
+    "DEFAULT_CS",
+    "CollapseDetector",
+    "EntropyWallDetector",
+    "RepresentationHealthError",
+    "accuracy",
+    "auc_roc",
+    "balanced_accuracy",
+    "bootstrap_ci",
+    "effective_rank",
+    "knn_classify",
+    "knn_evaluate",
+    "linear_probe",
+    "representation_health",
+    "retrieval_recall_at_k",
+    "view_retrieval_ratio",
+]

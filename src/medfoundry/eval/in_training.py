@@ -1,0 +1,317 @@
+"""Training hooks: periodic frozen-feature evaluation, best-checkpoint tracking and health monitors.
+
+:func:`build` (registered with :func:`medfoundry.train.hooks.register_hook_builder`) returns
+
+* an :class:`EvaluationHook` when ``eval.every_steps > 0`` and ``eval.data`` names a labelled set:
+  every ``every_steps`` steps (and at the last step) the method's evaluation backbone (the EMA
+  teacher for DINO) embeds the labelled set and the configured tasks run on the features; results
+  are logged with the training metrics as ``eval/<name>``, appended to ``RUN/eval/history.jsonl``,
+  and the best value of ``eval.best_metric`` so far selects ``RUN/best.pt`` (+ ``RUN/best.json``);
+* a :class:`MonitorHook` (unless both monitors are disabled) that feeds the logged teacher entropy
+  to the entropy-wall detector and the teacher feature std (every step) and the evaluated health
+  statistics (at evaluations) to the collapse detector. A warning is printed, appended to
+  ``RUN/monitors.jsonl`` and logged as ``monitor/<name> = 1``; with ``fatal`` the detector raises
+  :class:`~medfoundry.eval.monitors.RepresentationHealthError`, which stops the run.
+
+Both run on every rank. Evaluation is computed on rank 0 and broadcast, so every rank returns the
+same keys and values; the monitors see identical (all-reduced) metrics on every rank and so decide
+identically. Files are written by rank 0 only.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from medfoundry.config.schema import RunConfig
+from medfoundry.eval.monitors import CollapseDetector, EntropyWallDetector, RepresentationHealthError
+from medfoundry.train.hooks import Hook, register_hook_builder
+
+EVAL_PREFIX = "eval/"
+
+
+def _is_main() -> bool:
+    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+
+
+def _say(message: str) -> None:
+    """Print on rank 0 without breaking a progress bar."""
+    if not _is_main():
+        return
+    try:
+        from tqdm import tqdm
+
+        tqdm.write(message, file=sys.stderr)
+    except ImportError:  # pragma: no cover - tqdm is a dependency
+        print(message, file=sys.stderr, flush=True)
+
+
+def _append_jsonl(path: Path, record: dict) -> None:
+    if not _is_main():
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        fh.write(json.dumps(record) + "\n")
+
+
+class EvaluationHook:
+    """Evaluate the method's evaluation backbone on the labelled set every ``eval.every_steps`` steps."""
+
+    def __init__(self, cfg: RunConfig) -> None:
+        from medfoundry.config.loader import ConfigError
+        from medfoundry.eval.features import load_labelled_set
+        from medfoundry.eval.tasks import TASKS
+
+        unknown = [t for t in cfg.eval.tasks if t not in TASKS]
+        if unknown:
+            raise ConfigError(f"'eval.tasks' = {cfg.eval.tasks}: unknown task(s) {unknown}; known: {list(TASKS)}")
+        ec = cfg.eval
+        try:  # read the labelled set now, so a wrong path fails at start-up rather than at the first evaluation
+            self._lset = load_labelled_set(ec.data, ec.label_column, ec.split_fractions, ec.split_seed)
+        except (FileNotFoundError, ValueError) as err:
+            raise ConfigError(f"'eval.data' = {ec.data!r}: {err}") from err
+        self.cfg = cfg
+        self.every = int(cfg.eval.every_steps)
+        self.last_step = int(cfg.train.steps)
+        self.best_metric = cfg.eval.best_metric.removeprefix(EVAL_PREFIX)
+        self.best_value: float | None = None
+        self.best_step: int | None = None
+        self._loaded_best = False
+        self._warned_missing = False
+        self._warned_tasks: set[str] = set()
+        self._images: list[torch.Tensor] | None = None
+        self._transform = None
+
+    def due(self, step: int) -> bool:
+        """Whether ``step`` (1-based, after the optimizer step) is an evaluation step."""
+        return self.every > 0 and (step % self.every == 0 or step == self.last_step)
+
+    def on_step_end(self, step: int, metrics: dict[str, float], method: nn.Module,
+                    run_dir: Path) -> dict[str, float] | None:
+        if not self.due(step):
+            return None
+        run_dir = Path(run_dir)
+        if not self._loaded_best:
+            self._restore_best(run_dir)
+        t0 = time.perf_counter()
+        results: dict[str, float] | None = None
+        if _is_main():
+            results = self.evaluate(method)
+        if torch.distributed.is_initialized():
+            box = [results]
+            torch.distributed.broadcast_object_list(box, src=0)
+            results = box[0]
+        assert results is not None
+        seconds = time.perf_counter() - t0
+        _append_jsonl(run_dir / "eval" / "history.jsonl", {"step": step, **results, "seconds": seconds})
+        self._track_best(step, results, method, run_dir)
+        shown = {k: v for k, v in results.items() if not k.endswith(("_ci_low", "_ci_high"))}
+        _say(f"eval step {step} ({seconds:.1f}s): " + ", ".join(f"{k}={v:.4g}" for k, v in list(shown.items())[:8]))
+        return {EVAL_PREFIX + k: v for k, v in results.items()}
+
+    # -- evaluation ----------------------------------------------------------------------------------------------
+    def _prepare(self) -> None:
+        from medfoundry.eval.features import _Images, eval_transform_from_config
+
+        ec = self.cfg.eval
+        self._transform = eval_transform_from_config(self.cfg)
+        images = _Images(self._lset.items, self._transform)
+        size = self._transform.img_size
+        if len(images) * self.cfg.data.channels * size * size * 4 <= 512 * 2**20:
+            self._images = [images[i] for i in range(len(images))]  # preprocessed once, kept in memory
+        else:
+            self._images = None
+        _say(f"in-training evaluation on {ec.data} ({len(self._lset)} images; {self._lset.summary()})")
+
+    def evaluate(self, method: nn.Module) -> dict[str, float]:
+        """Run the configured tasks on the current evaluation backbone (no gradients, eval mode)."""
+        from medfoundry.eval.features import FeatureSet, _Images, extract_features, view_pair_features
+        from medfoundry.eval.tasks import evaluate_features, retrieval_metrics
+
+        if self._transform is None:
+            self._prepare()
+        assert self._transform is not None
+        ec = self.cfg.eval
+        backbone = method.eval_backbone()
+        images = self._images if self._images is not None else _Images(self._lset.items, self._transform)
+        feats = extract_features(backbone, images, ec.feature, ec.batch_size)
+        fs = FeatureSet(
+            feats, self._lset.labels, self._lset.splits, self._lset.classes,
+            [it.path for it in self._lset.items], [it.series for it in self._lset.items], {"feature": ec.feature},
+        )
+        if ec.aggregate == "series":
+            fs = fs.aggregate_series()
+        results: dict[str, float] = {}
+        for task in ec.tasks:  # a task that cannot run on this set (e.g. one class) warns once, training goes on
+            try:
+                if task == "retrieval":
+                    pool = [it for it in self._lset.items if it.split == "val"] or list(self._lset.items)
+                    fa, fb = view_pair_features(backbone, pool[: max(2, ec.retrieval_images)], self.cfg,
+                                                ec.feature, seed=ec.split_seed, batch_size=ec.batch_size)
+                    results.update(retrieval_metrics(fa, fb))
+                else:
+                    results.update(evaluate_features(fs, [task], ec.knn_k, ec.knn_temperature, ec.n_bootstrap,
+                                                     seed=ec.split_seed, query_split="test", val_knn=True))
+            except ValueError as err:
+                if task not in self._warned_tasks:
+                    self._warned_tasks.add(task)
+                    _say(f"warning: in-training evaluation task '{task}' skipped: {err}")
+        return {k: float(v) for k, v in results.items()}
+
+    # -- best checkpoint -----------------------------------------------------------------------------------------
+    def _restore_best(self, run_dir: Path) -> None:
+        self._loaded_best = True
+        path = run_dir / "best.json"
+        if path.is_file():
+            try:
+                rec = json.loads(path.read_text())
+                if rec.get("metric") == self.best_metric:
+                    self.best_value, self.best_step = float(rec["value"]), int(rec["step"])
+            except (ValueError, KeyError):
+                pass
+
+    def _better(self, value: float) -> bool:
+        if not math.isfinite(value):
+            return False
+        if self.best_value is None:
+            return True
+        return value > self.best_value if self.cfg.eval.best_mode == "max" else value < self.best_value
+
+    def _track_best(self, step: int, results: dict[str, float], method: nn.Module, run_dir: Path) -> None:
+        if not self.best_metric:
+            return
+        if self.best_metric not in results:
+            if not self._warned_missing:
+                self._warned_missing = True
+                _say(f"warning: eval.best_metric '{self.best_metric}' is not among the evaluation results "
+                     f"({sorted(results)}); no best checkpoint is kept")
+            return
+        value = float(results[self.best_metric])
+        if not self._better(value):
+            return
+        self.best_value, self.best_step = value, step
+        if not _is_main():
+            return
+        from medfoundry.config.loader import to_dict
+        from medfoundry.train.checkpoint import atomic_torch_save
+
+        state = {
+            "step": step,
+            "method": method.state_dict(),
+            "config": to_dict(self.cfg),
+            "metric": self.best_metric,
+            "value": value,
+            "mode": self.cfg.eval.best_mode,
+            "eval": results,
+            "format": "medfoundry-best-v1",
+        }
+        atomic_torch_save(state, run_dir / "best.pt")
+        record = {"step": step, "metric": self.best_metric, "value": value, "mode": self.cfg.eval.best_mode,
+                  "checkpoint": "best.pt", "eval": results}
+        tmp = run_dir / ".best.json.tmp"
+        tmp.write_text(json.dumps(record, indent=2))
+        tmp.replace(run_dir / "best.json")
+
+
+class MonitorHook:
+    """Feeds the training-metric stream (and evaluated health) to the entropy-wall and collapse detectors."""
+
+    def __init__(self, cfg: RunConfig) -> None:
+        ew, co = cfg.eval.entropy_wall, cfg.eval.collapse
+        self.entropy: EntropyWallDetector | None = None
+        self.collapse: CollapseDetector | None = None
+        self.eval_collapse: CollapseDetector | None = None
+        if ew.enabled and cfg.method == "dino":
+            self.entropy = EntropyWallDetector(cfg.dino.head.out_dim, ew.after_steps, ew.patience,
+                                               ew.threshold_frac, ew.fatal, metric_key="teacher_entropy")
+        if co.enabled:
+            self.collapse = CollapseDetector(co.min_feature_std, co.min_active_dims_frac, co.after_steps,
+                                             co.patience, co.fatal, std_key="teacher_feature_std",
+                                             active_key="teacher_active_dims_frac")
+            self.eval_collapse = CollapseDetector(co.min_feature_std, co.min_active_dims_frac, co.after_steps,
+                                                  co.eval_patience, co.fatal,
+                                                  std_key=EVAL_PREFIX + "health_feature_std",
+                                                  active_key=EVAL_PREFIX + "health_active_dims_frac")
+        self.warnings: list[tuple[int, str, str]] = []  # (step, monitor, message)
+
+    @property
+    def active(self) -> bool:
+        """Whether any detector is on."""
+        return any(d is not None for d in (self.entropy, self.collapse, self.eval_collapse))
+
+    def on_step_end(self, step: int, metrics: dict[str, float], method: nn.Module,
+                    run_dir: Path) -> dict[str, float] | None:
+        out: dict[str, float] = {}
+        for name, detector in (("entropy_wall", self.entropy), ("collapse", self.collapse),
+                               ("collapse", self.eval_collapse)):
+            if detector is None:
+                continue
+            try:
+                message = detector.observe(step, metrics)
+            except RepresentationHealthError as err:
+                self._record(step, name, str(err), Path(run_dir), fatal=True)
+                raise
+            if message:
+                self._record(step, name, message, Path(run_dir), fatal=False)
+                out[f"monitor/{name}"] = 1.0
+        return out or None
+
+    def _record(self, step: int, name: str, message: str, run_dir: Path, fatal: bool) -> None:
+        self.warnings.append((step, name, message))
+        _say(f"{'error' if fatal else 'warning'} [{name} monitor]: {message}")
+        _append_jsonl(run_dir / "monitors.jsonl", {"step": step, "monitor": name, "fatal": fatal, "message": message})
+
+
+@register_hook_builder
+def build(cfg: RunConfig) -> list[Hook]:
+    """The evaluation hook (if ``eval.every_steps`` and ``eval.data`` are set) and the monitor hook."""
+    hooks: list[Hook] = []
+    if cfg.eval.every_steps > 0:
+        if cfg.eval.data:
+            hooks.append(EvaluationHook(cfg))
+        else:
+            _say("warning: eval.every_steps is set but eval.data is empty; in-training evaluation is off")
+    monitor = MonitorHook(cfg)
+    if monitor.active:
+        hooks.append(monitor)
+    return hooks
+
+
+def read_eval_history(run_dir: str | Path) -> list[dict[str, Any]]:
+    """In-training evaluation records of a run, one per evaluated step (a resumed run's repeats: last wins)."""
+    path = Path(run_dir) / "eval" / "history.jsonl"
+    if not path.is_file():
+        return []
+    by_step: dict[int, dict] = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            by_step[int(rec["step"])] = rec
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def read_monitor_warnings(run_dir: str | Path) -> list[dict[str, Any]]:
+    """Monitor warnings recorded for a run (``RUN/monitors.jsonl``)."""
+    path = Path(run_dir) / "monitors.jsonl"
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
+
+
+__all__ = ["EvaluationHook", "MonitorHook", "build", "read_eval_history", "read_monitor_warnings"]

@@ -1,0 +1,134 @@
+"""Retrieval evaluators on frozen features: augmented-view retrieval and recall@k.
+
+``view_retrieval_ratio`` is the view-retrieval diagnostic used by DINO-X for medical CT: it asks
+whether two augmentations of the same image are closer to each other than to any other view, i.e.
+whether the embedding is invariant to the augmentations *and* still discriminates images. It
+needs no labels, so it can be tracked during pre-training on unlabeled medical data.
+``retrieval_recall_at_k`` is the standard Recall@K of cross-modal retrieval (e.g. CLIP, Radford
+et al. 2021), used for image-to-text and text-to-image evaluation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from .metrics import ArrayLike, _auto_chunk, _l2_normalize, _to_float_tensor, _to_numpy
+
+__all__ = ["retrieval_recall_at_k", "view_retrieval_ratio"]
+
+
+def view_retrieval_ratio(
+    feats_a: ArrayLike, feats_b: ArrayLike, chunk_size: int | None = None
+) -> dict[str, float]:
+    """DINO-X view retrieval: top-1 twin-retrieval rate of augmented views, relative to chance.
+
+    Protocol. ``feats_a[i]`` and ``feats_b[i]`` are the features of two augmented views of image ``i``
+    (``N`` images). All ``2N`` view features are pooled and L2-normalised. For every view, its nearest
+    neighbour by cosine similarity is searched among the *other* ``2N - 1`` views (the view itself is
+    excluded). The view is a hit when that neighbour is its twin (the other view of the same image).
+    ``top1`` is the fraction of hits over all ``2N`` views (both directions), ``chance = 1 / (2N - 1)``
+    is the hit rate of a random neighbour, and ``ratio = top1 / chance``. A ratio of 1 means the
+    features carry no image identity through the augmentations (collapse or pure noise); the maximum
+    is ``2N - 1``.
+
+    Returns ``{"view_top1", "view_chance", "view_retrieval_ratio", "num_images"}``. Ties in similarity
+    are broken towards the lowest pooled index (``a`` views first). Needs ``N >= 2``.
+    """
+    a = _to_float_tensor(feats_a)
+    b = _to_float_tensor(feats_b).to(a.dtype)
+    if a.shape != b.shape:
+        raise ValueError(f"feats_a and feats_b shapes differ: {tuple(a.shape)} vs {tuple(b.shape)}")
+    n = a.shape[0]
+    if n < 2:
+        raise ValueError("view retrieval needs at least two images")
+    pooled = _l2_normalize(torch.cat([a, b], dim=0))  # rows 0..N-1: view a, N..2N-1: view b
+    total = 2 * n
+    twin = (torch.arange(total) + n) % total
+    hits = 0
+    step = _auto_chunk(total, chunk_size)
+    with torch.no_grad():
+        for start in range(0, total, step):
+            stop = min(start + step, total)
+            sim = pooled[start:stop] @ pooled.t()
+            rows = torch.arange(stop - start)
+            sim[rows, rows + start] = -torch.inf  # exclude the view itself
+            nearest = sim.argmax(dim=1)
+            hits += int((nearest == twin[start:stop]).sum())
+    top1 = hits / total
+    chance = 1.0 / (total - 1)
+    return {
+        "view_top1": float(top1),
+        "view_chance": float(chance),
+        "view_retrieval_ratio": float(hits * (total - 1) / total),  # = top1 / chance, exact
+        "num_images": float(n),
+    }
+
+
+def retrieval_recall_at_k(
+    query_feats: ArrayLike,
+    gallery_feats: ArrayLike,
+    ks: Sequence[int] = (1, 5, 10),
+    positives: np.ndarray | None = None,
+    chunk_size: int | None = None,
+) -> dict[str, float]:
+    """Recall@K of cosine-similarity retrieval (as used for CLIP image<->text retrieval).
+
+    Query and gallery features are L2-normalised and every gallery item is ranked by cosine
+    similarity to the query. ``recall_at_{k}`` is the fraction of queries with at least one positive
+    among the ``k`` highest-ranked gallery items; ``median_rank`` / ``mean_rank`` are statistics of the
+    1-based rank of the best-ranked positive (lower is better).
+
+    ``positives`` defines the ground truth: ``None`` means query ``i``'s only positive is gallery item
+    ``i`` (requires ``len(query) <= len(gallery)``); a 1-D integer array gives the positive gallery index
+    of each query; a 2-D boolean ``(n_query, n_gallery)`` mask allows several positives per query (e.g.
+    five captions per image). The rank of a positive is ``1 +`` the number of gallery items scoring
+    strictly higher than it, so ties are resolved in the query's favour. Queries without any
+    positive raise ``ValueError``.
+    """
+    q = _to_float_tensor(query_feats)
+    g = _to_float_tensor(gallery_feats).to(q.dtype)
+    if q.shape[1] != g.shape[1]:
+        raise ValueError(f"feature dims differ: query {q.shape[1]} vs gallery {g.shape[1]}")
+    n_q, n_g = q.shape[0], g.shape[0]
+    if positives is None:
+        if n_q > n_g:
+            raise ValueError("default positives (query i <-> gallery i) need n_query <= n_gallery")
+        pos_index: torch.Tensor | None = torch.arange(n_q)
+        pos_mask: torch.Tensor | None = None
+    else:
+        pos = _to_numpy(positives)
+        if pos.ndim == 1:
+            if pos.shape[0] != n_q or pos.min(initial=0) < 0 or pos.max(initial=0) >= n_g:
+                raise ValueError("1-D positives must hold one valid gallery index per query")
+            pos_index, pos_mask = torch.from_numpy(pos.astype(np.int64)), None
+        elif pos.ndim == 2:
+            if pos.shape != (n_q, n_g):
+                raise ValueError(f"2-D positives must have shape {(n_q, n_g)}, got {pos.shape}")
+            pos_mask, pos_index = torch.from_numpy(pos.astype(bool)), None
+            if not bool(pos_mask.any(dim=1).all()):
+                raise ValueError("every query needs at least one positive")
+        else:
+            raise ValueError("positives must be None, a 1-D index array or a 2-D boolean mask")
+
+    q = _l2_normalize(q)
+    g_t = _l2_normalize(g).t().contiguous()
+    ranks = torch.empty(n_q, dtype=torch.int64)
+    step = _auto_chunk(n_g, chunk_size)
+    with torch.no_grad():
+        for start in range(0, n_q, step):
+            stop = min(start + step, n_q)
+            sim = q[start:stop] @ g_t
+            if pos_index is not None:
+                best_pos = sim.gather(1, pos_index[start:stop, None])
+            else:
+                assert pos_mask is not None
+                best_pos = sim.masked_fill(~pos_mask[start:stop], -torch.inf).amax(dim=1, keepdim=True)
+            ranks[start:stop] = (sim > best_pos).sum(dim=1) + 1
+    ranks_np = ranks.numpy()
+    results = {f"recall_at_{k}": float(np.mean(ranks_np <= k)) for k in ks}
+    results["median_rank"] = float(np.median(ranks_np))
+    results["mean_rank"] = float(np.mean(ranks_np))
+    return results

@@ -1,0 +1,74 @@
+"""Training methods: ``batch -> {"loss": ..., metrics}`` plus their data pipelines, by name."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from medfoundry.config.schema import RunConfig
+from medfoundry.methods.base import Method
+
+
+@dataclass(frozen=True)
+class MethodEntry:
+    """How to build a method and the loader that feeds it."""
+
+    build: Callable[[RunConfig], Method]
+    build_loader: Callable  # (cfg, method, start_step, rank, world_size) -> iterable of batches
+
+
+def _dino_build(cfg: RunConfig) -> Method:
+    from medfoundry.methods.dino import DINOMethod
+    from medfoundry.models.pretrained import record_load_reports
+
+    method = DINOMethod(cfg.model, cfg.dino, cfg.train.schedule_steps or cfg.train.steps, cfg.adapt,
+                        cfg.optim.freeze_backbone_steps)
+    record_load_reports(method.load_reports, cfg.output_dir)
+    return method
+
+
+def _dino_loader(cfg: RunConfig, method: Method, start_step: int, rank: int, world_size: int):
+    from medfoundry.data.loader import build_dino_loader
+
+    return build_dino_loader(cfg, method.eval_backbone().patch_size, start_step, rank, world_size)
+
+
+def _clip_build(cfg: RunConfig) -> Method:
+    from medfoundry.methods.clip import ClipMethod
+    from medfoundry.models.pretrained import record_load_reports
+
+    method = ClipMethod(cfg)
+    record_load_reports(method.load_reports, cfg.output_dir)
+    return method
+
+
+def _clip_loader(cfg: RunConfig, method: Method, start_step: int, rank: int, world_size: int):
+    from medfoundry.methods.clip import build_clip_loader
+
+    return build_clip_loader(cfg, method, start_step, rank, world_size)
+
+
+def _distill_build(cfg: RunConfig) -> Method:
+    from medfoundry.methods.distill import DistillMethod
+    from medfoundry.models.pretrained import record_load_reports
+
+    method = DistillMethod(cfg)
+    record_load_reports(method.load_reports, cfg.output_dir)
+    return method
+
+
+METHODS: dict[str, MethodEntry] = {
+    "dino": MethodEntry(_dino_build, _dino_loader),
+    "distill": MethodEntry(_distill_build, _dino_loader),
+    "clip": MethodEntry(_clip_build, _clip_loader),
+}
+
+
+def get_method_entry(name: str) -> MethodEntry:
+    """The entry for ``cfg.method``; the error lists the known methods."""
+    if name not in METHODS:
+        raise KeyError(f"unknown method '{name}'; known: {sorted(METHODS)}")
+    return METHODS[name]
+
+
+__all__ = ["METHODS", "Method", "MethodEntry", "get_method_entry"]

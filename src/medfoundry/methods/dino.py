@@ -1,0 +1,232 @@
+"""The ``dino`` method: student/EMA-teacher self-distillation with the DINO family of objectives.
+
+One method covers DINOv1 (class-token DINO loss with centering; Caron et al. 2021), DINOv2 (+ iBOT
+masked-patch loss, KoLeo, Sinkhorn-Knopp targets; Oquab et al. 2023), DINOv3 Gram anchoring
+(Siméoni et al. 2025) and the DINO-X medical recipes (online Gram against the EMA teacher, center
+momentum 0.999). Which terms are active is decided by the weights in :class:`DinoConfig`.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import Tensor, nn
+
+from medfoundry.config.adapt import AdaptConfig
+from medfoundry.config.schema import DinoConfig, ModelConfig
+from medfoundry.losses import DINOLoss, GramLoss, IBOTPatchLoss, KDEUniformityLoss, KoLeoLoss
+from medfoundry.methods.base import Method
+from medfoundry.models.backbone import Backbone
+from medfoundry.models.heads import DINOHead
+from medfoundry.models.registry import create_backbone
+from medfoundry.train.schedules import cosine, linear_warmup_constant
+
+
+class DINOMethod(Method):
+    """Student and EMA teacher (backbone + DINO head [+ iBOT head]) and the configured loss terms.
+
+    Args:
+        model_cfg: backbone section (the teacher is built without drop-path).
+        cfg: the ``dino`` section.
+        total_steps: run length, for the teacher-momentum cosine.
+        adapt_cfg: the ``adapt`` section (LoRA, freezing, channel adaptation), applied to the student
+            after pretrained weights are loaded and to the teacher so both keep the same structure.
+        freeze_backbone_steps: head-only warm-up: the student backbone gets no update for these steps.
+    """
+
+    def __init__(self, model_cfg: ModelConfig, cfg: DinoConfig, total_steps: int,
+                 adapt_cfg: AdaptConfig | None = None, freeze_backbone_steps: int = 0) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.total_steps = total_steps
+        self.freeze_backbone_steps = freeze_backbone_steps
+        self.load_reports: list = []  # LoadReports of pretrained loads, written to RUN/pretrained_load.json
+        channel_mode = adapt_cfg.channel_mode if adapt_cfg is not None else "average"
+        backbone = create_backbone(model_cfg)
+        if model_cfg.pretrained:
+            from medfoundry.models.pretrained import load_pretrained_backbone
+
+            self.load_reports.append(load_pretrained_backbone(backbone, model_cfg.pretrained,
+                                                              model_cfg.pretrained_format, channel_mode=channel_mode))
+        if adapt_cfg is not None:
+            from medfoundry.models.lora import adapt_backbone
+
+            adapt_backbone(backbone, adapt_cfg)
+        self.student = self._build_tower(backbone)
+        teacher_backbone = create_backbone(_replace(model_cfg, drop_path_rate=0.0, grad_checkpointing=False))
+        if adapt_cfg is not None:
+            adapt_backbone(teacher_backbone, adapt_cfg, verbose=False)
+        self.teacher = self._build_tower(teacher_backbone)
+        self.teacher.load_state_dict(self.student.state_dict())
+        self.teacher.requires_grad_(False)
+        self.teacher.eval()
+
+        k = cfg.head.out_dim
+        self.dino_loss = DINOLoss(k, cfg.student_temp, cfg.center_momentum)
+        self.ibot_loss = IBOTPatchLoss(self._ibot_dim, cfg.student_temp, cfg.center_momentum)
+        self.koleo_loss = KoLeoLoss()
+        self.kde_loss = KDEUniformityLoss(cfg.kde_temperature)
+        self.gram_loss = GramLoss()
+        self.gram_anchor: Backbone | None = None
+        if cfg.gram_weight > 0 and cfg.gram_mode == "anchor":
+            from medfoundry.models.pretrained import load_pretrained_backbone
+
+            anchor = create_backbone(_replace(model_cfg, drop_path_rate=0.0, grad_checkpointing=False))
+            self.load_reports.append(
+                load_pretrained_backbone(anchor, cfg.gram_anchor, "auto", channel_mode=channel_mode))
+            anchor.requires_grad_(False)
+            anchor.eval()
+            self.gram_anchor = anchor
+        self._pending: dict[str, Tensor] = {}
+
+    @property
+    def _ibot_dim(self) -> int:
+        return self.cfg.ibot_head.out_dim if self.cfg.ibot_separate_head else self.cfg.head.out_dim
+
+    def _build_tower(self, backbone: Backbone) -> nn.ModuleDict:
+        tower = nn.ModuleDict({"backbone": backbone, "dino_head": DINOHead(backbone.embed_dim, self.cfg.head)})
+        if self.cfg.ibot_weight > 0 and self.cfg.ibot_separate_head:
+            tower["ibot_head"] = DINOHead(backbone.embed_dim, self.cfg.ibot_head)
+        return tower
+
+    def _ibot_head(self, tower: nn.ModuleDict) -> nn.Module:
+        return tower["ibot_head"] if "ibot_head" in tower else tower["dino_head"]
+
+    def eval_backbone(self) -> Backbone:
+        """The teacher backbone: DINO's better and smoother model, the one evaluated and exported."""
+        return self.teacher["backbone"]
+
+    def backbones(self) -> dict[str, Backbone]:
+        return {"student.backbone": self.student["backbone"]}
+
+    def train(self, mode: bool = True) -> DINOMethod:
+        super().train(mode)
+        self.teacher.eval()
+        if self.gram_anchor is not None:
+            self.gram_anchor.eval()
+        return self
+
+    def teacher_temperature(self, step: int) -> float:
+        """Teacher temperature at ``step`` (linear warm-up, then constant)."""
+        c = self.cfg
+        return linear_warmup_constant(step, c.warmup_teacher_temp_steps, c.warmup_teacher_temp, c.teacher_temp)
+
+    def teacher_momentum(self, step: int) -> float:
+        """EMA momentum at ``step`` (cosine from teacher_momentum to teacher_momentum_end)."""
+        return cosine(step, self.total_steps, self.cfg.teacher_momentum, self.cfg.teacher_momentum_end)
+
+    def _targets(self, loss: nn.Module, logits: Tensor, temp: float) -> Tensor:
+        if self.cfg.centering == "sinkhorn":
+            return loss.teacher_probs_sinkhorn(logits, temp, self.cfg.sinkhorn_iterations)
+        return loss.teacher_probs_centered(logits, temp)
+
+    def forward(self, batch: dict, step: int) -> dict[str, Tensor]:
+        """All active loss terms for one multi-crop batch (view-major tensors, see ``collate_views``)."""
+        c = self.cfg
+        glob: Tensor = batch["global_crops"]
+        n_g, b = glob.shape[:2]
+        glob = glob.flatten(0, 1)
+        local: Tensor | None = batch.get("local_crops")
+        use_ibot = c.ibot_weight > 0 and "masks" in batch
+        masks = batch["masks"].flatten(0, 1) if use_ibot else None
+        use_gram = c.gram_weight > 0 and step >= c.gram_start_step
+        temp = self.teacher_temperature(step)
+
+        with torch.no_grad():
+            t_out = self.teacher["backbone"].forward_features(glob)
+            t_logits = self.teacher["dino_head"](t_out.cls)
+            t_probs = self._targets(self.dino_loss, t_logits.float(), temp)
+            pending = {"dino": t_logits.detach()}
+            if use_ibot:
+                t_patch_logits = self._ibot_head(self.teacher)(t_out.patch[masks])
+                t_patch_probs = self._targets(self.ibot_loss, t_patch_logits.float(), temp)
+                pending["ibot"] = t_patch_logits.detach()
+            gram_target = None
+            if use_gram:
+                gram_target = (
+                    self.gram_anchor.forward_features(glob).patch if self.gram_anchor is not None else t_out.patch
+                )
+
+        s_out = self.student["backbone"].forward_features(glob, masks=masks)
+        s_logits = [self.student["dino_head"](s_out.cls).view(n_g, b, -1)]
+        if local is not None:
+            n_l = local.shape[0]
+            s_local = self.student["backbone"].forward_features(local.flatten(0, 1))
+            s_logits.append(self.student["dino_head"](s_local.cls).view(n_l, b, -1))
+        student_logits = torch.cat(s_logits, dim=0).float()
+        teacher_probs = t_probs.view(n_g, b, -1)
+
+        terms: dict[str, Tensor] = {}
+        terms["dino_loss"] = self.dino_loss(student_logits, teacher_probs, skip_same_view=n_g > 1)
+        if use_ibot:
+            s_patch_logits = self._ibot_head(self.student)(s_out.patch[masks]).float()
+            image_index = torch.arange(n_g * b, device=glob.device)[:, None].expand_as(masks)[masks]
+            terms["ibot_loss"] = self.ibot_loss(s_patch_logits, t_patch_probs, image_index, n_g * b)
+        s_cls_views = s_out.cls.float().view(n_g, b, -1)
+        if c.koleo_weight > 0:
+            terms["koleo_loss"] = sum(self.koleo_loss(v) for v in s_cls_views) / n_g
+        if c.kde_weight > 0:
+            terms["kde_loss"] = sum(self.kde_loss(v) for v in s_cls_views) / n_g
+        if use_gram:
+            terms["gram_loss"] = self.gram_loss(s_out.patch.float(), gram_target.float())
+
+        weights = {
+            "dino_loss": c.dino_weight,
+            "ibot_loss": c.ibot_weight,
+            "koleo_loss": c.koleo_weight,
+            "kde_loss": c.kde_weight,
+            "gram_loss": c.gram_weight,
+        }
+        loss = sum(weights[name] * value for name, value in terms.items())
+        self._pending = pending
+
+        with torch.no_grad():
+            probs = t_probs.float()
+            entropy = -(probs * probs.clamp_min(1e-12).log()).sum(-1).mean()
+            t_cls = nn.functional.normalize(t_out.cls.float(), dim=-1)
+            out = {"loss": loss, **{k: v.detach() for k, v in terms.items()}}
+            out["teacher_entropy"] = entropy
+            out["teacher_entropy_frac"] = entropy / torch.log(torch.tensor(float(probs.shape[-1])))
+            out["teacher_feature_std"] = t_cls.std(dim=0).mean()
+            out["teacher_temp"] = torch.tensor(temp)
+        return out
+
+    def before_optimizer_step(self, step: int) -> None:
+        """Keep the prototype layers fixed during the first ``freeze_last_layer_steps`` (DINO), and the
+        whole student backbone during the first ``freeze_backbone_steps`` (head-only warm-up of fresh
+        heads on released weights; AdamW skips parameters whose grad is None)."""
+        if step < self.cfg.freeze_last_layer_steps:
+            for name, p in self.student.named_parameters():
+                if "last_layer" in name:
+                    p.grad = None
+        if step < self.freeze_backbone_steps:
+            for p in self.student["backbone"].parameters():
+                p.grad = None
+
+    @torch.no_grad()
+    def after_optimizer_step(self, step: int) -> None:
+        """EMA update of the teacher, then the centers from this step's teacher outputs."""
+        m = self.teacher_momentum(step)
+        # only trainable student params move; frozen ones (LoRA base weights, frozen blocks) stay bit-identical
+        pairs = [(s, t) for s, t in zip(self.student.parameters(), self.teacher.parameters()) if s.requires_grad]
+        s_params = [s for s, _ in pairs]
+        t_params = [t for _, t in pairs]
+        torch._foreach_lerp_(t_params, s_params, 1.0 - m)
+        if self.cfg.centering == "center":
+            if "dino" in self._pending:
+                self.dino_loss.update_center(self._pending["dino"].float())
+            if "ibot" in self._pending:
+                self.ibot_loss.update_center(self._pending["ibot"].float())
+        self._pending = {}
+
+    def metrics_after_step(self, step: int) -> dict[str, float]:
+        """Schedule values worth logging at ``step``."""
+        return {"teacher_momentum": self.teacher_momentum(step)}
+
+
+def _replace(cfg: ModelConfig, **changes) -> ModelConfig:
+    new = copy.copy(cfg)
+    for k, v in changes.items():
+        setattr(new, k, v)
+    return new

@@ -1,0 +1,244 @@
+"""The training loop: step-based, method-agnostic, resumable.
+
+The loop builds the method and its loader by name, applies parallelism from outside, and runs
+``method(batch, step) -> {"loss", metrics}`` with schedules, clipping, non-finite-loss guarding,
+metric logging and atomic checkpoints. Everything method-specific lives in the method.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import signal
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from medfoundry.config.loader import save_config, to_dict
+from medfoundry.config.schema import RunConfig
+from medfoundry.distributed.parallelize import parallelize, unwrap
+from medfoundry.distributed.setup import DistInfo, init_distributed
+from medfoundry.methods import get_method_entry
+from medfoundry.train.checkpoint import (
+    capture_rng,
+    latest_checkpoint,
+    load_checkpoint,
+    restore_rng,
+    save_checkpoint,
+)
+from medfoundry.train.hooks import build_hooks
+from medfoundry.train.optim import apply_schedules, build_optimizer
+from medfoundry.train.precision import autocast, resolve_device, resolve_precision
+from medfoundry.train.run_logger import RunLogger
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised after ``train.max_nonfinite_steps`` non-finite losses in a row."""
+
+
+class BadDataError(RuntimeError):
+    """Raised when the share of unreadable files passes ``data.max_bad_fraction``."""
+
+
+def train(cfg: RunConfig) -> Path:
+    """Run (or resume) training as configured; returns the run folder."""
+    info = init_distributed(cfg.dist.backend)
+    device = resolve_device(cfg.train.device)
+    precision = resolve_precision(cfg.train.precision, device)
+    run_dir = Path(cfg.output_dir)
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+    _barrier(info)
+
+    torch.manual_seed(cfg.train.seed)
+    entry = get_method_entry(cfg.method)
+    method = entry.build(cfg).to(device)
+    depth = max((b.depth for b in method.backbones().values()), default=None)
+    optimizer = build_optimizer(method, cfg.optim, depth)
+    horizon = cfg.train.schedule_steps or cfg.train.steps
+
+    start_step, nonfinite, bad_files = 0, 0, {}
+    ckpt_path = latest_checkpoint(run_dir)
+    if ckpt_path is not None:
+        state = load_checkpoint(ckpt_path)
+        method.load_state_dict(state["method"])
+        optimizer.load_state_dict(state["optimizer"])
+        restore_rng(state["rng"][info.rank] if isinstance(state["rng"], list) else state["rng"])
+        start_step, nonfinite = state["step"], state.get("nonfinite_in_a_row", 0)
+        bad_files = state.get("bad_files", {})
+
+    model = parallelize(method, cfg.dist, device)
+    loader = entry.build_loader(cfg, method, start_step, info.rank, info.world_size)
+    logger = RunLogger(run_dir, info.is_main, start_step, cfg.train.steps, cfg.train.tensorboard,
+                       cfg.train.progress)
+    if ckpt_path is not None:
+        logger.write(f"resumed from {ckpt_path} at step {start_step}")
+    hooks = build_hooks(cfg)
+    stop = _StopFlag()
+    params = [p for p in method.parameters() if p.requires_grad]
+    data_iter = iter(loader)
+    step = start_step
+    try:
+        for step in range(start_step, cfg.train.steps):
+            t0 = time.perf_counter()
+            batch = _to_device(next(data_iter), device)
+            _track_bad(batch.pop("bad", []), bad_files, cfg, logger, loader)
+            sched = apply_schedules(optimizer, cfg.optim, step, horizon)
+            with autocast(precision, device):
+                out = model(batch, step)
+            loss = out["loss"]
+            if not _all_finite(loss, device):
+                optimizer.zero_grad(set_to_none=True)
+                nonfinite += 1
+                logger.write(f"warning: non-finite loss at step {step + 1}; step skipped ({nonfinite} in a row)")
+                if nonfinite >= cfg.train.max_nonfinite_steps:
+                    last = latest_checkpoint(run_dir)
+                    raise NonFiniteLossError(
+                        f"{nonfinite} non-finite losses in a row (train.max_nonfinite_steps="
+                        f"{cfg.train.max_nonfinite_steps}); stopping. Last good checkpoint: {last}. "
+                        "Try a lower optim.lr, optim.clip_grad, or train.precision=fp32."
+                    )
+                continue
+            nonfinite = 0
+            loss.backward()
+            grad_norm = _clip(params, cfg.optim.clip_grad)
+            method.before_optimizer_step(step)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            method.after_optimizer_step(step)
+
+            done = step + 1
+            metrics = _reduce_metrics(out, device)
+            metrics.update(sched)
+            metrics["grad_norm"] = grad_norm
+            metrics.update(getattr(method, "metrics_after_step", lambda s: {})(step))
+            n_images = _batch_images(batch) * info.world_size
+            metrics["images_per_s"] = n_images / max(1e-9, time.perf_counter() - t0)
+            for hook in hooks:
+                metrics.update(hook.on_step_end(done, metrics, method, run_dir) or {})
+            if done % cfg.train.log_every == 0 or done == cfg.train.steps:
+                logger.log(done, metrics)
+            logger.advance(1, float(loss.detach()))
+            if done % cfg.train.checkpoint_every == 0 or done == cfg.train.steps or stop.requested:
+                _save(run_dir, done, method, optimizer, cfg, info, nonfinite, bad_files)
+            if stop.requested:
+                logger.write(f"stopped by signal after step {done}; checkpoint written, resume with the same command")
+                break
+    except Exception as err:
+        if info.is_main:
+            with open(run_dir / "error.log", "a") as fh:
+                fh.write(f"step {step + 1}: {type(err).__name__}: {err}\n")
+        raise
+    finally:
+        stop.restore()
+        logger.close()
+    return run_dir
+
+
+def _save(run_dir: Path, step: int, method: nn.Module, optimizer, cfg: RunConfig, info: DistInfo,
+          nonfinite: int, bad_files: dict) -> None:
+    rng = capture_rng()
+    if info.enabled:
+        gathered: list = [None] * info.world_size
+        torch.distributed.all_gather_object(gathered, rng)
+        rng = gathered
+    if info.is_main:
+        state = {
+            "step": step,
+            "method": unwrap(method).state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "rng": rng,
+            "config": to_dict(cfg),
+            "nonfinite_in_a_row": nonfinite,
+            "bad_files": bad_files,
+            "format": "medfoundry-train-v1",
+        }
+        save_checkpoint(run_dir, step, state, cfg.train.keep_last)
+    _barrier(info)
+
+
+def _track_bad(bad: list, bad_files: dict, cfg: RunConfig, logger: RunLogger, loader) -> None:
+    for path, reason in bad:
+        if path not in bad_files:
+            bad_files[path] = reason
+            logger.write(f"warning: unreadable sample skipped: {path}: {reason}")
+    if not bad:
+        return
+    total = len(loader.dataset)
+    if len(bad_files) / max(1, total) > cfg.data.max_bad_fraction:
+        listed = "\n  ".join(f"{p}: {r}" for p, r in list(bad_files.items())[:20])
+        raise BadDataError(
+            f"{len(bad_files)} of {total} files are unreadable, more than data.max_bad_fraction="
+            f"{cfg.data.max_bad_fraction}:\n  {listed}\nFix or remove them (medfoundry prepare reports them)."
+        )
+
+
+def _to_device(batch, device: torch.device):
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, list) and batch and isinstance(batch[0], torch.Tensor):
+        return [_to_device(v, device) for v in batch]
+    return batch
+
+
+def _batch_images(batch: dict) -> int:
+    for key in ("global_crops", "images"):
+        if key in batch:
+            t = batch[key]
+            return int(t.shape[1] if key == "global_crops" else t.shape[0])
+    return 0
+
+
+def _all_finite(loss: torch.Tensor, device: torch.device) -> bool:
+    flag = torch.tensor([float(torch.isfinite(loss.detach()).all())], device=device)
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+    return bool(flag.item() > 0)
+
+
+def _clip(params: list[torch.Tensor], max_norm: float) -> float:
+    grads = [p for p in params if p.grad is not None]
+    if not grads:
+        return 0.0
+    if max_norm > 0:
+        return float(torch.nn.utils.clip_grad_norm_(grads, max_norm))
+    return float(torch.nn.utils.get_total_norm([p.grad for p in grads]))
+
+
+def _reduce_metrics(out: dict, device: torch.device) -> dict[str, float]:
+    keys = sorted(k for k, v in out.items() if isinstance(v, torch.Tensor) and v.numel() == 1)
+    values = torch.stack([out[k].detach().float().reshape(()).to(device) for k in keys])
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(values)
+        values /= torch.distributed.get_world_size()
+    return {k: float(v) if math.isfinite(float(v)) else float("nan") for k, v in zip(keys, values.tolist())}
+
+
+def _barrier(info: DistInfo) -> None:
+    if info.enabled and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+class _StopFlag:
+    """SIGTERM/SIGUSR1 (SLURM pre-emption) ask for a checkpoint at the end of the current step."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = {}
+        for sig in (signal.SIGTERM, getattr(signal, "SIGUSR1", None)):
+            if sig is None:
+                continue
+            with contextlib.suppress(ValueError):  # not the main thread
+                self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)

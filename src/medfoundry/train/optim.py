@@ -1,0 +1,71 @@
+"""Optimizer construction: AdamW parameter groups with no decay on 1-D parameters and layer-wise lr decay."""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import nn
+
+from medfoundry.config.schema import OptimConfig
+from medfoundry.train.schedules import cosine
+
+_BLOCK_RE = re.compile(r"\.blocks\.(\d+)\.")
+
+
+def no_weight_decay(name: str, param: torch.Tensor) -> bool:
+    """Biases, norms, gains, tokens, position embeddings and scalars get no weight decay (DINO/timm rule)."""
+    return (
+        param.ndim <= 1
+        or name.endswith(".bias")
+        or any(t in name for t in ("cls_token", "reg_token", "mask_token", "pos_embed", "logit_scale"))
+    )
+
+
+def layer_id(name: str, depth: int) -> int:
+    """Depth index for layer-wise lr decay: 0 for embeddings, i+1 for block i, depth+1 for the rest."""
+    match = _BLOCK_RE.search(name)
+    if match:
+        return int(match.group(1)) + 1
+    if any(t in name for t in ("patch_embed", "cls_token", "reg_token", "pos_embed", "mask_token")):
+        return 0
+    return depth + 1
+
+
+def param_groups(model: nn.Module, cfg: OptimConfig, depth: int | None = None) -> list[dict]:
+    """Groups keyed by (weight decay on/off, lr scale); each group records ``lr_scale`` and ``wd_scale``."""
+    groups: dict[tuple[bool, float], dict] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        decay = not no_weight_decay(name, p)
+        scale = 1.0
+        if cfg.layer_decay != 1.0 and depth is not None and ".backbone." in f".{name}":
+            scale = cfg.layer_decay ** (depth + 1 - layer_id(name, depth))
+        key = (decay, scale)
+        if key not in groups:
+            groups[key] = {"params": [], "names": [], "lr_scale": scale, "wd_scale": 1.0 if decay else 0.0}
+        groups[key]["params"].append(p)
+        groups[key]["names"].append(name)
+    return list(groups.values())
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig, depth: int | None = None) -> torch.optim.Optimizer:
+    """AdamW (fused on CUDA) or, with ``optim.name=sgd``, SGD with momentum over the trainable parameters."""
+    groups = param_groups(model, cfg, depth)
+    if not groups:
+        raise ValueError("no trainable parameters: everything is frozen")
+    if cfg.name == "sgd":  # weight decay (per group, set by apply_schedules) is SGD's L2 term
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=0.0)
+    fused = all(p.is_cuda for g in groups for p in g["params"])
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=0.0, fused=fused or None)
+
+
+def apply_schedules(optimizer: torch.optim.Optimizer, cfg: OptimConfig, step: int, total_steps: int) -> dict:
+    """Set lr and weight decay of every group for ``step``; returns the base values for logging."""
+    lr = cosine(step, total_steps, cfg.lr, cfg.min_lr, cfg.warmup_steps, 0.0)
+    wd = cosine(step, total_steps, cfg.weight_decay, cfg.weight_decay_end)
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+        group["weight_decay"] = wd * group.get("wd_scale", 1.0)
+    return {"lr": lr, "weight_decay": wd}

@@ -1,0 +1,57 @@
+"""Schedules are pure functions of the step; optimizer groups follow the no-decay and layer-decay rules."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from medfoundry.config import ModelConfig, OptimConfig
+from medfoundry.models import create_backbone
+from medfoundry.train.optim import apply_schedules, build_optimizer, layer_id, param_groups
+from medfoundry.train.schedules import cosine, linear_warmup_constant
+
+
+def test_cosine_with_warmup_endpoints() -> None:
+    assert cosine(0, 100, 1.0, 0.1, warmup_steps=10) == 0.0
+    assert cosine(5, 100, 1.0, 0.1, warmup_steps=10) == pytest.approx(0.5)
+    assert cosine(10, 100, 1.0, 0.1, warmup_steps=10) == pytest.approx(1.0)
+    assert cosine(99, 100, 1.0, 0.1, warmup_steps=10) == pytest.approx(0.1)
+    assert cosine(500, 100, 1.0, 0.1) == pytest.approx(0.1)
+    mid = cosine(55, 106, 1.0, 0.0, warmup_steps=5)  # cosine spans steps 5..105
+    assert mid == pytest.approx(0.5, abs=1e-6)
+
+
+def test_teacher_temperature_warmup() -> None:
+    assert linear_warmup_constant(0, 10, 0.04, 0.07) == pytest.approx(0.04)
+    assert linear_warmup_constant(5, 10, 0.04, 0.07) == pytest.approx(0.055)
+    assert linear_warmup_constant(50, 10, 0.04, 0.07) == 0.07
+    assert linear_warmup_constant(3, 0, 0.04, 0.07) == 0.07
+
+
+def test_no_weight_decay_on_biases_norms_and_tokens() -> None:
+    model = torch.nn.ModuleDict({"backbone": create_backbone(ModelConfig(name="vit_tiny_patch8", img_size=32))})
+    groups = param_groups(model, OptimConfig())
+    no_decay = {n for g in groups if g["wd_scale"] == 0 for n in g["names"]}
+    decay = {n for g in groups if g["wd_scale"] == 1 for n in g["names"]}
+    assert "backbone.vit.cls_token" in no_decay and "backbone.mask_token" in no_decay
+    assert "backbone.vit.blocks.0.norm1.weight" in no_decay and "backbone.vit.blocks.0.attn.qkv.bias" in no_decay
+    assert "backbone.vit.blocks.0.attn.qkv.weight" in decay
+
+
+def test_layer_decay_scales_by_depth() -> None:
+    model = torch.nn.ModuleDict({"backbone": create_backbone(ModelConfig(name="vit_tiny_patch8", img_size=32))})
+    opt = build_optimizer(model, OptimConfig(layer_decay=0.5), depth=4)
+    scales = {n: g["lr_scale"] for g in opt.param_groups for n in g["names"]}
+    assert scales["backbone.vit.blocks.3.attn.qkv.weight"] == pytest.approx(0.5)
+    assert scales["backbone.vit.blocks.0.attn.qkv.weight"] == pytest.approx(0.5**4)
+    assert scales["backbone.vit.patch_embed.proj.weight"] == pytest.approx(0.5**5)
+    assert layer_id("backbone.vit.norm.weight", 4) == 5
+    apply_schedules(opt, OptimConfig(lr=1.0, min_lr=1.0, layer_decay=0.5), step=0, total_steps=10)
+    lrs = {n: g["lr"] for g in opt.param_groups for n in g["names"]}
+    assert lrs["backbone.vit.blocks.3.attn.qkv.weight"] == pytest.approx(0.5)
+
+
+def test_everything_frozen_is_an_error() -> None:
+    model = torch.nn.Linear(2, 2).requires_grad_(False)
+    with pytest.raises(ValueError, match="frozen"):
+        build_optimizer(model, OptimConfig())
