@@ -116,3 +116,26 @@ def test_siglip_and_alternative_heads(extra):
         assert math.isclose(float(method.logit_scale.detach().exp()), 10.0, rel_tol=1e-6) and "logit_bias" in grads
     emb = method.encode_texts(TEXTS)
     assert emb.shape == (4, 16) and torch.allclose(emb.norm(dim=1), torch.ones(4), atol=1e-5)
+
+
+def test_pretrained_weights_of_both_towers_load_from_local_files(tmp_path):
+    """CheXzero-style text weights (OpenAI layout, stretched to 128 positions) and timm-format image weights."""
+    from test_clip_text_tower import _random_openai_state_dict
+
+    from medfoundry.models.registry import create_backbone
+    from medfoundry.models.text.clip_text import stretch_positional_embedding
+
+    sd = _random_openai_state_dict(width=64, layers=2, embed=16)
+    torch.save(sd, tmp_path / "chexzero.pt")
+    cfg = load_config(None, BASE)
+    torch.manual_seed(5)
+    donor = create_backbone(cfg.model)
+    torch.save(donor.vit.state_dict(), tmp_path / "vit.pth")
+    method, _ = _method(f"clip.text.pretrained={tmp_path / 'chexzero.pt'}", "clip.text.heads=1",
+                        "clip.text.context_length=128", f"model.pretrained={tmp_path / 'vit.pth'}",
+                        "model.pretrained_format=timm")
+    torch.testing.assert_close(method.text.transformer.resblocks[1].mlp.c_fc.weight,
+                               sd["transformer.resblocks.1.mlp.c_fc.weight"])
+    torch.testing.assert_close(method.text.positional_embedding.detach(),
+                               stretch_positional_embedding(sd["positional_embedding"], 128, 20))
+    torch.testing.assert_close(method.image.backbone.vit.blocks[0].attn.qkv.weight, donor.vit.blocks[0].attn.qkv.weight)

@@ -3,6 +3,7 @@ on real report text with zero-shot evaluation at its interval, retrieval above c
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import math
@@ -52,7 +53,7 @@ _MISSING = importlib.util.find_spec("torchxrayvision") is None or importlib.util
 @pytest.mark.skipif(_MISSING, reason="the tiny recipe needs torchxrayvision (report text) and pydicom-data (images)")
 def test_tiny_recipe_trains_on_real_reports_and_retrieval_beats_chance(tmp_path: Path, capsys):
     from medfoundry.cli import main
-    from medfoundry.commands.eval_clip import run_retrieval, run_zeroshot
+    from medfoundry.commands.eval_clip import run_task
 
     run = tmp_path / "run"
     demo = ROOT / ".cache" / "clip_demo"  # exported pydicom-data frames are reused between runs
@@ -73,13 +74,13 @@ def test_tiny_recipe_trains_on_real_reports_and_retrieval_beats_chance(tmp_path:
     assert best["metric"] == "retrieval/i2t_recall_at_5" and (run / "best.pt").is_file()
 
     capsys.readouterr()
-    args = type("Args", (), {"checkpoint": str(run / "checkpoints"), "overrides": [], "device": "cpu",
-                             "output": str(tmp_path / "zs.json"), "batch_size": 0})()
-    args.checkpoint = str(run)  # the run folder: best.pt
-    assert run_zeroshot(args) == 0
-    zs = json.loads((tmp_path / "zs.json").read_text())
-    assert zs["step"] == best["step"] and "zeroshot/mean_auc" in zs["results"]
-    args.output = str(tmp_path / "ret.json")
-    assert run_retrieval(args) == 0
-    ret = json.loads((tmp_path / "ret.json").read_text())["results"]
-    assert math.isclose(ret["retrieval/i2t_recall_at_5"], best["value"], rel_tol=1e-6)
+    # `medfoundry eval RUN --task zeroshot,retrieval --best` dispatches both tasks to commands/eval_clip.py
+    code = main(["eval", str(run), "--task", "zeroshot,retrieval", "--best", "--n-bootstrap", "50",
+                 "--json", str(tmp_path / "eval.json")])
+    assert code == 0
+    out = json.loads((tmp_path / "eval.json").read_text())
+    assert out["zeroshot"]["step"] == best["step"] and "zeroshot/mean_auc" in out["zeroshot"]["results"]
+    assert math.isclose(out["retrieval"]["results"]["retrieval/i2t_recall_at_5"], best["value"], rel_tol=1e-6)
+    args = argparse.Namespace(checkpoint=str(run), best=False, device="cpu", json_out=None, data=None,
+                              label_column=None, n_bootstrap=None, clip_overrides=["clip.eval.retrieval.source=none"])
+    assert run_task("retrieval", args) == 2  # nothing to retrieve on: a clear error, exit code 2

@@ -45,9 +45,9 @@ def test_crop_boxes_follow_the_scale_range() -> None:
     fracs = []
     for _ in range(500):
         top, left, h, w = random_resized_crop_box(200, 300, (0.3, 0.6))
-        assert 0 <= top and top + h <= 200 and 0 <= left and left + w <= 300
+        assert top >= 0 and top + h <= 200 and left >= 0 and left + w <= 300
         fracs.append(h * w / (200 * 300))
-    assert 0.28 <= min(fracs) and max(fracs) <= 0.62
+    assert min(fracs) >= 0.28 and max(fracs) <= 0.62
 
 
 def test_multicrop_sizes_and_normalisation() -> None:

@@ -107,7 +107,8 @@ def test_models_export_cli_from_run(tmp_path, capsys):
     model = AutoModel.from_pretrained(tmp_path / "hf").eval()
     x = torch.randn(2, 1, 64, 64)
     with torch.no_grad():
-        assert (model(pixel_values=x).last_hidden_state - _ours(method.teacher["backbone"].eval(), x)).abs().max() < 1e-4
+        theirs = model(pixel_values=x).last_hidden_state
+    assert (theirs - _ours(method.teacher["backbone"].eval(), x)).abs().max() < 1e-4
     timm_cfg = json.loads((tmp_path / "timm" / "config.json").read_text())
     assert timm_cfg["pretrained_cfg"]["mean"] == [0.4]
     assert main(["export", str(tmp_path / "missing"), "--to", "hf", "--out", str(tmp_path / "x")]) == 1

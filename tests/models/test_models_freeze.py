@@ -35,7 +35,8 @@ def test_models_freeze_first_blocks_and_embeddings():
         idx = block_index(name)
         assert idx is None or idx < 2
     left = _trainable(bb)
-    assert {"vit.patch_embed.proj.weight", "vit.cls_token", "vit.reg_token", "vit.pos_embed", "mask_token"}.isdisjoint(left)
+    embeddings = {"vit.patch_embed.proj.weight", "vit.cls_token", "vit.reg_token", "vit.pos_embed", "mask_token"}
+    assert embeddings.isdisjoint(left)
     assert all(block_index(k) in (2, 3) for k in left if block_index(k) is not None)
     assert "vit.norm.weight" in left and "vit.blocks.2.attn.qkv.weight" in left
     with pytest.raises(ValueError, match="has 4 blocks"):

@@ -1,11 +1,16 @@
 """Zero-shot classification and image<->text retrieval of a CLIP-style checkpoint (``medfoundry eval --task ...``).
 
-Functions for the ``eval`` command: :func:`run_zeroshot` and :func:`run_retrieval` take the parsed
-arguments (``args.checkpoint``; optional ``args.overrides``, ``args.device``, ``args.output``,
-``args.batch_size``), rebuild the :class:`~medfoundry.methods.clip.ClipMethod` from the config saved
-in the checkpoint (no pretrained weights are read: the checkpoint holds them), apply the overrides
-(e.g. ``clip.eval.zeroshot.labels=other.csv``), run :class:`~medfoundry.eval.clip_hook.ClipEvaluator`
-and print the results as JSON. :func:`add_clip_eval_arguments` adds those options to a parser.
+The ``eval`` command dispatches its image-text task names here (contract of
+:mod:`medfoundry.commands.eval`: :data:`TASKS`, :func:`add_arguments` for extra options,
+:func:`run_task`). :func:`run_zeroshot` / :func:`run_retrieval` rebuild the
+:class:`~medfoundry.methods.clip.ClipMethod` from the config saved in the checkpoint (no pretrained
+weights are read: the checkpoint holds them), apply overrides (``--override
+clip.eval.zeroshot.labels=other.csv``; ``--data`` is a shortcut for the labelled set or the pair
+manifest), run :class:`~medfoundry.eval.clip_hook.ClipEvaluator` and print the results as JSON.
+
+Arguments read (all optional but ``checkpoint``): ``checkpoint``, ``best``, ``device``, ``data``,
+``label_column``, ``n_bootstrap``, ``json_out`` (or ``output``), ``clip_overrides`` (or ``overrides``),
+``batch_size``.
 """
 
 from __future__ import annotations
@@ -15,40 +20,45 @@ import json
 import sys
 from pathlib import Path
 
-
-def add_clip_eval_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options :func:`run_zeroshot` / :func:`run_retrieval` read (for a parser that lacks them)."""
-    parser.add_argument("checkpoint", help="run folder (its best.pt, else newest checkpoint) or a .pt file")
-    parser.add_argument("overrides", nargs="*", help="key.sub=value overrides of the saved config")
-    parser.add_argument("--device", default="auto", help="auto|cpu|cuda|cuda:N")
-    parser.add_argument("--output", default="", help="also write the results to this JSON file")
-    parser.add_argument("--batch-size", dest="batch_size", type=int, default=0, help="images/texts per forward")
+TASKS = ("zeroshot", "retrieval")
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint file: ``path`` itself, or in a run folder ``best.pt`` else the newest ``checkpoints/step_*.pt``."""
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of the image-text tasks that the ``eval`` command lacks."""
+    parser.add_argument("--override", dest="clip_overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="zeroshot/retrieval: override the checkpoint's saved config, e.g. "
+                             "clip.eval.zeroshot.findings=[Edema,Cardiomegaly] (repeatable)")
+
+
+def resolve_checkpoint(path: str | Path, best: bool = False) -> Path:
+    """A checkpoint file: ``path`` itself; in a run folder the newest ``checkpoints/step_*.pt`` (``best``:
+    ``best.pt``), falling back to the other when only one exists."""
     from medfoundry.train.checkpoint import latest_checkpoint
 
     p = Path(path)
     if p.is_file():
         return p
     if p.is_dir():
-        if (p / "best.pt").is_file():
-            return p / "best.pt"
+        best_path = p / "best.pt"
         latest = latest_checkpoint(p)
+        if best and best_path.is_file():
+            return best_path
         if latest is not None:
             return latest
+        if best_path.is_file():
+            return best_path
     raise FileNotFoundError(f"no checkpoint at {p} (give a .pt file or a run folder with checkpoints)")
 
 
-def load_clip_checkpoint_method(path: str | Path, overrides: list[str] | tuple[str, ...] = (), device: str = "auto"):
+def load_clip_checkpoint_method(path: str | Path, overrides: list[str] | tuple[str, ...] = (), device: str = "auto",
+                                best: bool = False):
     """``(method, cfg, checkpoint_path, step)`` rebuilt from a medfoundry checkpoint of a ``method: clip`` run."""
     from medfoundry.config.loader import apply_override, from_dict, parse_override, validate
     from medfoundry.methods.clip import ClipMethod
     from medfoundry.train.checkpoint import load_checkpoint
     from medfoundry.train.precision import resolve_device
 
-    ckpt = resolve_checkpoint(path)
+    ckpt = resolve_checkpoint(path, best)
     state = load_checkpoint(ckpt)
     if "config" not in state or "method" not in state:
         raise ValueError(f"{ckpt} is not a medfoundry training or best checkpoint (no 'config'/'method')")
@@ -65,34 +75,72 @@ def load_clip_checkpoint_method(path: str | Path, overrides: list[str] | tuple[s
     return method, cfg, ckpt, int(state.get("step", 0))
 
 
+def _shortcuts(args: argparse.Namespace, task: str) -> list[str]:
+    """Config overrides implied by the ``eval`` command's generic options."""
+    out = []
+    data = getattr(args, "data", None)
+    if data and task == "zeroshot":
+        out += ["clip.eval.zeroshot.kind=manifest", f"clip.eval.zeroshot.labels={data}"]
+        if getattr(args, "label_column", None):
+            out.append(f"clip.eval.zeroshot.label_column={args.label_column}")
+    elif data and task == "retrieval":
+        out += ["clip.eval.retrieval.source=data", "clip.eval.retrieval.data.kind=manifest",
+                f"clip.eval.retrieval.data.manifest={data}"]
+    if getattr(args, "n_bootstrap", None) is not None:
+        out.append(f"clip.eval.zeroshot.bootstrap={int(args.n_bootstrap)}")
+    if getattr(args, "batch_size", 0):
+        out.append(f"clip.eval.batch_size={int(args.batch_size)}")
+    return out
+
+
 def _run(args: argparse.Namespace, task: str) -> int:
+    from medfoundry.config import ConfigError
     from medfoundry.eval.clip_hook import ClipEvaluator
 
+    overrides = _shortcuts(args, task) + list(getattr(args, "clip_overrides", None) or [])
+    overrides += list(getattr(args, "overrides", None) or [])
     try:
         method, cfg, ckpt, step = load_clip_checkpoint_method(
-            args.checkpoint, getattr(args, "overrides", None) or (), getattr(args, "device", "auto") or "auto")
-    except (FileNotFoundError, ValueError) as err:
+            args.checkpoint, overrides, getattr(args, "device", "auto") or "auto", bool(getattr(args, "best", False)))
+    except (FileNotFoundError, ValueError, ConfigError) as err:
         print(f"medfoundry eval: {err}", file=sys.stderr)
         return 2
-    if getattr(args, "batch_size", 0):
-        cfg.clip.eval.batch_size = int(args.batch_size)
     if task == "zeroshot" and cfg.clip.eval.zeroshot.kind == "none":
-        print("medfoundry eval: no zero-shot set configured; pass e.g. clip.eval.zeroshot.kind=manifest "
-              "clip.eval.zeroshot.labels=LABELS.csv clip.eval.zeroshot.findings=[...]", file=sys.stderr)
+        print("medfoundry eval: no zero-shot set configured; pass --data LABELS.csv (with --override "
+              "clip.eval.zeroshot.findings=[...] or --label-column) or --override clip.eval.zeroshot.*",
+              file=sys.stderr)
         return 2
     if task == "retrieval" and cfg.clip.eval.retrieval.source == "none":
-        print("medfoundry eval: no retrieval pairs configured; pass clip.eval.retrieval.source=train (the "
-              "training pairs) or source=data with clip.eval.retrieval.data.*", file=sys.stderr)
+        print("medfoundry eval: no retrieval pairs configured; pass --data PAIRS.csv or --override "
+              "clip.eval.retrieval.source=train (the training pairs)", file=sys.stderr)
         return 2
     results = ClipEvaluator(cfg).evaluate(method, (task,))
     record = {"checkpoint": str(ckpt), "step": step, "task": task, "results": results}
     text = json.dumps(record, indent=2, allow_nan=True)
     print(text)
-    output = getattr(args, "output", "")
-    if output:
-        Path(output).parent.mkdir(parents=True, exist_ok=True)
-        Path(output).write_text(text + "\n")
+    output = getattr(args, "json_out", None) or getattr(args, "output", None)
+    if output:  # {"zeroshot": record, "retrieval": record}: tasks of one invocation share the file
+        out = Path(output)
+        merged: dict = {}
+        if out.is_file():
+            try:
+                previous = json.loads(out.read_text())
+                if isinstance(previous, dict) and previous and set(previous) <= set(TASKS):
+                    merged = previous
+            except ValueError:
+                pass
+        merged[task] = record
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(merged, indent=2, allow_nan=True) + "\n")
     return 0
+
+
+def run_task(task: str, args: argparse.Namespace) -> int:
+    """Dispatch entry of the ``eval`` command: ``zeroshot`` or ``retrieval``; returns the exit code."""
+    if task not in TASKS:
+        print(f"medfoundry eval: unknown image-text task '{task}'; known: {list(TASKS)}", file=sys.stderr)
+        return 2
+    return _run(args, task)
 
 
 def run_zeroshot(args: argparse.Namespace) -> int:

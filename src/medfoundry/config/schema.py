@@ -132,6 +132,7 @@ class DistConfig:
 
     strategy: Literal["ddp", "fsdp"] = "ddp"  # data parallel wrapper when world size > 1
     backend: str = "auto"  # auto = nccl on GPU, gloo on CPU
+    compile: bool = False  # torch.compile each transformer block
 
 
 @dataclass

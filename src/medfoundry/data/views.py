@@ -82,18 +82,19 @@ class SeededViews(Dataset):
         n = len(self.source)
         idx = self.index_of(k)
         bad: list[tuple[str, str]] = []
-        for attempt in range(self.max_substitutes + 1):
-            j = (idx + attempt) % n
-            try:
-                sample = self.source[j]
-                break
-            except Exception as err:  # noqa: BLE001 - any reader failure is a bad sample
-                bad.append((self.source.describe(j), f"{type(err).__name__}: {err}"))
-        else:
-            names = ", ".join(p for p, _ in bad[:5])
-            raise RuntimeError(f"{len(bad)} consecutive unreadable samples, e.g. {names}")
         with torch.random.fork_rng(devices=[]):
+            # everything random for sample k (slice choice in the source, windows, crops, masks) happens here
             torch.manual_seed(sample_seed(self.seed, k))
+            for attempt in range(self.max_substitutes + 1):
+                j = (idx + attempt) % n
+                try:
+                    sample = self.source[j]
+                    break
+                except Exception as err:  # noqa: BLE001 - any reader failure is a bad sample
+                    bad.append((self.source.describe(j), f"{type(err).__name__}: {err}"))
+            else:
+                names = ", ".join(p for p, _ in bad[:5])
+                raise RuntimeError(f"{len(bad)} consecutive unreadable samples, e.g. {names}")
             image = sample.image
             if self.intensity is not None:
                 image = self.intensity(image)

@@ -17,6 +17,7 @@ import re
 
 from torch import nn
 
+from medfoundry.config.adapt import AdaptConfig
 from medfoundry.models.backbone import Backbone
 from medfoundry.models.freeze import apply_freezing, count_parameters
 
@@ -127,7 +128,7 @@ def merged_copy(backbone: Backbone) -> Backbone:
     return clone
 
 
-def adapt_backbone(backbone: Backbone, cfg, verbose: bool = True) -> dict:
+def adapt_backbone(backbone: Backbone, cfg: AdaptConfig, verbose: bool = True) -> dict:
     """Apply the ``adapt`` section (an ``AdaptConfig``) to a backbone: LoRA first, then freezing rules.
 
     Call it on the student after pretrained weights are loaded and on the EMA teacher too (with

@@ -5,13 +5,14 @@ from __future__ import annotations
 import os
 import random
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-_NAME = re.compile(r"^step_(\d{8})\.pt$")
+_NAME = re.compile(r"^step_(\d{8})\.(pt|dcp)$")
 
 
 def checkpoint_dir(run_dir: str | Path) -> Path:
@@ -51,21 +52,80 @@ def atomic_torch_save(obj: Any, path: str | Path) -> Path:
 
 
 def save_checkpoint(run_dir: str | Path, step: int, state: dict, keep_last: int) -> Path:
-    """Write ``state`` as the checkpoint of ``step`` and delete all but the newest ``keep_last``."""
+    """Write ``state`` as the single-file checkpoint of ``step`` and keep only the newest ``keep_last``."""
     path = atomic_torch_save(state, checkpoint_dir(run_dir) / f"step_{step:08d}.pt")
-    existing = list_checkpoints(run_dir)
-    for old in existing[: max(0, len(existing) - max(1, keep_last))]:
-        old.unlink(missing_ok=True)
+    prune_checkpoints(run_dir, keep_last)
     return path
 
 
-def load_checkpoint(path: str | Path) -> dict:
-    """Load a medfoundry training checkpoint on the CPU.
+def prune_checkpoints(run_dir: str | Path, keep_last: int) -> None:
+    """Delete all but the newest ``keep_last`` checkpoints (files or sharded folders)."""
+    existing = list_checkpoints(run_dir)
+    for old in existing[: max(0, len(existing) - max(1, keep_last))]:
+        if old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink(missing_ok=True)
 
-    Uses ``weights_only=False`` because a training checkpoint holds RNG states and the config; only
-    load checkpoints you or your colleagues wrote.
+
+def save_sharded_checkpoint(run_dir: str | Path, step: int, tensors: dict, meta: dict, keep_last: int,
+                            is_main: bool) -> Path:
+    """Save a sharded (FSDP) checkpoint with torch.distributed.checkpoint, atomically.
+
+    Every rank writes its shards of ``tensors`` (``{"method": ..., "optimizer": ...}`` state dicts with
+    DTensors) into a temporary folder; the main rank adds ``meta.pt`` (step, RNG states, config) and
+    renames the folder to ``step_XXXXXXXX.dcp`` once all ranks are done. A run can resume from it on
+    any number of ranks (DCP reshards on load), including one process.
     """
-    return torch.load(Path(path), map_location="cpu", weights_only=False)
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+
+    final = checkpoint_dir(run_dir) / f"step_{step:08d}.dcp"
+    tmp = checkpoint_dir(run_dir) / f".step_{step:08d}.dcp.tmp"
+    if is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    if dist.is_initialized():
+        dist.barrier()
+    dcp.save(tensors, checkpoint_id=str(tmp))
+    if is_main:
+        atomic_torch_save(meta, tmp / "meta.pt")
+    if dist.is_initialized():
+        dist.barrier()
+    if is_main:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        prune_checkpoints(run_dir, keep_last)
+    if dist.is_initialized():
+        dist.barrier()
+    return final
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """Load a medfoundry training checkpoint on the CPU as one dict.
+
+    A sharded ``.dcp`` folder is consolidated into full tensors (``dcp_to_torch_save``) and merged
+    with its ``meta.pt``. Uses ``weights_only=False`` because a training checkpoint holds RNG states
+    and the config; only load checkpoints you or your colleagues wrote.
+    """
+    path = Path(path)
+    if path.is_dir():
+        import tempfile
+
+        from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+        with tempfile.TemporaryDirectory() as tmp:
+            full = Path(tmp) / "full.pt"
+            dcp_to_torch_save(str(path), str(full))
+            state = torch.load(full, map_location="cpu", weights_only=False)
+        state.update(torch.load(path / "meta.pt", map_location="cpu", weights_only=False))
+        return state
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def consolidate_checkpoint(path: str | Path, out: str | Path) -> Path:
+    """Write a sharded ``.dcp`` checkpoint (or copy a ``.pt`` one) as one ``.pt`` file for export."""
+    return atomic_torch_save(load_checkpoint(path), out)
 
 
 def capture_rng() -> dict:

@@ -18,7 +18,7 @@ from torch import nn
 
 from medfoundry.config.loader import save_config, to_dict
 from medfoundry.config.schema import RunConfig
-from medfoundry.distributed.parallelize import parallelize, unwrap
+from medfoundry.distributed.parallelize import is_sharded, parallelize, unwrap
 from medfoundry.distributed.setup import DistInfo, init_distributed
 from medfoundry.methods import get_method_entry
 from medfoundry.train.checkpoint import (
@@ -27,6 +27,7 @@ from medfoundry.train.checkpoint import (
     load_checkpoint,
     restore_rng,
     save_checkpoint,
+    save_sharded_checkpoint,
 )
 from medfoundry.train.hooks import build_hooks
 from medfoundry.train.optim import apply_schedules, build_optimizer
@@ -57,20 +58,19 @@ def train(cfg: RunConfig) -> Path:
     entry = get_method_entry(cfg.method)
     method = entry.build(cfg).to(device)
     depth = max((b.depth for b in method.backbones().values()), default=None)
+    model = parallelize(method, cfg.dist, device, precision)
     optimizer = build_optimizer(method, cfg.optim, depth)
     horizon = cfg.train.schedule_steps or cfg.train.steps
 
     start_step, nonfinite, bad_files = 0, 0, {}
     ckpt_path = latest_checkpoint(run_dir)
     if ckpt_path is not None:
-        state = load_checkpoint(ckpt_path)
-        method.load_state_dict(state["method"])
-        optimizer.load_state_dict(state["optimizer"])
-        restore_rng(state["rng"][info.rank] if isinstance(state["rng"], list) else state["rng"])
-        start_step, nonfinite = state["step"], state.get("nonfinite_in_a_row", 0)
-        bad_files = state.get("bad_files", {})
+        meta = _restore(ckpt_path, method, optimizer)
+        rng = meta["rng"]
+        restore_rng(rng[min(info.rank, len(rng) - 1)] if isinstance(rng, list) else rng)
+        start_step, nonfinite = meta["step"], meta.get("nonfinite_in_a_row", 0)
+        bad_files = meta.get("bad_files", {})
 
-    model = parallelize(method, cfg.dist, device)
     loader = entry.build_loader(cfg, method, start_step, info.rank, info.world_size)
     logger = RunLogger(run_dir, info.is_main, start_step, cfg.train.steps, cfg.train.tensorboard,
                        cfg.train.progress)
@@ -145,19 +145,50 @@ def _save(run_dir: Path, step: int, method: nn.Module, optimizer, cfg: RunConfig
         gathered: list = [None] * info.world_size
         torch.distributed.all_gather_object(gathered, rng)
         rng = gathered
+    meta = {
+        "step": step,
+        "rng": rng,
+        "config": to_dict(cfg),
+        "nonfinite_in_a_row": nonfinite,
+        "bad_files": bad_files,
+        "format": "medfoundry-train-v1",
+    }
+    if is_sharded(method):
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        msd, osd = get_state_dict(method, optimizer)
+        save_sharded_checkpoint(run_dir, step, {"method": msd, "optimizer": osd}, meta, cfg.train.keep_last,
+                                info.is_main)
+        return
     if info.is_main:
-        state = {
-            "step": step,
-            "method": unwrap(method).state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "rng": rng,
-            "config": to_dict(cfg),
-            "nonfinite_in_a_row": nonfinite,
-            "bad_files": bad_files,
-            "format": "medfoundry-train-v1",
-        }
+        state = {**meta, "method": unwrap(method).state_dict(), "optimizer": optimizer.state_dict()}
         save_checkpoint(run_dir, step, state, cfg.train.keep_last)
     _barrier(info)
+
+
+def _restore(path: Path, method: nn.Module, optimizer) -> dict:
+    """Load model and optimizer state from a single-file or sharded checkpoint; returns its metadata."""
+    if path.is_dir():
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+
+        msd, osd = get_state_dict(method, optimizer)
+        # parameters that never had a gradient (e.g. a frozen prototype layer) have no optimizer state yet
+        planner = DefaultLoadPlanner(allow_partial_load=True)
+        dcp.load({"method": msd, "optimizer": osd}, checkpoint_id=str(path), planner=planner)
+        set_state_dict(method, optimizer, model_state_dict=msd, optim_state_dict=osd)
+        return torch.load(path / "meta.pt", map_location="cpu", weights_only=False)
+    if is_sharded(method):
+        raise RuntimeError(
+            f"{path} is a single-file (DDP/one-process) checkpoint; an FSDP run resumes only from sharded "
+            "checkpoints. Resume with dist.strategy=ddp, or start a new run with model.pretrained pointing to it."
+        )
+    state = load_checkpoint(path)
+    method.load_state_dict(state["method"])
+    optimizer.load_state_dict(state["optimizer"])
+    return state
 
 
 def _track_bad(bad: list, bad_files: dict, cfg: RunConfig, logger: RunLogger, loader) -> None:
