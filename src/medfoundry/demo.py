@@ -273,7 +273,8 @@ def compare_backbones(
 
 def format_comparison(comparison: dict) -> str:
     """A side-by-side text table of pretrained vs random-init headline numbers."""
-    keys = ("knn_top1_k20", "knn_balanced_acc_k20", "knn_auc_k20", "linear_accuracy", "linear_balanced_accuracy",
+    keys = ("knn_top1_k10", "knn_balanced_acc_k10", "knn_auc_k10", "knn_top1_k20", "knn_balanced_acc_k20",
+            "knn_auc_k20", "linear_accuracy", "linear_balanced_accuracy",
             "linear_auc", "view_retrieval_ratio", "health_effective_rank", "health_active_dims_frac",
             "health_mean_pairwise_cosine", "health_class_separation")
     lines = []

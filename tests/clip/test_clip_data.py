@@ -24,6 +24,15 @@ from medfoundry.data.reports import (
 )
 from medfoundry.models.text.tokenize import ClipBPETokenizer
 
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread: tiny models gain nothing from two, and a shared 2-core machine stays responsive."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
 REPORT = ("FINAL REPORT\nEXAMINATION: Chest PA and lateral.\nINDICATION: Cough.\n"
           "FINDINGS: The lungs are clear.  No pleural effusion.\nIMPRESSION: No acute cardiopulmonary process.")
 
@@ -128,3 +137,23 @@ def test_loader_resumes_exactly_and_shards_the_global_batch(tmp_path: Path):
     b = run[0]
     assert b["images"].shape == (4, 1, 32, 32) and b["attention_mask"].sum(1).max() == b["input_ids"].shape[1]
     assert float(b["n_truncated"]) == 0.0
+
+
+def test_zero_shot_label_sets_from_manifest_and_hdf5(tmp_path: Path):
+    from medfoundry.config.clip import ZeroShotConfig
+    from medfoundry.data.reports import build_labelled_images
+
+    names = _write_images(tmp_path / "images", 4)
+    pd.DataFrame({"image": names, "Edema": [1, 0, -1, None], "Pleural Effusion": [0, 1, 1, 0],
+                  "view": ["PA", "AP", "pa", "lateral"]}).to_csv(tmp_path / "labels.csv", index=False)
+    ls = build_labelled_images(ZeroShotConfig(kind="manifest", labels=str(tmp_path / "labels.csv"),
+                                              findings=["edema", "Pleural Effusion"], label_column="view",
+                                              class_names=["PA", "AP"]))
+    assert ls.binary.tolist() == [[1, 0], [0, 1], [-1, 1], [-1, 0]]  # -1/blank: unknown, left out of the AUC
+    assert ls.classes.tolist() == [0, 1, 0, -1] and ls.load_image(3).shape == (1, 40, 48)
+    with h5py.File(tmp_path / "test.h5", "w") as fh:
+        fh.create_dataset("cxr", data=np.full((2, 320, 320), 255.0, dtype=np.float32))
+    pd.DataFrame({"Edema": [0, 1]}).to_csv(tmp_path / "test_labels.csv", index=False)
+    ls = build_labelled_images(ZeroShotConfig(kind="hdf5", hdf5=str(tmp_path / "test.h5"),
+                                              labels=str(tmp_path / "test_labels.csv"), findings=["Edema"]))
+    assert len(ls) == 2 and ls.binary.tolist() == [[0], [1]] and float(ls.load_image(1).min()) == 1.0

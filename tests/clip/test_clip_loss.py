@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 from datetime import timedelta
 
 import pytest
@@ -13,6 +12,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from medfoundry.losses.clip import ClipInfoNCELoss, SigLIPLoss
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread: tiny models gain nothing from two, and a shared 2-core machine stays responsive."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 WORLD = 2
 
@@ -83,7 +91,7 @@ def _losses() -> list[nn.Module]:
     return [ClipInfoNCELoss(local_loss=True), ClipInfoNCELoss(local_loss=False), SigLIPLoss()]
 
 
-def _worker(rank: int, port: int) -> None:
+def _worker(rank: int, store: str) -> None:
     torch.set_num_threads(1)
     g = torch.Generator().manual_seed(123)
     x = torch.randn(8, 10, generator=g)  # global batch of 8 pairs
@@ -96,7 +104,8 @@ def _worker(rank: int, port: int) -> None:
         value.backward()
         refs.append((value.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
+    # file rendezvous: no race for a "free" TCP port with other test processes on the machine
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD,
                             timeout=timedelta(seconds=60))
     try:
         shard = slice(rank * 4, (rank + 1) * 4)
@@ -117,13 +126,7 @@ def _worker(rank: int, port: int) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
-def test_gathered_negatives_equal_single_process_whole_batch():
+def test_gathered_negatives_equal_single_process_whole_batch(tmp_path):
     """Two gloo ranks with 4 pairs each == one process with all 8 pairs: loss and every parameter gradient."""
-    mp.spawn(_worker, args=(_free_port(),), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(str(tmp_path / "store"),), nprocs=WORLD, join=True)

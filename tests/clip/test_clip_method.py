@@ -12,6 +12,15 @@ from medfoundry.config import load_config
 from medfoundry.methods.clip import ClipMethod
 from medfoundry.train.optim import build_optimizer, param_groups
 
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread: tiny models gain nothing from two, and a shared 2-core machine stays responsive."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
 BASE = ["method=clip", "model.name=vit_tiny_patch8", "model.img_size=32", "model.in_chans=1", "clip.embed_dim=16",
         "clip.text.width=64", "clip.text.heads=2", "clip.text.layers=2", "clip.text.context_length=48",
         "clip.preprocess.size=32", "clip.preprocess.normalize=custom", "clip.preprocess.mean=[0.5]",
@@ -139,3 +148,12 @@ def test_pretrained_weights_of_both_towers_load_from_local_files(tmp_path):
     torch.testing.assert_close(method.text.positional_embedding.detach(),
                                stretch_positional_embedding(sd["positional_embedding"], 128, 20))
     torch.testing.assert_close(method.image.backbone.vit.blocks[0].attn.qkv.weight, donor.vit.blocks[0].attn.qkv.weight)
+
+
+def test_inconsistent_clip_settings_are_config_errors():
+    from medfoundry.config import ConfigError
+
+    for bad in (["clip.preprocess.crop_scale=[0.5,2]"], ["clip.text.context_length=10", "clip.text.keep_positions=20"],
+                ["clip.text.kind=hf"], ["clip.loss.temperature=0"]):
+        with pytest.raises(ConfigError, match="clip\\."):
+            _method(*bad)

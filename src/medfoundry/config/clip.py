@@ -158,3 +158,33 @@ class ClipConfig:
     preprocess: ClipPreprocessConfig = field(default_factory=ClipPreprocessConfig)
     data: ClipDataConfig = field(default_factory=ClipDataConfig)
     eval: ClipEvalConfig = field(default_factory=ClipEvalConfig)
+
+
+def check_clip_config(c: ClipConfig) -> None:
+    """Cross-field checks of the ``clip`` section; raises ``ConfigError`` naming the key (called by the method)."""
+    from medfoundry.config.loader import ConfigError
+
+    p, t, lo = c.preprocess, c.text, c.loss
+    if len(p.crop_scale) != 2 or not (0 < p.crop_scale[0] <= p.crop_scale[1] <= 1):
+        raise ConfigError(f"'clip.preprocess.crop_scale' = {p.crop_scale} must be [low, high], 0 < low <= high <= 1")
+    if p.size < 1 or p.stored_size < p.size:
+        raise ConfigError(f"'clip.preprocess.stored_size' = {p.stored_size} must be >= 'clip.preprocess.size' = "
+                          f"{p.size}")
+    if p.normalize == "custom" and (not p.mean or len(p.mean) != len(p.std)):
+        raise ConfigError("'clip.preprocess.normalize' = 'custom' needs 'clip.preprocess.mean' and '.std' "
+                          "of equal length")
+    if not 0.0 <= p.hflip_prob <= 1.0:
+        raise ConfigError(f"'clip.preprocess.hflip_prob' = {p.hflip_prob} must be in [0, 1]")
+    if t.context_length < 3 or not 0 <= t.keep_positions < t.context_length:
+        raise ConfigError(f"'clip.text.context_length' = {t.context_length} must be >= 3 and exceed "
+                          f"'clip.text.keep_positions' = {t.keep_positions}")
+    if t.kind == "hf" and not t.hf_path:
+        raise ConfigError("'clip.text.kind' = 'hf' needs 'clip.text.hf_path' (a local model folder)")
+    if t.kind == "clip" and t.width % t.heads:
+        raise ConfigError(f"'clip.text.width' = {t.width} must be divisible by 'clip.text.heads' = {t.heads}")
+    if lo.temperature <= 0 or lo.max_logit_scale <= 0 or lo.siglip_init_scale <= 0:
+        raise ConfigError("'clip.loss.temperature', 'max_logit_scale' and 'siglip_init_scale' must be > 0")
+    if c.eval.every_steps < 0:
+        raise ConfigError(f"'clip.eval.every_steps' = {c.eval.every_steps} must be >= 0")
+    if c.embed_dim < 1:
+        raise ConfigError(f"'clip.embed_dim' = {c.embed_dim} must be >= 1")

@@ -195,6 +195,10 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"'train.steps' = {cfg.train.steps} must be >= 0")
     if cfg.train.batch_size < 1:
         raise ConfigError(f"'train.batch_size' = {cfg.train.batch_size} must be >= 1")
+    if cfg.method == "clip":
+        from medfoundry.config.clip import check_clip_config
+
+        check_clip_config(cfg.clip)
     if cfg.dino.gram_weight > 0 and cfg.dino.gram_mode == "anchor" and not cfg.dino.gram_anchor:
         raise ConfigError("'dino.gram_mode' = 'anchor' needs 'dino.gram_anchor' (a checkpoint path)")
 

@@ -87,6 +87,9 @@ class CropsConfig:
     solarize_prob: float = 0.0  # solarisation probability (second global crop only, as DINO)
     region_crop_prob: float = 0.0  # chance a crop must contain the labelled region, if any (DINO-MX)
     interpolation: Literal["bilinear", "bicubic"] = "bicubic"  # resize interpolation
+    device: Literal["cpu", "gpu"] = "cpu"  # crops made by DataLoader workers, or batched on the training device
+    storage_size: int = 512  # crops.device=gpu: canvas side workers place each decoded image on
+    gpu_backend: Literal["grid_sample", "roi_align"] = "grid_sample"  # crops.device=gpu: resampling
     mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])  # per-channel mean
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])  # per-channel std
 

@@ -26,6 +26,7 @@ sample counter exactly like :mod:`medfoundry.data.views` (exact resume for any n
 
 from __future__ import annotations
 
+import copy
 import io
 import os
 import re
@@ -341,18 +342,17 @@ def load_iu_reports(n: int | None = None, seed: int = 0, require: Sequence[str] 
     CC BY-NC-ND 4.0: read it at run time, do not redistribute it.
     """
     out: list[dict[str, str]] = []
-    with tarfile.open(iu_reports_archive(), "r:gz") as tar:
-        members = sorted((m for m in tar.getmembers() if m.isfile() and m.name.endswith(".xml")),
-                         key=lambda m: m.name)
-        order = torch.randperm(len(members), generator=torch.Generator().manual_seed(seed)).tolist()
-        for idx in order:
-            data = tar.extractfile(members[idx]).read()
-            rec = _parse_iu_xml(data)
-            rec["id"] = Path(members[idx].name).stem
-            if all(rec.get(s) for s in require):
-                out.append(rec)
-                if n is not None and len(out) >= n:
-                    break
+    with tarfile.open(iu_reports_archive(), "r:gz") as tar:  # one sequential pass (no seeks in the gzip stream)
+        files = {m.name: tar.extractfile(m).read() for m in tar if m.isfile() and m.name.endswith(".xml")}
+    names = sorted(files)
+    order = torch.randperm(len(names), generator=torch.Generator().manual_seed(seed)).tolist()
+    for idx in order:
+        rec = _parse_iu_xml(files[names[idx]])
+        rec["id"] = Path(names[idx]).stem
+        if all(rec.get(s) for s in require):
+            out.append(rec)
+            if n is not None and len(out) >= n:
+                break
     return out
 
 
@@ -377,11 +377,24 @@ class DemoItem:
     report: dict[str, str] = field(default_factory=dict)  # the unpaired IU report assigned to it
 
 
+_DEMO_CACHE: dict[tuple[str, int, bool], list[DemoItem]] = {}
+
+
 def demo_items(demo_dir: str | Path, seed: int = 0, with_reports: bool = True) -> list[DemoItem]:
     """Export pydicom-data's real frames to ``demo_dir/images`` and describe each from its header.
 
     With ``with_reports`` every frame also gets a real, **unpaired** IU chest X-ray report (seeded).
+    Results are cached per process (training, evaluation and the CLI ask for the same items).
     """
+    key = (str(Path(demo_dir).resolve()), int(seed), bool(with_reports))
+    if key in _DEMO_CACHE and all(Path(it.path).is_file() for it in _DEMO_CACHE[key]):
+        return [copy.deepcopy(it) for it in _DEMO_CACHE[key]]
+    items = _demo_items(demo_dir, seed, with_reports)
+    _DEMO_CACHE[key] = [copy.deepcopy(it) for it in items]
+    return items
+
+
+def _demo_items(demo_dir: str | Path, seed: int, with_reports: bool) -> list[DemoItem]:
     import pydicom
 
     from medfoundry.data.bundled import export_pydicom_samples, pydicom_sample_paths

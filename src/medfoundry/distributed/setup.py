@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 
 import torch
@@ -62,11 +63,8 @@ def _slurm_master() -> str | None:
     nodes = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST")
     if not nodes:
         return None
-    first = nodes.split(",")[0]
-    if "[" in first:
-        prefix, rest = first.split("[", 1)
-        first = prefix + rest.split("-")[0].split(",")[0].rstrip("]")
-    return first
+    first = re.split(r",(?![^\[]*\])", nodes)[0]  # first host expression (commas inside [...] do not split)
+    return re.sub(r"\[([^\]]*)\]", lambda m: re.split(r"[-,]", m.group(1))[0], first)  # each range -> first value
 
 
 def cleanup_distributed() -> None:

@@ -220,10 +220,10 @@ def assign_splits(labels: Sequence[str], groups: Sequence[str], fractions: Seque
     """Grouped, label-stratified train/val/test assignment.
 
     Every group (patient or series) goes wholly to one split. Groups are stratified by their
-    majority label: within each label the groups are shuffled with ``seed`` and dealt out so that
-    the cumulative share of images per split follows ``fractions`` (train, val, test), with at least
-    one group in the test split and, when there are three or more groups, in the val split too when
-    its fraction is positive.
+    majority label: within each label the groups are shuffled with ``seed`` and each goes to the
+    split in which the midpoint of its images falls along the cumulative ``fractions`` (train, val,
+    test). A label with two or more groups always gets one in test (if its fraction is positive),
+    and one with three or more also one in val, so small classes appear in every split.
     """
     if len(fractions) != 3 or any(f < 0 for f in fractions) or sum(fractions) <= 0:
         raise ValueError(f"split fractions must be three non-negative numbers (train, val, test), got {fractions}")

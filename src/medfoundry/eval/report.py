@@ -29,7 +29,8 @@ import numpy as np
 
 _SCHEDULE_KEYS = ("lr", "weight_decay", "teacher_temp", "teacher_momentum")
 _HEADLINE = (
-    "knn_top1_k10", "knn_top1_k20", "knn_balanced_acc_k20", "knn_auc_k20", "linear_accuracy",
+    "knn_top1_k10", "knn_balanced_acc_k10", "knn_auc_k10", "knn_top1_k20", "knn_balanced_acc_k20", "knn_auc_k20",
+    "linear_accuracy",
     "linear_balanced_accuracy", "linear_auc", "view_retrieval_ratio", "health_active_dims",
     "health_active_dims_frac", "health_mean_pairwise_cosine", "health_feature_std", "health_effective_rank",
     "health_class_separation",
@@ -180,7 +181,8 @@ def plot_teacher(records: Sequence[dict], num_prototypes: int | None, threshold_
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px auto;max-width:1280px;color:#222}
 h1{font-size:22px}h2{font-size:18px;border-bottom:1px solid #ddd;padding-bottom:4px;margin-top:28px}
-table{border-collapse:collapse;font-size:13px;margin:8px 0}td,th{border:1px solid #ddd;padding:3px 8px;text-align:right;white-space:nowrap}
+table{border-collapse:collapse;font-size:13px;margin:8px 0}
+td,th{border:1px solid #ddd;padding:3px 8px;text-align:right;white-space:nowrap}
 th{background:#f4f4f4}td:first-child,th:first-child{text-align:left}.better{font-weight:bold;color:#0a6}
 .warn{background:#fff4e0;border-left:4px solid #e80;padding:6px 10px;margin:6px 0;font-size:13px}
 .ok{background:#eefbea;border-left:4px solid #3a3;padding:6px 10px;font-size:13px}

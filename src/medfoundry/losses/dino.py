@@ -4,32 +4,15 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from ._dist import all_reduce_sum
+from .centering import CenteredTeacherLoss
 from .sinkhorn import sinkhorn_knopp
 
 __all__ = ["DINOLoss"]
 
 
-@torch.no_grad()
-def _ema_update_center(center: Tensor, teacher_logits: Tensor, momentum: float) -> None:
-    """In-place ``center <- m * center + (1 - m) * mean(teacher_logits)`` over the global batch.
-
-    The per-prototype sums and the row count are packed into one tensor and all-reduced
-    together, so ranks holding different numbers of rows (iBOT masked patches) are weighted
-    correctly. If the global batch is empty the center is left unchanged. No host sync.
-    """
-    x = teacher_logits.detach().reshape(-1, teacher_logits.shape[-1]).float()
-    stats = torch.cat([x.sum(dim=0), x.new_full((1,), float(x.shape[0]))])
-    stats = all_reduce_sum(stats)
-    count = stats[-1]
-    batch_mean = stats[:-1] / count.clamp_min(1.0)
-    updated = center.float() * momentum + batch_mean.unsqueeze(0) * (1.0 - momentum)
-    center.copy_(torch.where(count > 0, updated, center.float()))
-
-
-class DINOLoss(nn.Module):
+class DINOLoss(CenteredTeacherLoss):
     """Cross-entropy between teacher and student prototype distributions over pairs of views.
 
     Implements the self-distillation objective of Caron et al. 2021 (DINO, "Emerging Properties
@@ -53,44 +36,6 @@ class DINOLoss(nn.Module):
         center: ``(1, K)`` float32 EMA of the teacher logits, zero-initialised.
     """
 
-    center: Tensor
-
-    def __init__(self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9) -> None:
-        super().__init__()
-        if out_dim <= 0:
-            raise ValueError(f"out_dim must be positive, got {out_dim}")
-        if student_temp <= 0:
-            raise ValueError(f"student_temp must be > 0, got {student_temp}")
-        if not 0.0 <= center_momentum <= 1.0:
-            raise ValueError(f"center_momentum must be in [0, 1], got {center_momentum}")
-        self.out_dim = out_dim
-        self.student_temp = student_temp
-        self.center_momentum = center_momentum
-        self.register_buffer("center", torch.zeros(1, out_dim))
-
-    def extra_repr(self) -> str:
-        return (
-            f"out_dim={self.out_dim}, student_temp={self.student_temp}, "
-            f"center_momentum={self.center_momentum}"
-        )
-
-    @torch.no_grad()
-    def teacher_probs_centered(self, teacher_logits: Tensor, teacher_temp: float) -> Tensor:
-        """DINO teacher targets ``softmax((t - center) / teacher_temp)`` (Caron et al. 2021).
-
-        Centering (subtracting the EMA of teacher outputs) stops one prototype from dominating;
-        the low ``teacher_temp`` sharpens the distribution so it does not collapse to uniform.
-        Does not update the center; call :meth:`update_center` with the same logits afterwards.
-
-        Args:
-            teacher_logits: ``(..., K)`` teacher head outputs.
-            teacher_temp: teacher temperature (typically warmed up 0.04 -> 0.07).
-
-        Returns:
-            float32 probabilities with the same shape as ``teacher_logits``.
-        """
-        return F.softmax((teacher_logits.detach().float() - self.center) / teacher_temp, dim=-1)
-
     @torch.no_grad()
     def teacher_probs_sinkhorn(
         self, teacher_logits: Tensor, teacher_temp: float, n_iterations: int = 3
@@ -107,19 +52,6 @@ class DINOLoss(nn.Module):
             ``(N, K)`` float32 targets whose rows sum to 1. See :func:`sinkhorn_knopp`.
         """
         return sinkhorn_knopp(teacher_logits, teacher_temp, n_iterations=n_iterations)
-
-    @torch.no_grad()
-    def update_center(self, teacher_logits: Tensor) -> None:
-        """EMA update ``center = m * center + (1 - m) * batch_mean`` (Caron et al. 2021).
-
-        ``batch_mean`` is the mean teacher logit over the *global* batch: per-prototype sums and
-        the row count are all-reduced, then divided. Only meaningful with centering; harmless
-        (and cheap) with Sinkhorn-Knopp.
-
-        Args:
-            teacher_logits: ``(N, K)`` (or ``(..., K)``) teacher head outputs of this rank.
-        """
-        _ema_update_center(self.center, teacher_logits, self.center_momentum)
 
     @staticmethod
     def entropy(probs: Tensor) -> Tensor:

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from ._dist import all_reduce_sum
-from .dino import _ema_update_center
+from .centering import CenteredTeacherLoss
 from .sinkhorn import sinkhorn_knopp
 
 __all__ = ["IBOTPatchLoss"]
 
 
-class IBOTPatchLoss(nn.Module):
+class IBOTPatchLoss(CenteredTeacherLoss):
     """Masked image modelling by self-distillation on patch tokens (Zhou et al. 2022, iBOT).
 
     The student sees a global crop with some patches masked; for each masked patch, the loss is
@@ -36,40 +36,6 @@ class IBOTPatchLoss(nn.Module):
     Buffers:
         center: ``(1, K)`` float32 EMA of teacher patch logits, zero-initialised.
     """
-
-    center: Tensor
-
-    def __init__(self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9) -> None:
-        super().__init__()
-        if out_dim <= 0:
-            raise ValueError(f"out_dim must be positive, got {out_dim}")
-        if student_temp <= 0:
-            raise ValueError(f"student_temp must be > 0, got {student_temp}")
-        if not 0.0 <= center_momentum <= 1.0:
-            raise ValueError(f"center_momentum must be in [0, 1], got {center_momentum}")
-        self.out_dim = out_dim
-        self.student_temp = student_temp
-        self.center_momentum = center_momentum
-        self.register_buffer("center", torch.zeros(1, out_dim))
-
-    def extra_repr(self) -> str:
-        return (
-            f"out_dim={self.out_dim}, student_temp={self.student_temp}, "
-            f"center_momentum={self.center_momentum}"
-        )
-
-    @torch.no_grad()
-    def teacher_probs_centered(self, teacher_patch_logits: Tensor, teacher_temp: float) -> Tensor:
-        """iBOT teacher targets ``softmax((t - center) / teacher_temp)`` (Zhou et al. 2022).
-
-        Args:
-            teacher_patch_logits: ``(M, K)`` teacher logits of the masked positions.
-            teacher_temp: teacher temperature.
-
-        Returns:
-            ``(M, K)`` float32 probabilities. The center is not updated here.
-        """
-        return F.softmax((teacher_patch_logits.detach().float() - self.center) / teacher_temp, dim=-1)
 
     @torch.no_grad()
     def teacher_probs_sinkhorn(
@@ -96,18 +62,6 @@ class IBOTPatchLoss(nn.Module):
         return sinkhorn_knopp(
             teacher_patch_logits, teacher_temp, n_iterations=n_iterations, n_rows_global=n_global
         )
-
-    @torch.no_grad()
-    def update_center(self, teacher_patch_logits: Tensor) -> None:
-        """EMA update of the patch center with the mean over all masked patches of all ranks.
-
-        Sums and counts are all-reduced, so ranks with different numbers of masked patches are
-        weighted by their patch counts. A globally empty set leaves the center unchanged.
-
-        Args:
-            teacher_patch_logits: ``(M, K)`` teacher logits of this rank's masked patches.
-        """
-        _ema_update_center(self.center, teacher_patch_logits, self.center_momentum)
 
     def forward(
         self,

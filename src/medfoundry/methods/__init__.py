@@ -28,9 +28,15 @@ def _dino_build(cfg: RunConfig) -> Method:
 
 
 def _dino_loader(cfg: RunConfig, method: Method, start_step: int, rank: int, world_size: int):
+    patch = method.eval_backbone().patch_size
+    if cfg.crops.device == "gpu":
+        from medfoundry.data.gpu_multicrop import build_gpu_dino_loader
+
+        return build_gpu_dino_loader(cfg, patch, start_step, rank, world_size, cfg.crops.storage_size,
+                                     cfg.crops.gpu_backend)
     from medfoundry.data.loader import build_dino_loader
 
-    return build_dino_loader(cfg, method.eval_backbone().patch_size, start_step, rank, world_size)
+    return build_dino_loader(cfg, patch, start_step, rank, world_size)
 
 
 def _clip_build(cfg: RunConfig) -> Method:

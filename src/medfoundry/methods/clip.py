@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from medfoundry.config.clip import ClipImageConfig
+from medfoundry.config.clip import ClipImageConfig, check_clip_config
 from medfoundry.config.schema import RunConfig
 from medfoundry.losses.clip import ClipInfoNCELoss, SigLIPLoss
 from medfoundry.methods.base import Method
@@ -55,14 +55,16 @@ class ImageTower(nn.Module):
         return self.proj(self.pooled(x))
 
 
-def apply_text_lora(module: nn.Module, rank: int, alpha: float, targets: Sequence[str]) -> list[str]:
+def apply_text_lora(module: nn.Module, rank: int, alpha: float, targets: Sequence[str],
+                    keep_trainable: Sequence[str] = ("text_projection",)) -> list[str]:
     """Inject LoRA (Hu et al., ICLR 2022; via ``peft``) into the linear layers of ``module`` named ``*targets``.
 
     For text trunks (``transformer.resblocks.N.mlp.c_fc``, BERT's ``encoder.layer.N...query``); image
     backbones use :func:`medfoundry.models.lora.adapt_backbone` (the ``adapt`` section).
 
-    Everything else in ``module`` is frozen; only the low-rank adapters train. Returns the adapted
-    module names. Raises when no module matches.
+    Everything else in ``module`` is frozen except parameters named in ``keep_trainable`` (the CLIP
+    tower's own ``text_projection``); the low-rank adapters train. Returns the adapted module names.
+    Raises when no module matches.
     """
     from peft import LoraConfig, inject_adapter_in_model
 
@@ -72,7 +74,7 @@ def apply_text_lora(module: nn.Module, rank: int, alpha: float, targets: Sequenc
         raise ValueError(f"LoRA targets {list(targets)} match no linear layer of {type(module).__name__}")
     inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=alpha, target_modules=names, lora_dropout=0.0), module)
     for n, p in module.named_parameters():
-        p.requires_grad_("lora_" in n)
+        p.requires_grad_("lora_" in n or n in keep_trainable)
     return names
 
 
@@ -92,6 +94,7 @@ class ClipMethod(Method):
         from medfoundry.models.text import build_text_tower, build_tokenizer
 
         c = cfg.clip
+        check_clip_config(c)
         self.cfg = c
         backbone = create_backbone(cfg.model)
         self.load_reports: list = []  # what the pretrained image weights provided (written to the run folder)
@@ -107,8 +110,10 @@ class ClipMethod(Method):
             adapt_backbone(backbone, cfg.adapt)  # LoRA / freezing rules of the weights issue (`adapt` section)
         backbone.mask_token.requires_grad_(False)  # no masked modelling here (DDP must see no unused params)
         if c.preprocess.size % backbone.patch_size:
-            raise ValueError(f"clip.preprocess.size={c.preprocess.size} must be a multiple of the patch size "
-                             f"{backbone.patch_size} of {cfg.model.name}")
+            from medfoundry.config import ConfigError
+
+            raise ConfigError(f"'clip.preprocess.size' = {c.preprocess.size} must be a multiple of the patch size "
+                              f"{backbone.patch_size} of model.name={cfg.model.name}")
         self.image = ImageTower(backbone, c.embed_dim, c.image)
         self.text = build_text_tower(c.text, c.embed_dim, load_pretrained=load_pretrained)
         self.tokenizer = build_tokenizer(c.text)

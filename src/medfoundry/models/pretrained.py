@@ -97,7 +97,7 @@ def resolve_source(path: str | Path) -> Path:
     if p.is_dir():
         from medfoundry.models.convert.hf import is_hf_folder
 
-        if is_hf_folder(p):
+        if is_hf_folder(p) or (p / "meta.pt").is_file():  # HF folder or sharded (FSDP) checkpoint
             return p
         if (p / "checkpoints").is_dir():
             from medfoundry.train.checkpoint import latest_checkpoint
@@ -116,6 +116,11 @@ def resolve_source(path: str | Path) -> Path:
 def read_weights(path: Path, fmt: str = "auto") -> tuple[Any, dict | None, list[str]]:
     """Load the object stored at ``path``: ``(state dict or checkpoint, HF config or None, notes)``."""
     notes: list[str] = []
+    if path.is_dir() and (path / "meta.pt").is_file():
+        from medfoundry.train.checkpoint import load_checkpoint
+
+        notes.append("consolidated a sharded (FSDP) checkpoint; load only trusted files")
+        return load_checkpoint(path), None, notes
     if path.is_dir():
         from medfoundry.models.convert.hf import read_folder
 

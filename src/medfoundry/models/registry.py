@@ -154,6 +154,14 @@ def _register_defaults() -> None:
                 _timm(name, global_pool="token"),
             )
         )
+        register_backbone(
+            BackboneSpec(
+                f"{name}_qkvb",
+                "dinov3",
+                f"DINOv3 ViT-{size[0].upper()}/16 with q/v biases (Meta's non-distilled checkpoints)",
+                _timm(f"{name}_qkvb", global_pool="token"),
+            )
+        )
     for size, timm_name in (("small", "vit_small_patch16_224"), ("base", "vit_base_patch16_224"),
                             ("large", "vit_large_patch16_224")):
         register_backbone(

@@ -104,8 +104,8 @@ def train(cfg: RunConfig) -> Path:
                 continue
             nonfinite = 0
             loss.backward()
+            method.before_optimizer_step(step)  # frozen-for-now grads are dropped before the norm is taken
             grad_norm = _clip(params, cfg.optim.clip_grad)
-            method.before_optimizer_step(step)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             method.after_optimizer_step(step)
@@ -117,9 +117,11 @@ def train(cfg: RunConfig) -> Path:
             metrics.update(getattr(method, "metrics_after_step", lambda s: {})(step))
             n_images = _batch_images(batch) * info.world_size
             metrics["images_per_s"] = n_images / max(1e-9, time.perf_counter() - t0)
+            evaluated: dict[str, float] = {}
             for hook in hooks:
-                metrics.update(hook.on_step_end(done, metrics, method, run_dir) or {})
-            if done % cfg.train.log_every == 0 or done == cfg.train.steps:
+                evaluated.update(hook.on_step_end(done, metrics, method, run_dir) or {})
+            metrics.update(evaluated)
+            if done % cfg.train.log_every == 0 or done == cfg.train.steps or evaluated:
                 logger.log(done, metrics)
             logger.advance(1, float(loss.detach()))
             if done % cfg.train.checkpoint_every == 0 or done == cfg.train.steps or stop.requested:

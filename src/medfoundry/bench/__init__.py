@@ -1,0 +1,1 @@
+"""Benchmarks: training-step throughput, MFU, memory and data-pipeline speed (``medfoundry bench``)."""

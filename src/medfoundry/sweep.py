@@ -1,0 +1,468 @@
+"""Grid sweeps over config overrides: expand ``key=a,b``, run the arms, tabulate the results.
+
+``expand_grid(["dino.center_momentum=0.9,0.999", "train.steps=20"])`` gives two arms; each arm trains into
+``SWEEP_DIR/arm_XX_<key>-<value>...`` either in this process one after another (:func:`run_local`) or as a
+submitit job array (:func:`submit_array`). :func:`collect` reads every arm's ``metrics.jsonl`` and
+``sweep_arm.json`` (status, wall time, devices) and :func:`write_table` writes ``results.csv`` and ``results.md``
+with the overrides, final and best loss and evaluation metrics, GPU-hours and cost.
+
+Commas inside brackets, braces or quotes do not split values: ``crops.global_scale=[0.3,1.0],[0.5,1.0]`` is
+two arms, ``crops.global_scale=[0.4,1.0]`` is one. For a list-typed key without brackets (``crops.mean=0.5,0.5``)
+the whole value is one list, as in ``medfoundry train``.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import itertools
+import json
+import math
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, get_args, get_origin
+
+from medfoundry.config.loader import ConfigError
+
+if TYPE_CHECKING:
+    from medfoundry.distributed.slurm import SlurmSpec
+
+#: Substrings of metric keys reported as evaluation columns (final and best value).
+EVAL_KEY_PARTS = ("knn", "linear", "auc", "zeroshot", "recall")
+_SKIP_SUFFIXES = ("_ci_low", "_ci_high", "n_pos", "seconds")
+ARM_RECORD = "sweep_arm.json"
+PLAN_FILE = "sweep.json"
+
+
+@dataclass
+class Arm:
+    """One point of the grid."""
+
+    index: int
+    name: str
+    swept: dict[str, str]  # the grid values of this arm, key -> raw value
+    overrides: list[str]  # everything passed to load_config, output_dir included
+    output_dir: str
+
+    @property
+    def label(self) -> str:
+        """The swept overrides as ``key=value key=value``."""
+        return " ".join(f"{k}={v}" for k, v in self.swept.items())
+
+
+@dataclass
+class SweepPlan:
+    """A recipe, the fixed overrides, the grid axes and the arms they expand to."""
+
+    recipe: str
+    sweep_dir: Path
+    fixed: list[str]
+    axes: list[tuple[str, list[str]]]
+    arms: list[Arm] = field(default_factory=list)
+
+    def save(self) -> Path:
+        """Write ``SWEEP_DIR/sweep.json`` (what ``--collect`` reads back)."""
+        self.sweep_dir.mkdir(parents=True, exist_ok=True)
+        data = {"recipe": self.recipe, "sweep_dir": str(self.sweep_dir), "fixed": self.fixed,
+                "axes": [[k, v] for k, v in self.axes], "arms": [dataclasses.asdict(a) for a in self.arms]}
+        path = self.sweep_dir / PLAN_FILE
+        path.write_text(json.dumps(data, indent=2))
+        return path
+
+    @classmethod
+    def load(cls, sweep_dir: str | Path) -> SweepPlan:
+        """Read a plan written by :meth:`save`."""
+        path = Path(sweep_dir) / PLAN_FILE
+        if not path.is_file():
+            raise ConfigError(f"{path} not found: not a sweep folder (run `medfoundry sweep RECIPE ...` first)")
+        data = json.loads(path.read_text())
+        arms = [Arm(**a) for a in data["arms"]]
+        return cls(data["recipe"], Path(data["sweep_dir"]), data["fixed"], [(k, v) for k, v in data["axes"]], arms)
+
+
+# -- grid expansion ------------------------------------------------------------------------------------------------
+def split_values(raw: str) -> list[str]:
+    """Split ``a,b,[c,d]`` on top-level commas (not inside ``[]``, ``{}``, ``()`` or quotes)."""
+    parts, buf, depth, quote = [], [], 0, ""
+    for ch in raw:
+        if quote:
+            if ch == quote:
+                quote = ""
+        elif ch in "'\"":
+            quote = ch
+        elif ch in "[{(":
+            depth += 1
+        elif ch in "]})":
+            depth = max(0, depth - 1)
+        elif ch == "," and depth == 0:
+            parts.append("".join(buf).strip())
+            buf = []
+            continue
+        buf.append(ch)
+    parts.append("".join(buf).strip())
+    return parts
+
+
+def _field_type(dotted: str) -> Any:
+    """The schema type of a dotted config key, or ``None`` when it is not a leaf of the schema."""
+    from medfoundry.config.loader import _resolved_hints
+    from medfoundry.config.schema import RunConfig
+
+    cls: Any = RunConfig
+    ftype: Any = None
+    for part in dotted.split("."):
+        if not dataclasses.is_dataclass(cls):
+            return None
+        hints = _resolved_hints(cls)
+        if part not in hints:
+            return None
+        ftype = cls = hints[part]
+    return None if dataclasses.is_dataclass(ftype) else ftype
+
+
+def _is_list_type(ftype: Any) -> bool:
+    if get_origin(ftype) in (list, tuple):
+        return True
+    return any(get_origin(a) in (list, tuple) for a in get_args(ftype))
+
+
+def parse_axis(item: str) -> tuple[str, list[str]]:
+    """``key=a,b`` -> ``(key, [a, b])``; one value means a fixed override."""
+    if "=" not in item:
+        raise ConfigError(f"sweep override '{item}' must look like key.sub=value or key.sub=a,b,c")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"sweep override '{item}' has an empty key")
+    values = split_values(raw)
+    if len(values) > 1 and _is_list_type(_field_type(key)) and not any(v.startswith("[") for v in values):
+        values = [raw.strip()]  # a bare comma list for a list-typed key is one value (like `medfoundry train`)
+    if any(v == "" for v in values):
+        raise ConfigError(f"sweep override '{item}' has an empty value in its comma list")
+    return key, values
+
+
+def _slug(value: str) -> str:
+    text = value.strip().strip("'\"")
+    text = re.sub(r"[\[\]{}()'\" ]", "", text)
+    sign = "-" if text.startswith("-") else ""  # keep a negative number's sign
+    text = sign + re.sub(r"[^A-Za-z0-9._+-]+", "-", text).strip("-")
+    return text[:40] or "empty"
+
+
+def arm_name(index: int, swept: dict[str, str]) -> str:
+    """``arm_00_center_momentum-0.9``: index, then each swept key's last part and value (full key if ambiguous)."""
+    lasts = [k.split(".")[-1] for k in swept]
+    parts = [f"arm_{index:02d}"]
+    for key, value in swept.items():
+        short = key.split(".")[-1]
+        label = short if lasts.count(short) == 1 else key.replace(".", "-")
+        parts.append(f"{label}-{_slug(value)}")
+    return "_".join(parts)[:150]
+
+
+def expand_grid(overrides: list[str]) -> tuple[list[str], list[tuple[str, list[str]]], list[dict[str, str]]]:
+    """Split overrides into fixed ones and grid axes; returns ``(fixed, axes, combinations)`` in grid order.
+
+    The first axis varies slowest. Without any comma list there is one combination (an empty dict).
+    """
+    fixed: list[str] = []
+    axes: list[tuple[str, list[str]]] = []
+    seen: set[str] = set()
+    for item in overrides:
+        key, values = parse_axis(item)
+        if key in seen:
+            raise ConfigError(f"sweep override key '{key}' is given twice")
+        seen.add(key)
+        if len(values) == 1:
+            fixed.append(f"{key}={values[0]}")
+        else:
+            axes.append((key, values))
+    combos = [dict(zip([k for k, _ in axes], vals)) for vals in itertools.product(*[v for _, v in axes])]
+    return fixed, axes, combos
+
+
+def plan_sweep(recipe: str | Path, overrides: list[str], sweep_dir: str | Path | None = None) -> SweepPlan:
+    """Expand the grid and validate every arm's config (a bad arm raises :class:`ConfigError` before any run).
+
+    The sweep folder is ``sweep_dir``, else a fixed ``output_dir=...`` override, else ``<recipe output_dir>_sweep``.
+    """
+    from medfoundry.config import load_config
+
+    recipe = Path(recipe).resolve()
+    fixed, axes, combos = expand_grid(list(overrides))
+    if any(k == "output_dir" for k, _ in axes):
+        raise ConfigError("output_dir cannot be swept: each arm trains into SWEEP_DIR/arm_XX_...")
+    out_fixed = [f for f in fixed if f.split("=", 1)[0] == "output_dir"]
+    fixed = [f for f in fixed if f.split("=", 1)[0] != "output_dir"]
+    if sweep_dir is None:
+        if out_fixed:
+            sweep_dir = out_fixed[-1].split("=", 1)[1]
+        else:
+            sweep_dir = load_config(recipe, fixed).output_dir.rstrip("/") + "_sweep"
+    sweep_dir = Path(sweep_dir).resolve()
+    plan = SweepPlan(str(recipe), sweep_dir, fixed, axes)
+    for i, swept in enumerate(combos):
+        name = arm_name(i, swept)
+        out = str(sweep_dir / name)
+        arm_overrides = [*fixed, *(f"{k}={v}" for k, v in swept.items()), f"output_dir={out}"]
+        try:
+            load_config(recipe, arm_overrides)
+        except ConfigError as err:
+            raise ConfigError(f"sweep arm {name}: {err}") from err
+        plan.arms.append(Arm(i, name, dict(swept), arm_overrides, out))
+    return plan
+
+
+# -- running -------------------------------------------------------------------------------------------------------
+def run_arm(recipe: str, overrides: list[str], output_dir: str) -> dict:
+    """Train one arm in this process (or in each task of a SLURM job); never raises for a failed run.
+
+    Writes ``OUTPUT/sweep_arm.json`` (main process) with status, error, wall seconds (added to those of earlier
+    attempts), processes, device type and GPUs; returns the same record.
+    """
+    import torch
+
+    from medfoundry.config import load_config
+    from medfoundry.distributed.setup import cleanup_distributed, env_dist_info
+    from medfoundry.train.precision import resolve_device
+
+    info = env_dist_info()
+    out = Path(output_dir)
+    previous = _read_record(out)
+    t0 = time.time()
+    status, error, device_type = "ok", "", "cpu"
+    try:
+        cfg = load_config(recipe, overrides)
+        device_type = resolve_device(cfg.train.device).type
+        from medfoundry.train.loop import train
+
+        train(cfg)
+    except Exception as err:  # a failed arm is recorded and the sweep goes on
+        status, error = "failed", f"{type(err).__name__}: {err}"
+    finally:
+        cleanup_distributed()
+    wall_s = time.time() - t0
+    gpus = info.world_size if device_type == "cuda" and torch.cuda.is_available() else 0
+    record = {
+        "status": status,
+        "error": error,
+        "overrides": list(overrides),
+        "wall_s": wall_s + float(previous.get("wall_s", 0.0)),
+        "attempts": int(previous.get("attempts", 0)) + 1,
+        "device": device_type,
+        "processes": info.world_size,
+        "gpus": gpus,
+    }
+    if info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = out / (ARM_RECORD + ".tmp")
+        tmp.write_text(json.dumps(record, indent=2))
+        tmp.replace(out / ARM_RECORD)
+    return record
+
+
+def _read_record(output_dir: Path) -> dict:
+    path = Path(output_dir) / ARM_RECORD
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return {}
+
+
+def arm_done(arm: Arm) -> bool:
+    """True when the arm already finished successfully with exactly these overrides."""
+    rec = _read_record(Path(arm.output_dir))
+    return rec.get("status") == "ok" and rec.get("overrides") == arm.overrides
+
+
+def run_local(plan: SweepPlan, rerun: bool = False, log: Callable[[str], Any] = print) -> list[dict]:
+    """Run the arms one after another in this process; finished arms are skipped unless ``rerun``."""
+    records = []
+    for arm in plan.arms:
+        if not rerun and arm_done(arm):
+            log(f"[{arm.index + 1}/{len(plan.arms)}] {arm.name}: already finished, skipped")
+            records.append(_read_record(Path(arm.output_dir)))
+            continue
+        log(f"[{arm.index + 1}/{len(plan.arms)}] {arm.name}: {arm.label or '(no grid values)'}")
+        rec = run_arm(plan.recipe, arm.overrides, arm.output_dir)
+        msg = f"ok in {rec['wall_s']:.1f} s" if rec["status"] == "ok" else f"FAILED: {rec['error']}"
+        log(f"[{arm.index + 1}/{len(plan.arms)}] {arm.name}: {msg}")
+        records.append(rec)
+    return records
+
+
+def submit_array(plan: SweepPlan, spec: SlurmSpec, dry_run: bool = False, wait: bool = True,
+                 log: Callable[[str], Any] = print) -> list[Any]:
+    """Submit the arms as one submitit job array (each job runs :func:`run_arm` in every task).
+
+    ``spec`` is a :class:`medfoundry.distributed.slurm.SlurmSpec` (resources per arm). The array's sbatch script
+    is written to ``SWEEP_DIR/launch/array.sbatch``; with ``dry_run`` nothing is submitted. With ``wait`` the call
+    blocks until every job ends; a job that dies without writing its record is recorded as failed.
+    """
+    from medfoundry.distributed.slurm import make_executor, render_sbatch
+
+    folder = plan.sweep_dir / "launch"
+    folder.mkdir(parents=True, exist_ok=True)
+    job_name = f"medfoundry-sweep-{plan.sweep_dir.name}"
+    command = " ".join([spec.python, "-u -m submitit.core._submit", str(folder)])
+    script = render_sbatch(spec, command, folder, job_name, chdir=Path.cwd(), array_size=len(plan.arms))
+    (folder / "array.sbatch").write_text(script)
+    if dry_run:
+        return []
+    executor = make_executor(spec, folder, job_name, chdir=Path.cwd())
+    executor.update_parameters(array_parallelism=len(plan.arms))
+    arms = list(plan.arms)
+    jobs = executor.map_array(run_arm, [plan.recipe] * len(arms), [a.overrides for a in arms],
+                              [a.output_dir for a in arms])
+    (folder / "jobs.json").write_text(json.dumps({a.name: str(j.job_id) for a, j in zip(arms, jobs)}, indent=2))
+    log(f"submitted job array {jobs[0].job_id.split('_')[0] if jobs else '-'} with {len(jobs)} arm(s)")
+    if not wait:
+        return jobs
+    for arm, job in zip(arms, jobs):
+        try:
+            job.result()
+        except Exception as err:  # the job died (time limit, node failure): record it unless the arm did
+            if _read_record(Path(arm.output_dir)).get("status") != "ok":
+                Path(arm.output_dir).mkdir(parents=True, exist_ok=True)
+                rec = {"status": "failed", "error": f"job {job.job_id}: {type(err).__name__}: {err}"[:2000],
+                       "overrides": arm.overrides, "wall_s": 0.0, "device": "?", "processes": spec.world_size,
+                       "gpus": spec.nodes * spec.gpus_per_node}
+                (Path(arm.output_dir) / ARM_RECORD).write_text(json.dumps(rec, indent=2))
+    return jobs
+
+
+# -- results -------------------------------------------------------------------------------------------------------
+def _numbers(records: list[dict], key: str) -> list[float]:
+    out = []
+    for r in records:
+        v = r.get(key)
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+            out.append(float(v))
+    return out
+
+
+def eval_keys(records: list[dict]) -> list[str]:
+    """Logged evaluation metric keys (containing knn/linear/auc/zeroshot/recall), without CI bounds."""
+    keys: set[str] = set()
+    for r in records:
+        for k in r:
+            low = k.lower()
+            if any(p in low for p in EVAL_KEY_PARTS) and not low.endswith(_SKIP_SUFFIXES):
+                keys.add(k)
+    return sorted(keys)
+
+
+def _best(values: list[float], key: str) -> float | None:
+    if not values:
+        return None
+    lower_is_better = "loss" in key.lower() or "err" in key.lower()
+    return min(values) if lower_is_better else max(values)
+
+
+def collect(plan: SweepPlan, price_per_gpu_hour: float = 2.0) -> tuple[list[dict], list[str]]:
+    """One row per arm (in grid order) and the column names; missing values are ``None``."""
+    from medfoundry.train.run_logger import read_metrics
+
+    per_arm = []
+    all_eval: set[str] = set()
+    for arm in plan.arms:
+        out = Path(arm.output_dir)
+        try:
+            metrics = read_metrics(out)
+        except (OSError, json.JSONDecodeError):
+            metrics = []
+        per_arm.append((arm, _read_record(out), metrics))
+        all_eval.update(eval_keys(metrics))
+    ekeys = sorted(all_eval)
+    columns = ["arm", "status", "overrides", "steps", "final_loss", "best_loss"]
+    for k in ekeys:
+        columns += [f"final {k}", f"best {k}"]
+    columns += ["device", "processes", "gpus", "wall_hours", "gpu_hours", "cost", "error"]
+    rows = []
+    for arm, rec, metrics in per_arm:
+        losses = _numbers(metrics, "loss")
+        steps = [r["step"] for r in metrics if isinstance(r.get("step"), int)]
+        status = rec.get("status") or ("incomplete" if metrics else "not run")
+        error = rec.get("error", "")
+        if status == "failed" and not error and (out_err := Path(arm.output_dir) / "error.log").is_file():
+            error = out_err.read_text().strip().splitlines()[-1]
+        wall_h = float(rec.get("wall_s", 0.0)) / 3600.0
+        gpus = int(rec.get("gpus", 0) or 0)
+        gpu_h = wall_h * gpus
+        row: dict[str, Any] = {
+            "arm": arm.name,
+            "status": status,
+            "overrides": arm.label,
+            "steps": max(steps) if steps else None,
+            "final_loss": losses[-1] if losses else None,
+            "best_loss": min(losses) if losses else None,
+        }
+        for k in ekeys:
+            vals = _numbers(metrics, k)
+            row[f"final {k}"] = vals[-1] if vals else None
+            row[f"best {k}"] = _best(vals, k)
+        row.update({
+            "device": rec.get("device", ""),
+            "processes": rec.get("processes"),
+            "gpus": gpus,
+            "wall_hours": wall_h,
+            "gpu_hours": gpu_h,
+            "cost": gpu_h * price_per_gpu_hour,
+            "error": error,
+        })
+        rows.append(row)
+    return rows, columns
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        if v == 0:
+            return "0"
+        return f"{v:.4g}" if abs(v) >= 1e-3 else f"{v:.2e}"
+    return str(v)
+
+
+def write_table(plan: SweepPlan, rows: list[dict], columns: list[str], price_per_gpu_hour: float = 2.0,
+                currency: str = "USD") -> tuple[Path, Path]:
+    """Write ``SWEEP_DIR/results.csv`` (full precision) and ``SWEEP_DIR/results.md``; returns both paths."""
+    plan.sweep_dir.mkdir(parents=True, exist_ok=True)
+    cost_col = f"cost_{currency.lower()}"
+    header = [cost_col if c == "cost" else c for c in columns]
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(header)
+    for row in rows:
+        writer.writerow(["" if row.get(c) is None else row.get(c) for c in columns])
+    csv_path = plan.sweep_dir / "results.csv"
+    csv_path.write_text(buf.getvalue())
+
+    lines = [
+        f"# Sweep results: {Path(plan.recipe).name}",
+        "",
+        f"- recipe: `{plan.recipe}`",
+        f"- sweep folder: `{plan.sweep_dir}`",
+        f"- fixed overrides: {' '.join(f'`{f}`' for f in plan.fixed) or '(none)'}",
+        "- grid: " + ("; ".join(f"`{k}` in {', '.join(f'`{v}`' for v in vals)}" for k, vals in plan.axes)
+                      or "(single arm)"),
+        f"- cost: GPU-hours x {price_per_gpu_hour:g} {currency} per GPU-hour (CPU arms: 0 GPU-hours)",
+        f"- loss: final and best (minimum) of the logged training loss; {len(rows)} arm(s), "
+        f"{sum(r['status'] == 'ok' for r in rows)} ok",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join("---" for _ in header) + "|",
+    ]
+    for row in rows:
+        cells = [_fmt(row.get(c)).replace("|", "\\|").replace("\n", " ") for c in columns]
+        lines.append("| " + " | ".join(cells) + " |")
+    md_path = plan.sweep_dir / "results.md"
+    md_path.write_text("\n".join(lines) + "\n")
+    return csv_path, md_path
