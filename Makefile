@@ -20,7 +20,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=15
+	$(BIN)/python -m pytest -p no:cacheprovider --durations=15
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks

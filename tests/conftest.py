@@ -14,6 +14,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Tests use tiny models: one intra-op thread avoids oversubscribing small (2-core) CI machines."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture()
 def free_port() -> int:
     """A free TCP port on the loopback interface (for gloo process groups)."""

@@ -331,7 +331,8 @@ def run_demo(
     picks = _pick_attention_images(data.manifest)
     for name, random_init in (("pretrained", False), ("random_init", True)):
         lb = load_backbone(run_dir, random_init=random_init)
-        save_attention_maps(lb.backbone, picks, run_dir / "attention" / name, lb.cfg, title=lb.label)
+        save_attention_maps(lb.backbone, picks, run_dir / "attention" / name, lb.cfg, img_size=SLICE_SIZE,
+                            title=lb.label)
 
     timing = {"train_seconds": train_seconds, "total_seconds_before_report": time.perf_counter() - t_start,
               "cpu_count": os.cpu_count()}

@@ -24,15 +24,6 @@ from medfoundry.data.reports import (
 )
 from medfoundry.models.text.tokenize import ClipBPETokenizer
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: tiny models gain nothing from two, and a shared 2-core machine stays responsive."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 REPORT = ("FINAL REPORT\nEXAMINATION: Chest PA and lateral.\nINDICATION: Cough.\n"
           "FINDINGS: The lungs are clear.  No pleural effusion.\nIMPRESSION: No acute cardiopulmonary process.")
 

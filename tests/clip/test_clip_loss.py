@@ -13,15 +13,6 @@ from torch import nn
 
 from medfoundry.losses.clip import ClipInfoNCELoss, SigLIPLoss
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: tiny models gain nothing from two, and a shared 2-core machine stays responsive."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 WORLD = 2
 
 

@@ -12,15 +12,6 @@ from medfoundry.config import load_config
 from medfoundry.methods.clip import ClipMethod
 from medfoundry.train.optim import build_optimizer, param_groups
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: tiny models gain nothing from two, and a shared 2-core machine stays responsive."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 BASE = ["method=clip", "model.name=vit_tiny_patch8", "model.img_size=32", "model.in_chans=1", "clip.embed_dim=16",
         "clip.text.width=64", "clip.text.heads=2", "clip.text.layers=2", "clip.text.context_length=48",
         "clip.preprocess.size=32", "clip.preprocess.normalize=custom", "clip.preprocess.mean=[0.5]",

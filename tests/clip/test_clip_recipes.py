@@ -10,18 +10,8 @@ import math
 from pathlib import Path
 
 import pytest
-import torch
 
 from medfoundry.config import load_config
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: tiny models gain nothing from two, and a shared 2-core machine stays responsive."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -11,15 +11,6 @@ import torch
 from medfoundry.models.text.clip_text import ClipTextTower, clip_text_state_dict, stretch_positional_embedding
 from medfoundry.models.text.tokenize import ClipBPETokenizer, ReportTruncationWarning, check_truncation
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: tiny models gain nothing from two, and a shared 2-core machine stays responsive."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 SHORT = ["no acute cardiopulmonary process.", "small left pleural effusion", "heart size is normal"]
 
 

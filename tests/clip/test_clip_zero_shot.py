@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import torch
 import torch.nn.functional as F
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, roc_auc_score
@@ -15,15 +14,6 @@ from medfoundry.eval.zero_shot import (
     prompt_pair_auc,
     prompt_pair_probabilities,
 )
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: tiny models gain nothing from two, and a shared 2-core machine stays responsive."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_prompt_pair_probability_is_chexzero_softmax():

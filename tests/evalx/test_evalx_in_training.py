@@ -44,6 +44,7 @@ def test_evalx_hook_interval_logging_and_best(tmp_path: Path) -> None:
     hooks = build(cfg)
     assert any(isinstance(h, EvaluationHook) for h in hooks)
     assert [s for s in range(1, 6) if hooks[0].due(s)] == [2, 4, 5]  # every 2 steps and the last step
+    assert hooks[0].monitor is hooks[1]  # evaluated health statistics reach the collapse detector
     run = train(cfg)
     history = read_eval_history(run)
     assert [r["step"] for r in history] == [2, 4, 5]

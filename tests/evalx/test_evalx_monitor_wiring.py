@@ -91,8 +91,8 @@ def test_evalx_monitors_fatal_and_collapse(tmp_path: Path) -> None:
     assert "KoLeo" in read_monitor_warnings(tmp_path / "c")[0]["message"]
     # collapse seen by the in-training health evaluation (active dimensions falling towards zero)
     hook = _monitor("eval.collapse.after_steps=0", "eval.collapse.eval_patience=2")
-    outs = [hook.on_step_end(s, {"eval/health_feature_std": 0.2, "eval/health_active_dims_frac": 0.02},
-                             torch.nn.Identity(), tmp_path / "e") for s in (10, 20)]
+    outs = [hook.observe_evaluation(s, {"eval/health_feature_std": 0.2, "eval/health_active_dims_frac": 0.02},
+                                    tmp_path / "e") for s in (10, 20)]
     assert outs[0] is None and outs[1] == {"monitor/collapse": 1.0}
     assert "active-dimension fraction" in read_monitor_warnings(tmp_path / "e")[0]["message"]
     assert not any(isinstance(h, MonitorHook) for h in build(load_config(None, [

@@ -23,15 +23,6 @@ from medfoundry.methods.dino import DINOMethod
 from medfoundry.models.registry import create_backbone
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch thread: tiny models gain nothing from more, and a shared 2-core machine thrashes."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.mark.parametrize("name,size,chans", [("vit_tiny_patch8", 64, 3), ("vit_tiny_patch8_reg2", 32, 1),
                                              ("vit_tiny_patch8_rope", 48, 3)])
 def test_analytic_vit_forward_flops_match_flop_counter(name: str, size: int, chans: int) -> None:

@@ -6,9 +6,6 @@ import csv
 import json
 from pathlib import Path
 
-import pytest
-import torch
-
 from medfoundry.cli import main
 from medfoundry.recipes import recipes_dir
 from medfoundry.train.run_logger import read_metrics
@@ -17,14 +14,6 @@ RECIPE = recipes_dir() / "tiny_dino_cpu.yaml"
 FAST = ["crops.global_size=32", "crops.local_size=16", "model.img_size=32", "train.batch_size=4",
         "train.progress=false", "train.tensorboard=false"]
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models train several times faster on one intra-op thread (no contention on small shared CPUs)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_sweep_two_arms_writes_table(tmp_path: Path, png_folder: Path, capsys) -> None:

@@ -47,7 +47,7 @@ from torchvision.transforms import InterpolationMode
 from medfoundry.config.clip import ClipDataConfig, ClipPreprocessConfig, ZeroShotConfig
 from medfoundry.data.multicrop import random_resized_crop_box
 from medfoundry.data.sources import array_to_chw, to_channels
-from medfoundry.data.views import StepBatchSampler, sample_seed
+from medfoundry.data.views import RunOrder, StepBatchSampler, load_with_substitutes, sample_seed
 
 # ----------------------------------------------------------------------------------------------
 # report text and sections
@@ -660,35 +660,14 @@ class PairDataset(Dataset):
             raise ValueError("no image-report pairs")
         self.pairs, self.transform, self.seed = pairs, transform, seed
         self.max_substitutes = max_substitutes
-        self._perm_epoch = -1
-        self._perm: Tensor | None = None
+        self.index_of = RunOrder(len(pairs), seed)
 
     def __len__(self) -> int:
         return len(self.pairs)
 
-    def index_of(self, k: int) -> int:
-        """Pair index of run sample ``k``."""
-        n = len(self.pairs)
-        epoch = k // n
-        if epoch != self._perm_epoch:
-            g = torch.Generator().manual_seed(sample_seed(self.seed, -1 - epoch))
-            self._perm = torch.randperm(n, generator=g)
-            self._perm_epoch = epoch
-        return int(self._perm[k % n])
-
     def __getitem__(self, k: int) -> dict:
-        n = len(self.pairs)
-        idx = self.index_of(k)
-        bad: list[tuple[str, str]] = []
-        for attempt in range(self.max_substitutes + 1):
-            j = (idx + attempt) % n
-            try:
-                image = self.pairs.load_image(j)
-                break
-            except Exception as err:  # noqa: BLE001 - any reader failure is a bad sample
-                bad.append((self.pairs.describe(j), f"{type(err).__name__}: {err}"))
-        else:
-            raise RuntimeError(f"{len(bad)} consecutive unreadable images, e.g. {[p for p, _ in bad[:5]]}")
+        j, image, bad = load_with_substitutes(self.pairs.load_image, self.pairs.describe, self.index_of(k),
+                                              len(self.pairs), self.max_substitutes)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(sample_seed(self.seed, k))
             image = self.transform(image)

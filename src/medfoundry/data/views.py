@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 from torch import Tensor
@@ -23,6 +24,7 @@ from medfoundry.data.masking import MaskSampler
 from medfoundry.data.sources import ImageSource
 
 _MIX = 0x9E3779B97F4A7C15
+T = TypeVar("T")
 
 
 def sample_seed(seed: int, k: int) -> int:
@@ -40,6 +42,43 @@ class ViewsSpec:
     mask_sampler: MaskSampler | None = None  # iBOT masks for global crops
     patch_size: int = 16  # backbone patch size (mask grid = global_size / patch_size)
     global_size: int = 224
+
+
+class RunOrder:
+    """Sample counter ``k`` -> item index: item ``perm(epoch)[k % n]`` with a seeded permutation per epoch."""
+
+    def __init__(self, n: int, seed: int) -> None:
+        if n <= 0:
+            raise ValueError("cannot order an empty collection")
+        self.n, self.seed = n, seed
+        self._epoch = -1
+        self._perm: Tensor | None = None
+
+    def __call__(self, k: int) -> int:
+        epoch = k // self.n
+        if epoch != self._epoch:
+            g = torch.Generator().manual_seed(sample_seed(self.seed, -1 - epoch))
+            self._perm = torch.randperm(self.n, generator=g)
+            self._epoch = epoch
+        return int(self._perm[k % self.n])
+
+
+def load_with_substitutes(load: Callable[[int], T], describe: Callable[[int], str], index: int, n: int,
+                          max_substitutes: int = 16) -> tuple[int, T, list[tuple[str, str]]]:
+    """``load(index)``, or the next readable item when it fails: ``(index used, value, [(name, reason)...])``.
+
+    Any exception of the reader counts as an unreadable item; after ``max_substitutes`` failures in a
+    row the error names the files.
+    """
+    bad: list[tuple[str, str]] = []
+    for attempt in range(max_substitutes + 1):
+        j = (index + attempt) % n
+        try:
+            return j, load(j), bad
+        except Exception as err:  # noqa: BLE001 - any reader failure is a bad sample
+            bad.append((describe(j), f"{type(err).__name__}: {err}"))
+    names = ", ".join(p for p, _ in bad[:5])
+    raise RuntimeError(f"{len(bad)} consecutive unreadable samples, e.g. {names}")
 
 
 class SeededViews(Dataset):
@@ -62,39 +101,18 @@ class SeededViews(Dataset):
         self.seed = seed
         self.spec = spec or ViewsSpec()
         self.max_substitutes = max_substitutes
-        self._perm_epoch = -1
-        self._perm: Tensor | None = None
+        self.index_of = RunOrder(len(source), seed)
 
     def __len__(self) -> int:
         return len(self.source)
 
-    def index_of(self, k: int) -> int:
-        """Source index of run sample ``k``."""
-        n = len(self.source)
-        epoch = k // n
-        if epoch != self._perm_epoch:
-            g = torch.Generator().manual_seed(sample_seed(self.seed, -1 - epoch))
-            self._perm = torch.randperm(n, generator=g)
-            self._perm_epoch = epoch
-        return int(self._perm[k % n])
-
     def __getitem__(self, k: int) -> dict:
-        n = len(self.source)
         idx = self.index_of(k)
-        bad: list[tuple[str, str]] = []
         with torch.random.fork_rng(devices=[]):
             # everything random for sample k (slice choice in the source, windows, crops, masks) happens here
             torch.manual_seed(sample_seed(self.seed, k))
-            for attempt in range(self.max_substitutes + 1):
-                j = (idx + attempt) % n
-                try:
-                    sample = self.source[j]
-                    break
-                except Exception as err:  # noqa: BLE001 - any reader failure is a bad sample
-                    bad.append((self.source.describe(j), f"{type(err).__name__}: {err}"))
-            else:
-                names = ", ".join(p for p, _ in bad[:5])
-                raise RuntimeError(f"{len(bad)} consecutive unreadable samples, e.g. {names}")
+            _, sample, bad = load_with_substitutes(self.source.__getitem__, self.source.describe, idx,
+                                                   len(self.source), self.max_substitutes)
             image = sample.image
             if self.intensity is not None:
                 image = self.intensity(image)

@@ -8,14 +8,17 @@
   are logged with the training metrics as ``eval/<name>``, appended to ``RUN/eval/history.jsonl``,
   and the best value of ``eval.best_metric`` so far selects ``RUN/best.pt`` (+ ``RUN/best.json``);
 * a :class:`MonitorHook` (unless both monitors are disabled) that feeds the logged teacher entropy
-  to the entropy-wall detector and the teacher feature std (every step) and the evaluated health
-  statistics (at evaluations) to the collapse detector. A warning is printed, appended to
-  ``RUN/monitors.jsonl`` and logged as ``monitor/<name> = 1``; with ``fatal`` the detector raises
-  :class:`~medfoundry.eval.monitors.RepresentationHealthError`, which stops the run.
+  to the entropy-wall detector and the teacher feature std (every step) to the collapse detector;
+  the evaluation hook hands it the evaluated health statistics (``eval/health_feature_std``,
+  ``eval/health_active_dims_frac``) for a second collapse detector. A warning is printed, appended
+  to ``RUN/monitors.jsonl`` and logged as ``monitor/<name> = 1``; with ``fatal`` the detector
+  raises :class:`~medfoundry.eval.monitors.RepresentationHealthError`, which stops the run.
 
-Both run on every rank. Evaluation is computed on rank 0 and broadcast, so every rank returns the
-same keys and values; the monitors see identical (all-reduced) metrics on every rank and so decide
-identically. Files are written by rank 0 only.
+Both run on every rank. Under DDP (or one process) evaluation is computed on rank 0 and broadcast;
+under FSDP every rank evaluates (the sharded forward needs all of them) on the same images in the
+same order, and the best checkpoint's full weights are gathered collectively. Either way every rank
+returns the same keys and values, and the monitors see identical (all-reduced) metrics on every
+rank and so decide identically. Files are written by rank 0 only.
 """
 
 from __future__ import annotations
@@ -35,6 +38,14 @@ from medfoundry.eval.monitors import CollapseDetector, EntropyWallDetector, Repr
 from medfoundry.train.hooks import Hook, register_hook_builder
 
 EVAL_PREFIX = "eval/"
+
+
+def _is_sharded(method: nn.Module) -> bool:
+    try:
+        from medfoundry.distributed.parallelize import is_sharded
+    except ImportError:  # pragma: no cover - older layout
+        return False
+    return is_sharded(method)
 
 
 def _is_main() -> bool:
@@ -88,6 +99,7 @@ class EvaluationHook:
         self._warned_tasks: set[str] = set()
         self._images: list[torch.Tensor] | None = None
         self._transform = None
+        self.monitor: MonitorHook | None = None  # receives the evaluated health statistics (set by build)
 
     def due(self, step: int) -> bool:
         """Whether ``step`` (1-based, after the optimizer step) is an evaluation step."""
@@ -101,20 +113,26 @@ class EvaluationHook:
         if not self._loaded_best:
             self._restore_best(run_dir)
         t0 = time.perf_counter()
+        sharded = _is_sharded(method)
         results: dict[str, float] | None = None
-        if _is_main():
-            results = self.evaluate(method)
-        if torch.distributed.is_initialized():
+        if sharded or not torch.distributed.is_initialized():
+            results = self.evaluate(method)  # FSDP: every rank takes part in the forward all-gathers
+        else:
+            if _is_main():
+                results = self.evaluate(method)
             box = [results]
             torch.distributed.broadcast_object_list(box, src=0)
             results = box[0]
         assert results is not None
         seconds = time.perf_counter() - t0
         _append_jsonl(run_dir / "eval" / "history.jsonl", {"step": step, **results, "seconds": seconds})
-        self._track_best(step, results, method, run_dir)
+        self._track_best(step, results, method, run_dir, sharded)
         shown = {k: v for k, v in results.items() if not k.endswith(("_ci_low", "_ci_high"))}
         _say(f"eval step {step} ({seconds:.1f}s): " + ", ".join(f"{k}={v:.4g}" for k, v in list(shown.items())[:8]))
-        return {EVAL_PREFIX + k: v for k, v in results.items()}
+        out = {EVAL_PREFIX + k: v for k, v in results.items()}
+        if self.monitor is not None:
+            out.update(self.monitor.observe_evaluation(step, out, run_dir) or {})
+        return out
 
     # -- evaluation ----------------------------------------------------------------------------------------------
     def _prepare(self) -> None:
@@ -184,7 +202,8 @@ class EvaluationHook:
             return True
         return value > self.best_value if self.cfg.eval.best_mode == "max" else value < self.best_value
 
-    def _track_best(self, step: int, results: dict[str, float], method: nn.Module, run_dir: Path) -> None:
+    def _track_best(self, step: int, results: dict[str, float], method: nn.Module, run_dir: Path,
+                    sharded: bool = False) -> None:
         if not self.best_metric:
             return
         if self.best_metric not in results:
@@ -197,6 +216,12 @@ class EvaluationHook:
         if not self._better(value):
             return
         self.best_value, self.best_step = value, step
+        if sharded:  # FSDP: gather full tensors (a collective: every rank calls it), rank 0 receives them
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            weights = get_model_state_dict(method, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        elif _is_main():
+            weights = method.state_dict()
         if not _is_main():
             return
         from medfoundry.config.loader import to_dict
@@ -204,7 +229,7 @@ class EvaluationHook:
 
         state = {
             "step": step,
-            "method": method.state_dict(),
+            "method": weights,
             "config": to_dict(self.cfg),
             "metric": self.best_metric,
             "value": value,
@@ -248,9 +273,18 @@ class MonitorHook:
 
     def on_step_end(self, step: int, metrics: dict[str, float], method: nn.Module,
                     run_dir: Path) -> dict[str, float] | None:
+        """Feed one step's training metrics (teacher entropy, teacher feature std) to the detectors."""
+        return self._observe(step, metrics, Path(run_dir), (("entropy_wall", self.entropy),
+                                                             ("collapse", self.collapse)))
+
+    def observe_evaluation(self, step: int, results: dict[str, float], run_dir: Path) -> dict[str, float] | None:
+        """Feed an in-training evaluation's ``eval/health_*`` statistics to the collapse detector."""
+        return self._observe(step, results, Path(run_dir), (("collapse", self.eval_collapse),))
+
+    def _observe(self, step: int, metrics: dict[str, float], run_dir: Path,
+                 detectors: tuple) -> dict[str, float] | None:
         out: dict[str, float] = {}
-        for name, detector in (("entropy_wall", self.entropy), ("collapse", self.collapse),
-                               ("collapse", self.eval_collapse)):
+        for name, detector in detectors:
             if detector is None:
                 continue
             try:
@@ -273,12 +307,14 @@ class MonitorHook:
 def build(cfg: RunConfig) -> list[Hook]:
     """The evaluation hook (if ``eval.every_steps`` and ``eval.data`` are set) and the monitor hook."""
     hooks: list[Hook] = []
+    monitor = MonitorHook(cfg)
     if cfg.eval.every_steps > 0:
         if cfg.eval.data:
-            hooks.append(EvaluationHook(cfg))
+            evaluation = EvaluationHook(cfg)
+            evaluation.monitor = monitor if monitor.active else None
+            hooks.append(evaluation)
         else:
             _say("warning: eval.every_steps is set but eval.data is empty; in-training evaluation is off")
-    monitor = MonitorHook(cfg)
     if monitor.active:
         hooks.append(monitor)
     return hooks

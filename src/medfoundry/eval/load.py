@@ -12,7 +12,6 @@ what pretraining added.
 from __future__ import annotations
 
 import hashlib
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,7 +52,7 @@ def resolve_checkpoint(path: str | Path, which: str = "latest") -> Path:
     ``best`` (``RUN/best.pt``, falling back to the latest).
     """
     p = Path(path)
-    if p.is_file():
+    if p.is_file() or _is_sharded_checkpoint(p):
         return p
     if not p.is_dir():
         raise FileNotFoundError(f"checkpoint or run folder '{p}' does not exist")
@@ -61,16 +60,25 @@ def resolve_checkpoint(path: str | Path, which: str = "latest") -> Path:
     latest = latest_checkpoint(p)
     order = [best, latest] if which == "best" else [latest, best]
     for candidate in order:
-        if candidate is not None and Path(candidate).is_file():
+        if candidate is not None and (Path(candidate).is_file() or _is_sharded_checkpoint(Path(candidate))):
             return Path(candidate)
     raise FileNotFoundError(f"run folder '{p}' holds no checkpoint (checkpoints/step_*.pt or best.pt)")
 
 
+def _is_sharded_checkpoint(p: Path) -> bool:
+    """A sharded (FSDP, ``torch.distributed.checkpoint``) checkpoint folder: ``step_XXXXXXXX.dcp/``."""
+    return p.is_dir() and (p / "meta.pt").is_file()
+
+
 def checkpoint_identity(path: str | Path) -> str:
-    """Cheap identity of a checkpoint file: hash of its resolved path, size and modification time."""
+    """Cheap identity of a checkpoint: hash of its resolved path, size and modification time.
+
+    For a sharded checkpoint folder the sizes and times of all its files count.
+    """
     p = Path(path).resolve()
-    st = os.stat(p)
-    return hashlib.sha256(f"{p}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    files = sorted(f for f in p.iterdir() if f.is_file()) if p.is_dir() else [p]
+    stamps = "|".join(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
+    return hashlib.sha256(f"{p}|{stamps}".encode()).hexdigest()[:16]
 
 
 def config_from_checkpoint(data: dict, source: str = "checkpoint") -> RunConfig:

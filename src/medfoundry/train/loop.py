@@ -172,9 +172,8 @@ def _restore(path: Path, method: nn.Module, optimizer) -> dict:
     """Load model and optimizer state from a single-file or sharded checkpoint; returns its metadata."""
     if path.is_dir():
         import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
         from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
         msd, osd = get_state_dict(method, optimizer)
         # parameters that never had a gradient (e.g. a frozen prototype layer) have no optimizer state yet

@@ -1,0 +1,67 @@
+"""Pieces of the demo that run offline: data preparation plumbing, splits, the comparison table.
+
+The demo itself (real data, minutes of training) is run by hand; see docs/demo.md.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from medfoundry import demo
+
+
+def test_evalx_demo_slice_splits_cover_every_split() -> None:
+    positive = np.zeros(48, dtype=bool)
+    positive[30:33] = True  # like lung1: 3 tumour slices
+    splits = demo._slice_splits(48, positive, seed=0)
+    assert {splits[i] for i in range(30, 33)} == {"train", "val", "test"}
+    counts = {s: splits.count(s) for s in ("train", "val", "test")}
+    assert counts["train"] > counts["test"] > counts["val"] > 0
+    assert splits == demo._slice_splits(48, positive, seed=0)
+
+
+def test_evalx_demo_intensity_and_resize() -> None:
+    ct = np.array([[-2000.0, -1150.0], [-400.0, 350.0]])
+    np.testing.assert_allclose(demo._scale(ct, "CT"), [[0.0, 0.0], [0.5, 1.0]])
+    mr = np.linspace(0, 100, 1000).reshape(10, 100)
+    scaled = demo._scale(mr, "MR")
+    assert scaled.min() == 0.0 and scaled.max() == 1.0
+    out = demo._square_resize(np.ones((120, 45), dtype=np.float32), 32)
+    assert out.shape == (32, 32) and out[:, 0].max() < 0.1 and out[16, 16] > 0.99  # zero-padded sides
+
+
+def test_evalx_demo_prepare_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    nrrd = pytest.importorskip("nrrd")
+    data = tmp_path / "cache" / "downloads" / f"pyradiomics-{demo.PYRADIOMICS_VERSION}" / "data"
+    data.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    header = {"space": "left-posterior-superior", "space directions": np.diag([0.7, 0.7, 5.0]),
+              "space origin": np.zeros(3)}
+    for case, _, modality in demo.CASES:  # stand-ins with the archive's layout (x, y, z), for plumbing only
+        image = (rng.normal(-500 if modality == "CT" else 300, 200, (24, 20, 6))).astype(np.int16)
+        label = np.zeros(image.shape, np.int16)
+        label[8:12, 8:12, 2:4] = 1
+        nrrd.write(str(data / f"{case}_image.nrrd"), image, header)
+        nrrd.write(str(data / f"{case}_label.nrrd"), label, header)
+    monkeypatch.setattr("medfoundry.data.bundled.export_pydicom_samples", lambda out, max_side: [])
+    prepared = demo.prepare_demo_data(tmp_path / "cache", size=16)
+    assert prepared.n_slices == 5 * 6
+    with open(prepared.manifest) as fh:
+        rows = list(csv.DictReader(fh))
+    assert {r["tumour"] for r in rows} == {"tumour", "no_tumour"}
+    assert sum(r["tumour"] == "tumour" for r in rows) == 10
+    assert {r["region"] for r in rows} == {"chest_ct", "brain_mr", "breast_mr"}
+    assert all((prepared.root / r["path"]).is_file() for r in rows)
+    again = demo.prepare_demo_data(tmp_path / "cache", size=16)  # idempotent: read back, nothing rewritten
+    assert again.manifest == prepared.manifest and again.n_slices == prepared.n_slices
+
+
+def test_evalx_demo_comparison_table() -> None:
+    comparison = {"labels": {"tumour": {"summary": "test: a=1", "pretrained": {"knn_top1_k20": 0.9, "linear_auc": 0.8},
+                                        "random_init": {"knn_top1_k20": 0.7, "linear_auc": 0.6}}}}
+    text = demo.format_comparison(comparison)
+    assert "knn_top1_k20" in text and "0.9000" in text and "0.6000" in text
