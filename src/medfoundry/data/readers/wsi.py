@@ -98,7 +98,7 @@ class _TiffBackend:
     @staticmethod
     def _find_levels(tf) -> list:
         if not tf.series:
-            raise ReaderError(f"{tf.filehandle.path}: TIFF holds no image")
+            raise ReaderError(f"{tf.filehandle.path}: unreadable slide (the TIFF holds no image)")
         base = tf.series[0]
         pages = [lvl.keyframe for lvl in base.levels]
         first = pages[0]
