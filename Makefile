@@ -1,6 +1,8 @@
 # The two set-up commands of the README: `make demo` and `make test`. Both create .venv and install what they need.
 PYTHON ?= python3
 VENV := .venv
+# idle OpenMP threads sleep instead of spinning: on small shared CPUs spinning made steps ~10x slower
+export OMP_WAIT_POLICY ?= PASSIVE
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 

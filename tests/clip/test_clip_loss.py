@@ -82,7 +82,7 @@ def _losses() -> list[nn.Module]:
     return [ClipInfoNCELoss(local_loss=True), ClipInfoNCELoss(local_loss=False), SigLIPLoss()]
 
 
-def _worker(rank: int, store: str) -> None:
+def _worker(rank: int, port: int) -> None:
     torch.set_num_threads(1)
     g = torch.Generator().manual_seed(123)
     x = torch.randn(8, 10, generator=g)  # global batch of 8 pairs
@@ -95,8 +95,7 @@ def _worker(rank: int, store: str) -> None:
         value.backward()
         refs.append((value.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
 
-    # file rendezvous: no race for a "free" TCP port with other test processes on the machine
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD,
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
                             timeout=timedelta(seconds=60))
     try:
         shard = slice(rank * 4, (rank + 1) * 4)
@@ -113,11 +112,16 @@ def _worker(rank: int, store: str) -> None:
             for name, p in model.named_parameters():
                 torch.testing.assert_close(p.grad, ref_grads[name], rtol=1e-5, atol=1e-6,
                                            msg=lambda m, n=name, lo=loss: f"{lo!r} grad of {n}: {m}")
+            del ddp, model, value
+        dist.barrier()
     finally:
+        import gc
+
+        gc.collect()  # release DDP reducers before the process group goes away
         dist.destroy_process_group()
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
-def test_gathered_negatives_equal_single_process_whole_batch(tmp_path):
+def test_gathered_negatives_equal_single_process_whole_batch(free_port: int) -> None:
     """Two gloo ranks with 4 pairs each == one process with all 8 pairs: loss and every parameter gradient."""
-    mp.spawn(_worker, args=(str(tmp_path / "store"),), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port,), nprocs=WORLD, join=True)

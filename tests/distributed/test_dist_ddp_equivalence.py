@@ -56,7 +56,12 @@ def _worker(rank: int, port: int, centering: str, result_path: str) -> None:
         dist.all_reduce(loss)
         if rank == 0:
             torch.save((float(loss / 2), _grads(method)), result_path)
+        del ddp, out
+        dist.barrier()
     finally:
+        import gc
+
+        gc.collect()  # release the DDP reducer before the process group goes away
         dist.destroy_process_group()
 
 

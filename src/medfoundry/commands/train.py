@@ -13,12 +13,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from medfoundry.config import load_config
     from medfoundry.recipes import resolve_recipe
+    from medfoundry.eval.monitors import RepresentationHealthError
     from medfoundry.train.loop import BadDataError, NonFiniteLossError, train
 
     cfg = load_config(resolve_recipe(args.recipe), args.overrides)
     try:
         run_dir = train(cfg)
-    except (NonFiniteLossError, BadDataError) as err:
+    except (NonFiniteLossError, BadDataError, RepresentationHealthError) as err:
         import sys
 
         print(f"medfoundry train: {err}", file=sys.stderr)

@@ -19,7 +19,6 @@ computes, the result is broadcast so every rank returns the same keys), appends
 from __future__ import annotations
 
 import json
-import math
 import sys
 import time
 from collections.abc import Callable
@@ -29,7 +28,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from medfoundry.config.loader import to_dict
 from medfoundry.config.schema import RunConfig
+from medfoundry.train.best import BestCheckpoint
 from medfoundry.train.hooks import Hook, register_hook_builder
 
 _MAX_CACHED_ELEMENTS = 1 << 27  # preprocessed evaluation images kept in memory up to ~512 MiB
@@ -192,10 +193,8 @@ class ClipEvalHook:
         self.every = int(cfg.clip.eval.every_steps)
         self.last_step = int(cfg.train.steps)
         self.best_metric = cfg.clip.eval.best_metric
-        self.best_value: float | None = None
-        self.best_step: int | None = None
-        self._restored = False
-        self._warned = False
+        self.best = BestCheckpoint(self.best_metric, cfg.clip.eval.best_mode, to_dict(cfg), "clip.eval.best_metric",
+                                   _say)
         self.evaluator = ClipEvaluator(cfg)
 
     def due(self, step: int) -> bool:
@@ -207,8 +206,6 @@ class ClipEvalHook:
         if not self.due(step):
             return None
         run_dir = Path(run_dir)
-        if not self._restored:
-            self._restore_best(run_dir)
         t0 = time.perf_counter()
         results: dict[str, float] | None = self.evaluator.evaluate(method) if _is_main() else None
         if torch.distributed.is_initialized():
@@ -222,60 +219,13 @@ class ClipEvalHook:
             path.parent.mkdir(parents=True, exist_ok=True)
             with open(path, "a") as fh:
                 fh.write(json.dumps({"step": step, **results, "seconds": seconds}) + "\n")
-        self._track_best(step, results, method, run_dir)
+        self.best.update(step, results, method, run_dir)
         shown = {k: v for k, v in results.items() if "/auc_" not in k and "/n_pos" not in k and "_low" not in k
                  and "_high" not in k}
         _say(f"clip eval step {step} ({seconds:.1f}s): " + ", ".join(f"{k}={v:.4g}" for k, v in shown.items()))
-        if self.best_value is not None:
-            results = {**results, f"best/{self.best_metric}": self.best_value}
+        if self.best.value is not None:
+            results = {**results, f"best/{self.best_metric}": self.best.value}
         return results
-
-    def _restore_best(self, run_dir: Path) -> None:
-        self._restored = True
-        path = run_dir / "best.json"
-        if path.is_file():
-            try:
-                rec = json.loads(path.read_text())
-                if rec.get("metric") == self.best_metric:
-                    self.best_value, self.best_step = float(rec["value"]), int(rec["step"])
-            except (ValueError, KeyError):
-                pass
-
-    def _better(self, value: float) -> bool:
-        if not math.isfinite(value):
-            return False
-        if self.best_value is None:
-            return True
-        return value > self.best_value if self.cfg.clip.eval.best_mode == "max" else value < self.best_value
-
-    def _track_best(self, step: int, results: dict[str, float], method: nn.Module, run_dir: Path) -> None:
-        if not self.best_metric:
-            return
-        if self.best_metric not in results:
-            if not self._warned:
-                self._warned = True
-                _say(f"warning: clip.eval.best_metric '{self.best_metric}' is not among the results "
-                     f"({sorted(results)[:12]} ...); no best checkpoint is kept")
-            return
-        value = float(results[self.best_metric])
-        if not self._better(value):
-            return
-        self.best_value, self.best_step = value, step
-        if not _is_main():
-            return
-        from medfoundry.config.loader import to_dict
-        from medfoundry.train.checkpoint import atomic_torch_save
-
-        mode = self.cfg.clip.eval.best_mode
-        state = {"step": step, "method": method.state_dict(), "config": to_dict(self.cfg), "metric": self.best_metric,
-                 "value": value, "mode": mode, "eval": results, "format": "medfoundry-best-v1"}
-        atomic_torch_save(state, run_dir / "best.pt")
-        record = {"step": step, "metric": self.best_metric, "value": value, "mode": mode, "checkpoint": "best.pt",
-                  "eval": results}
-        tmp = run_dir / ".best.json.tmp"
-        tmp.write_text(json.dumps(record, indent=2))
-        tmp.replace(run_dir / "best.json")
-
 
 @register_hook_builder
 def build(cfg: RunConfig) -> list[Hook]:

@@ -24,7 +24,6 @@ rank and so decide identically. Files are written by rank 0 only.
 from __future__ import annotations
 
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -33,8 +32,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from medfoundry.config.loader import to_dict
 from medfoundry.config.schema import RunConfig
 from medfoundry.eval.monitors import CollapseDetector, EntropyWallDetector, RepresentationHealthError
+from medfoundry.train.best import BestCheckpoint
 from medfoundry.train.hooks import Hook, register_hook_builder
 
 EVAL_PREFIX = "eval/"
@@ -92,10 +93,7 @@ class EvaluationHook:
         self.every = int(cfg.eval.every_steps)
         self.last_step = int(cfg.train.steps)
         self.best_metric = cfg.eval.best_metric.removeprefix(EVAL_PREFIX)
-        self.best_value: float | None = None
-        self.best_step: int | None = None
-        self._loaded_best = False
-        self._warned_missing = False
+        self.best = BestCheckpoint(self.best_metric, cfg.eval.best_mode, to_dict(cfg), "eval.best_metric", _say)
         self._warned_tasks: set[str] = set()
         self._images: list[torch.Tensor] | None = None
         self._transform = None
@@ -110,8 +108,6 @@ class EvaluationHook:
         if not self.due(step):
             return None
         run_dir = Path(run_dir)
-        if not self._loaded_best:
-            self._restore_best(run_dir)
         t0 = time.perf_counter()
         sharded = _is_sharded(method)
         results: dict[str, float] | None = None
@@ -126,7 +122,7 @@ class EvaluationHook:
         assert results is not None
         seconds = time.perf_counter() - t0
         _append_jsonl(run_dir / "eval" / "history.jsonl", {"step": step, **results, "seconds": seconds})
-        self._track_best(step, results, method, run_dir, sharded)
+        self.best.update(step, results, method, run_dir, sharded)
         shown = {k: v for k, v in results.items() if not k.endswith(("_ci_low", "_ci_high"))}
         _say(f"eval step {step} ({seconds:.1f}s): " + ", ".join(f"{k}={v:.4g}" for k, v in list(shown.items())[:8]))
         out = {EVAL_PREFIX + k: v for k, v in results.items()}
@@ -182,68 +178,6 @@ class EvaluationHook:
                     self._warned_tasks.add(task)
                     _say(f"warning: in-training evaluation task '{task}' skipped: {err}")
         return {k: float(v) for k, v in results.items()}
-
-    # -- best checkpoint -----------------------------------------------------------------------------------------
-    def _restore_best(self, run_dir: Path) -> None:
-        self._loaded_best = True
-        path = run_dir / "best.json"
-        if path.is_file():
-            try:
-                rec = json.loads(path.read_text())
-                if rec.get("metric") == self.best_metric:
-                    self.best_value, self.best_step = float(rec["value"]), int(rec["step"])
-            except (ValueError, KeyError):
-                pass
-
-    def _better(self, value: float) -> bool:
-        if not math.isfinite(value):
-            return False
-        if self.best_value is None:
-            return True
-        return value > self.best_value if self.cfg.eval.best_mode == "max" else value < self.best_value
-
-    def _track_best(self, step: int, results: dict[str, float], method: nn.Module, run_dir: Path,
-                    sharded: bool = False) -> None:
-        if not self.best_metric:
-            return
-        if self.best_metric not in results:
-            if not self._warned_missing:
-                self._warned_missing = True
-                _say(f"warning: eval.best_metric '{self.best_metric}' is not among the evaluation results "
-                     f"({sorted(results)}); no best checkpoint is kept")
-            return
-        value = float(results[self.best_metric])
-        if not self._better(value):
-            return
-        self.best_value, self.best_step = value, step
-        if sharded:  # FSDP: gather full tensors (a collective: every rank calls it), rank 0 receives them
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-            weights = get_model_state_dict(method, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        elif _is_main():
-            weights = method.state_dict()
-        if not _is_main():
-            return
-        from medfoundry.config.loader import to_dict
-        from medfoundry.train.checkpoint import atomic_torch_save
-
-        state = {
-            "step": step,
-            "method": weights,
-            "config": to_dict(self.cfg),
-            "metric": self.best_metric,
-            "value": value,
-            "mode": self.cfg.eval.best_mode,
-            "eval": results,
-            "format": "medfoundry-best-v1",
-        }
-        atomic_torch_save(state, run_dir / "best.pt")
-        record = {"step": step, "metric": self.best_metric, "value": value, "mode": self.cfg.eval.best_mode,
-                  "checkpoint": "best.pt", "eval": results}
-        tmp = run_dir / ".best.json.tmp"
-        tmp.write_text(json.dumps(record, indent=2))
-        tmp.replace(run_dir / "best.json")
-
 
 class MonitorHook:
     """Feeds the training-metric stream (and evaluated health) to the entropy-wall and collapse detectors."""
