@@ -12,8 +12,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from medfoundry.config import load_config
-    from medfoundry.recipes import resolve_recipe
     from medfoundry.eval.monitors import RepresentationHealthError
+    from medfoundry.recipes import resolve_recipe
     from medfoundry.train.loop import BadDataError, NonFiniteLossError, train
 
     cfg = load_config(resolve_recipe(args.recipe), args.overrides)
