@@ -16,6 +16,7 @@ from torch import Tensor
 from torchvision.transforms import InterpolationMode
 
 from medfoundry.config.schema import CropsConfig
+from medfoundry.data.transforms.label_guided import sample_crop_size
 
 _RATIO = (3 / 4, 4 / 3)
 
@@ -25,17 +26,12 @@ def random_resized_crop_box(height: int, width: int, scale: tuple[float, float])
 
     Inception-style sampling (Szegedy et al. 2015) as torchvision does it, with a centre-crop fallback.
     """
-    area = height * width
-    log_ratio = (math.log(_RATIO[0]), math.log(_RATIO[1]))
-    for _ in range(10):
-        target = area * float(torch.empty(1).uniform_(scale[0], scale[1]))
-        aspect = math.exp(float(torch.empty(1).uniform_(*log_ratio)))
-        w = int(round(math.sqrt(target * aspect)))
-        h = int(round(math.sqrt(target / aspect)))
-        if 0 < w <= width and 0 < h <= height:
-            top = int(torch.randint(0, height - h + 1, (1,)))
-            left = int(torch.randint(0, width - w + 1, (1,)))
-            return top, left, h, w
+    size = sample_crop_size(height, width, scale, _RATIO)
+    if size is not None:
+        h, w = size
+        top = int(torch.randint(0, height - h + 1, (1,)))
+        left = int(torch.randint(0, width - w + 1, (1,)))
+        return top, left, h, w
     side = min(height, width)
     return (height - side) // 2, (width - side) // 2, side, side
 

@@ -79,3 +79,22 @@ def all_reduce_mean_(t: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(t)
         t /= dist.get_world_size()
     return t
+
+
+def is_main_process() -> bool:
+    """True on rank 0 (or without a process group)."""
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def say(message: str) -> None:
+    """Print ``message`` on rank 0 to stderr without breaking a tqdm progress bar."""
+    if not is_main_process():
+        return
+    import sys
+
+    try:
+        from tqdm import tqdm
+
+        tqdm.write(message, file=sys.stderr)
+    except ImportError:  # pragma: no cover - tqdm is a dependency
+        print(message, file=sys.stderr, flush=True)

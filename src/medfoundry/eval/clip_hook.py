@@ -19,7 +19,6 @@ computes, the result is broadcast so every rank returns the same keys), appends
 from __future__ import annotations
 
 import json
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -30,25 +29,14 @@ from torch import Tensor, nn
 
 from medfoundry.config.loader import to_dict
 from medfoundry.config.schema import RunConfig
+from medfoundry.distributed.setup import is_main_process as _is_main
+from medfoundry.distributed.setup import say as _say
 from medfoundry.train.best import BestCheckpoint
 from medfoundry.train.hooks import Hook, register_hook_builder
 
 _MAX_CACHED_ELEMENTS = 1 << 27  # preprocessed evaluation images kept in memory up to ~512 MiB
 
 
-def _is_main() -> bool:
-    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
-
-
-def _say(message: str) -> None:
-    if not _is_main():
-        return
-    try:
-        from tqdm import tqdm
-
-        tqdm.write(message, file=sys.stderr)
-    except ImportError:  # pragma: no cover - tqdm is a dependency
-        print(message, file=sys.stderr, flush=True)
 
 
 class _EvalMode:

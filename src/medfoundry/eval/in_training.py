@@ -24,7 +24,6 @@ rank and so decide identically. Files are written by rank 0 only.
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -34,6 +33,8 @@ from torch import nn
 
 from medfoundry.config.loader import to_dict
 from medfoundry.config.schema import RunConfig
+from medfoundry.distributed.setup import is_main_process as _is_main
+from medfoundry.distributed.setup import say as _say
 from medfoundry.eval.monitors import CollapseDetector, EntropyWallDetector, RepresentationHealthError
 from medfoundry.train.best import BestCheckpoint
 from medfoundry.train.hooks import Hook, register_hook_builder
@@ -49,20 +50,6 @@ def _is_sharded(method: nn.Module) -> bool:
     return is_sharded(method)
 
 
-def _is_main() -> bool:
-    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
-
-
-def _say(message: str) -> None:
-    """Print on rank 0 without breaking a progress bar."""
-    if not _is_main():
-        return
-    try:
-        from tqdm import tqdm
-
-        tqdm.write(message, file=sys.stderr)
-    except ImportError:  # pragma: no cover - tqdm is a dependency
-        print(message, file=sys.stderr, flush=True)
 
 
 def _append_jsonl(path: Path, record: dict) -> None:

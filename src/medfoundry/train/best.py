@@ -11,14 +11,10 @@ import math
 from pathlib import Path
 from typing import Literal
 
-import torch
 from torch import nn
 
+from medfoundry.distributed.setup import is_main_process as _is_main
 from medfoundry.train.checkpoint import atomic_torch_save
-
-
-def _is_main() -> bool:
-    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
 
 
 class BestCheckpoint:
