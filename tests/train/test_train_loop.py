@@ -115,3 +115,10 @@ def test_torchrun_two_processes(tmp_path: Path, png_folder: Path, free_port: int
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines] == [1, 2, 3]
     assert len(list_checkpoints(out)) >= 1
+
+
+def test_float8_on_cpu_is_refused_with_a_clear_message(tmp_path: Path, png_folder: Path, capsys) -> None:
+    code = main(["train", str(RECIPE), *FAST, f"output_dir={tmp_path / 'f8'}", f"data.root={png_folder}",
+                 "train.steps=1", "dist.float8=true"])
+    assert code == 2
+    assert "dist.float8" in capsys.readouterr().err

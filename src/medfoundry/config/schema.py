@@ -136,6 +136,7 @@ class DistConfig:
     strategy: Literal["ddp", "fsdp"] = "ddp"  # data parallel wrapper when world size > 1
     backend: str = "auto"  # auto = nccl on GPU, gloo on CPU
     compile: bool = False  # torch.compile each transformer block
+    float8: bool = False  # Float8 training of block linears via torchao (H100-class GPUs; large models)
 
 
 @dataclass

@@ -10,7 +10,9 @@
   are sharded identically, so the EMA update runs on local shards. With bf16 the parameters are
   gathered in bf16 and gradients reduced in fp32.
 
-Optionally each block is compiled with ``torch.compile`` (``dist.compile``).
+Optionally each block's linears train in Float8 through torchao (``dist.float8``; needs a GPU of
+compute capability >= 8.9 such as the H100) and each block is compiled with ``torch.compile``
+(``dist.compile``).
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ def parallelize(method: nn.Module, cfg: DistConfig, device: torch.device, precis
     """Return the module the loop calls: ``method`` itself (one process, FSDP) or a DDP wrapper."""
     import torch.distributed as dist
 
+    if cfg.float8:
+        apply_float8(method, device)
     if cfg.compile:
         for backbone in _backbones(method):
             for block in backbone.blocks:
@@ -38,6 +42,32 @@ def parallelize(method: nn.Module, cfg: DistConfig, device: torch.device, precis
         return method
     ids = [device.index] if device.type == "cuda" else None
     return DistributedDataParallel(method, device_ids=ids, broadcast_buffers=False)
+
+
+def apply_float8(method: nn.Module, device: torch.device) -> None:
+    """Swap the transformer blocks' linear layers for torchao's Float8 training linears (before sharding).
+
+    Only linears whose in/out features are multiples of 16 are converted (a Float8 GEMM requirement).
+    Raises a clear error when torchao is missing or the device cannot run Float8 matmuls.
+    """
+    from medfoundry.config.loader import ConfigError
+
+    try:
+        from torchao.float8 import convert_to_float8_training
+    except ImportError as err:
+        raise ConfigError("dist.float8=true needs torchao: pip install torchao") from err
+    if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9):
+        raise ConfigError(
+            f"dist.float8=true needs a CUDA GPU of compute capability >= 8.9 (H100/H200/L40S); got {device}. "
+            "Set dist.float8=false."
+        )
+
+    def only_aligned_linears(module: nn.Module, fqn: str) -> bool:
+        return isinstance(module, nn.Linear) and module.in_features % 16 == 0 and module.out_features % 16 == 0
+
+    for backbone in _backbones(method):
+        for block in backbone.blocks:
+            convert_to_float8_training(block, module_filter_fn=only_aligned_linears)
 
 
 def apply_fsdp(method: nn.Module, precision: str = "fp32") -> None:
