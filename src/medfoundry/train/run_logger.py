@@ -27,9 +27,14 @@ class RunLogger:
             except ImportError:  # pragma: no cover - tensorboard is a dependency
                 self.tb = None
         if progress:
+            import sys
+
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True)
+            # in a terminal refresh freely; in a log file (CI, SLURM) write a line about every 30 s
+            interval = 0.1 if sys.stderr.isatty() else 30.0
+            self.bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True,
+                            mininterval=interval)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         """Append one line ``{"step": step, **metrics}`` and mirror it to TensorBoard."""
