@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from medfoundry.bench.results import describe_machine, format_table, results_json
+    from medfoundry.bench.results import describe_machine, report_results
     from medfoundry.bench.step import ClipStepSpec, bench_clip_step
 
     if args.full:
@@ -47,10 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         spec = ClipStepSpec(batch=args.batch or 8, text_len=args.text_len or 64, steps=args.steps or 5, warmup=2)
     print(describe_machine(device), flush=True)
     results = [bench_clip_step(spec)]
-    print(format_table(results))
-    if args.json:
-        with open(args.json, "w") as fh:
-            fh.write(results_json(results, describe_machine(device), preset="full" if args.full else "quick"))
+    report_results(results, device, args.json, preset="full" if args.full else "quick")
     return 0
 
 

@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from medfoundry.bench.data import bench_cpu_multicrop, bench_end_to_end, bench_gpu_multicrop
     from medfoundry.bench.flops import cpu_threads
-    from medfoundry.bench.results import describe_machine, format_table, results_json
+    from medfoundry.bench.results import describe_machine, format_table, report_results
     from medfoundry.bench.step import StepSpec, bench_dino_step
 
     workers = args.workers or max(1, cpu_threads() - 2)
@@ -74,10 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         results.append(bench_gpu_multicrop(spec, 128))
         for where in ("cpu", "gpu"):
             results.append(bench_end_to_end(spec, where, workers=1, n_images=32, image_size=128))
-    print(format_table(results))
-    if args.json:
-        with open(args.json, "w") as fh:
-            fh.write(results_json(results, describe_machine(device), preset="full" if args.full else "quick"))
+    report_results(results, device, args.json, preset="full" if args.full else "quick")
     return 0
 
 

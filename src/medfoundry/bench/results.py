@@ -54,6 +54,17 @@ def results_json(results: list[BenchResult], machine: str, **extra) -> str:
     return json.dumps(_json_safe(payload), indent=2)
 
 
+def report_results(results: list[BenchResult], device: torch.device, json_path: str | None = None, **extra) -> None:
+    """Print the results table and, when ``json_path`` is given, write them there as JSON (see :func:`results_json`)."""
+    print(format_table(results))
+    if json_path:
+        from pathlib import Path
+
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(results_json(results, describe_machine(device), **extra))
+        print(f"wrote {json_path}")
+
+
 def _json_safe(obj):
     if isinstance(obj, float) and not math.isfinite(obj):
         return None

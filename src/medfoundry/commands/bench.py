@@ -10,7 +10,6 @@ Tiny configurations run on CPU in seconds; full ones need ``--device cuda``.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -57,7 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from medfoundry.bench.results import describe_machine, format_table, results_json
+    from medfoundry.bench.results import describe_machine, report_results
     from medfoundry.bench.step import ClipStepSpec, StepSpec
     from medfoundry.train.precision import resolve_device
 
@@ -99,10 +98,6 @@ def run(args: argparse.Namespace) -> int:
                                 peak_tflops=args.peak_tflops, find_max_batch=args.max_batch)
             results.append(bench_clip_step(clip))
         print(f"done: {mode}", flush=True)
-    print(format_table(results))
-    if args.json:
-        args_dict = {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, list, type(None)))}
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(results_json(results, describe_machine(device), args=args_dict))
-        print(f"wrote {args.json}")
+    args_dict = {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, list, type(None)))}
+    report_results(results, device, args.json, args=args_dict)
     return 0
