@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, get_args, get_origin
 
-from medfoundry.config.loader import ConfigError
+from medfoundry.config.loader import ConfigError, split_override
 
 if TYPE_CHECKING:
     from medfoundry.distributed.slurm import SlurmSpec
@@ -132,12 +132,7 @@ def _is_list_type(ftype: Any) -> bool:
 
 def parse_axis(item: str) -> tuple[str, list[str]]:
     """``key=a,b`` -> ``(key, [a, b])``; one value means a fixed override."""
-    if "=" not in item:
-        raise ConfigError(f"sweep override '{item}' must look like key.sub=value or key.sub=a,b,c")
-    key, raw = item.split("=", 1)
-    key = key.strip()
-    if not key:
-        raise ConfigError(f"sweep override '{item}' has an empty key")
+    key, raw = split_override(item, "sweep override", "key.sub=value or key.sub=a,b,c")
     values = split_values(raw)
     if len(values) > 1 and _is_list_type(_field_type(key)) and not any(v.startswith("[") for v in values):
         values = [raw.strip()]  # a bare comma list for a list-typed key is one value (like `medfoundry train`)

@@ -49,14 +49,20 @@ def load_config(recipe: str | Path | None = None, overrides: list[str] | tuple[s
     return cfg
 
 
-def parse_override(item: str) -> tuple[str, Any]:
-    """Split ``key.sub=value`` into the dotted key and its YAML-parsed value."""
+def split_override(item: str, kind: str = "override", form: str = "key.sub=value") -> tuple[str, str]:
+    """Split ``key.sub=raw`` into the stripped dotted key and the raw text; errors name ``item`` and ``form``."""
     if "=" not in item:
-        raise ConfigError(f"override '{item}' must look like key.sub=value")
+        raise ConfigError(f"{kind} '{item}' must look like {form}")
     key, raw = item.split("=", 1)
     key = key.strip()
     if not key:
-        raise ConfigError(f"override '{item}' has an empty key")
+        raise ConfigError(f"{kind} '{item}' has an empty key")
+    return key, raw
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """Split ``key.sub=value`` into the dotted key and its YAML-parsed value."""
+    key, raw = split_override(item)
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
