@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 import shlex
 import shutil
@@ -117,17 +116,9 @@ def test_torchrun_commands(tmp_path: Path, capsys) -> None:
     assert rc == 0 and "torch.distributed.run --nnodes=2 --nproc-per-node=4 --node-rank=0" in out
 
 
-def test_submit_through_submitit_with_fake_sbatch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+def test_submit_through_submitit_with_fake_sbatch(tmp_path: Path, fake_slurm: Path, capsys) -> None:
     """A real (non dry-run) submission goes through submitit's SlurmExecutor; sbatch and srun are stand-ins."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    calls = tmp_path / "sbatch_calls.txt"
-    (bin_dir / "sbatch").write_text(f'#!/bin/sh\necho "$@" >> {calls}\necho "Submitted batch job 4242"\n')
-    (bin_dir / "srun").write_text("#!/bin/sh\nexit 0\n")
-    for exe in ("sbatch", "srun"):
-        (bin_dir / exe).chmod(0o755)
-    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
-    monkeypatch.chdir(tmp_path)
+    calls = fake_slurm
     run_dir = tmp_path / "run"
     rc = main(["launch", "--slurm", "nodes=1", "gpus_per_node=2", "time=10", str(RECIPE), f"output_dir={run_dir}"])
     assert rc == 0 and "submitted SLURM job 4242" in capsys.readouterr().out

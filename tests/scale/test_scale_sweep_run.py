@@ -76,20 +76,12 @@ def test_submitit_dry_run_writes_array_script(tmp_path: Path, monkeypatch, capsy
     assert len(json.loads((sweep_dir / "sweep.json").read_text())["arms"]) == 3
 
 
-def test_submitit_job_array_with_fake_scheduler(tmp_path: Path, png_folder: Path, monkeypatch, capsys) -> None:
+def test_submitit_job_array_with_fake_scheduler(tmp_path: Path, png_folder: Path, fake_slurm: Path, capsys) -> None:
     """Submit through submitit (stand-in sbatch/srun), then run one array task as SLURM would and collect."""
     import os
     import subprocess
     import sys
 
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    (bin_dir / "sbatch").write_text('#!/bin/sh\necho "Submitted batch job 4242"\n')
-    (bin_dir / "srun").write_text("#!/bin/sh\nexit 0\n")
-    for exe in ("sbatch", "srun"):
-        (bin_dir / exe).chmod(0o755)
-    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
-    monkeypatch.chdir(tmp_path)
     sweep_dir = tmp_path / "sw"
     rc = main(["sweep", "--submitit", "nodes=1", "gpus_per_node=0", "time=10", str(RECIPE), "train.steps=1,2",
                *FAST, f"data.root={png_folder}", "--sweep-dir", str(sweep_dir), "--no-wait"])
