@@ -176,9 +176,9 @@ def _restore(path: Path, method: nn.Module, optimizer) -> dict:
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
         msd, osd = get_state_dict(method, optimizer)
+        dcp.load({"method": msd}, checkpoint_id=str(path))  # every weight must be there
         # parameters that never had a gradient (e.g. a frozen prototype layer) have no optimizer state yet
-        planner = DefaultLoadPlanner(allow_partial_load=True)
-        dcp.load({"method": msd, "optimizer": osd}, checkpoint_id=str(path), planner=planner)
+        dcp.load({"optimizer": osd}, checkpoint_id=str(path), planner=DefaultLoadPlanner(allow_partial_load=True))
         set_state_dict(method, optimizer, model_state_dict=msd, optim_state_dict=osd)
         return torch.load(path / "meta.pt", map_location="cpu", weights_only=False)
     if is_sharded(method):
