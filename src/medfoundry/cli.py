@@ -28,15 +28,7 @@ COMMANDS = (
 
 
 def _load_commands() -> dict:
-    loaded = {}
-    for name in COMMANDS:
-        module_name = f"medfoundry.commands.{name}"
-        try:
-            loaded[name] = importlib.import_module(module_name)
-        except ModuleNotFoundError as err:
-            if err.name != module_name:
-                raise
-    return loaded
+    return {name: importlib.import_module(f"medfoundry.commands.{name}") for name in COMMANDS}
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict]:

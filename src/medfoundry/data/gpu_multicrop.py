@@ -385,32 +385,17 @@ def build_gpu_dino_loader(
     boxes, flips and masks under the sample's seed; the device crops the whole batch at once.
     ``device`` defaults to ``train.device`` resolved as the training loop does.
     """
-    from medfoundry.data.loader import build_intensity
-    from medfoundry.data.masking import MaskSampler
+    from medfoundry.data.loader import build_intensity, build_mask_sampler, check_crop_sizes, step_loader
     from medfoundry.data.sources import build_source
-    from medfoundry.data.views import SeededViews, StepBatchSampler, ViewsSpec
+    from medfoundry.data.views import SeededViews, ViewsSpec
     from medfoundry.train.precision import resolve_device
 
     c = cfg.crops
-    if c.global_size % patch_size or (c.n_local and c.local_size % patch_size):
-        raise ValueError(f"crops.global_size={c.global_size} and crops.local_size={c.local_size} must be "
-                         f"multiples of the patch size {patch_size}")
+    check_crop_sizes(c, patch_size)
     device = device or resolve_device(cfg.train.device)
-    mask_sampler = None
-    if cfg.dino.ibot_weight > 0:
-        mask_sampler = MaskSampler(cfg.dino.mask_probability, cfg.dino.mask_ratio_min, cfg.dino.mask_ratio_max)
     grid = (c.global_size // patch_size, c.global_size // patch_size)
-    views = CanvasViews(c, cfg.data.channels, storage_size, mask_sampler, grid)
+    views = CanvasViews(c, cfg.data.channels, storage_size, build_mask_sampler(cfg.dino), grid)
     dataset = SeededViews(build_source(cfg.data), views, intensity=build_intensity(cfg), seed=cfg.train.seed,
                           spec=ViewsSpec(None, patch_size, c.global_size))
-    workers = cfg.data.num_workers
-    loader = DataLoader(
-        dataset,
-        batch_sampler=StepBatchSampler(start_step, cfg.train.batch_size, rank, world_size),
-        num_workers=workers,
-        collate_fn=collate_canvas,
-        pin_memory=device.type == "cuda",
-        persistent_workers=workers > 0,
-        prefetch_factor=4 if workers > 0 else None,
-    )
+    loader = step_loader(dataset, cfg, start_step, rank, world_size, collate_canvas, device.type == "cuda")
     return GPUCropLoader(loader, GPUMultiCrop(c, cfg.data.channels, backend, cfg.train.seed), device)

@@ -1,10 +1,12 @@
-"""The multi-crop training loader for DINO-family methods."""
+"""The multi-crop training loader for DINO-family methods, and the pieces the GPU-crop loader shares."""
 
 from __future__ import annotations
 
-from torch.utils.data import DataLoader
+from collections.abc import Callable
 
-from medfoundry.config.schema import RunConfig
+from torch.utils.data import DataLoader, Dataset
+
+from medfoundry.config.schema import CropsConfig, DinoConfig, RunConfig
 from medfoundry.data.masking import MaskSampler
 from medfoundry.data.multicrop import MultiCropTransform
 from medfoundry.data.sources import build_source
@@ -12,40 +14,50 @@ from medfoundry.data.views import SeededViews, StepBatchSampler, ViewsSpec, coll
 
 
 def build_intensity(cfg: RunConfig):
-    """The configured intensity mapping (HU windows ...) or None when the source already gives [0, 1]."""
-    try:
-        from medfoundry.data.intensity import build_intensity_transform
-    except ModuleNotFoundError:
-        return None
+    """The configured intensity mapping from source units (HU ...) to [0, 1]."""
+    from medfoundry.data.intensity import build_intensity_transform
+
     return build_intensity_transform(cfg.data)
+
+
+def check_crop_sizes(crops: CropsConfig, patch_size: int) -> None:
+    """Crop sides must be multiples of the backbone's patch size; the error names the key."""
+    if crops.global_size % patch_size:
+        raise ValueError(f"crops.global_size={crops.global_size} must be a multiple of the patch size {patch_size}")
+    if crops.n_local and crops.local_size % patch_size:
+        raise ValueError(f"crops.local_size={crops.local_size} must be a multiple of the patch size {patch_size}")
+
+
+def build_mask_sampler(dino: DinoConfig) -> MaskSampler | None:
+    """iBOT block masks for global crops when the iBOT term is on."""
+    if dino.ibot_weight <= 0:
+        return None
+    return MaskSampler(dino.mask_probability, dino.mask_ratio_min, dino.mask_ratio_max)
+
+
+def step_loader(dataset: Dataset, cfg: RunConfig, start_step: int, rank: int, world_size: int,
+                collate: Callable, pin_memory: bool = False) -> DataLoader:
+    """Infinite DataLoader over run sample counters for one rank, positioned at ``start_step``."""
+    workers = cfg.data.num_workers
+    return DataLoader(
+        dataset,
+        batch_sampler=StepBatchSampler(start_step, cfg.train.batch_size, rank, world_size),
+        num_workers=workers,
+        collate_fn=collate,
+        pin_memory=pin_memory,
+        persistent_workers=workers > 0,
+        prefetch_factor=4 if workers > 0 else None,
+    )
 
 
 def build_dino_loader(cfg: RunConfig, patch_size: int, start_step: int, rank: int, world_size: int) -> DataLoader:
     """Infinite loader of view-major multi-crop batches for this rank, positioned at ``start_step``."""
-    if cfg.crops.global_size % patch_size:
-        raise ValueError(
-            f"crops.global_size={cfg.crops.global_size} must be a multiple of the patch size {patch_size}"
-        )
-    if cfg.crops.n_local and cfg.crops.local_size % patch_size:
-        raise ValueError(f"crops.local_size={cfg.crops.local_size} must be a multiple of the patch size {patch_size}")
-    source = build_source(cfg.data)
-    mask_sampler = None
-    if cfg.dino.ibot_weight > 0:
-        mask_sampler = MaskSampler(cfg.dino.mask_probability, cfg.dino.mask_ratio_min, cfg.dino.mask_ratio_max)
+    check_crop_sizes(cfg.crops, patch_size)
     dataset = SeededViews(
-        source,
+        build_source(cfg.data),
         MultiCropTransform(cfg.crops, cfg.data.channels),
         intensity=build_intensity(cfg),
         seed=cfg.train.seed,
-        spec=ViewsSpec(mask_sampler, patch_size, cfg.crops.global_size),
+        spec=ViewsSpec(build_mask_sampler(cfg.dino), patch_size, cfg.crops.global_size),
     )
-    sampler = StepBatchSampler(start_step, cfg.train.batch_size, rank, world_size)
-    return DataLoader(
-        dataset,
-        batch_sampler=sampler,
-        num_workers=cfg.data.num_workers,
-        collate_fn=collate_views,
-        pin_memory=False,
-        persistent_workers=cfg.data.num_workers > 0,
-        prefetch_factor=4 if cfg.data.num_workers > 0 else None,
-    )
+    return step_loader(dataset, cfg, start_step, rank, world_size, collate_views)

@@ -67,11 +67,7 @@ def _import_builtin_sources() -> None:
     import importlib
 
     for module in ("medfoundry.data.image_folder", "medfoundry.data.medical_sources"):
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as err:
-            if err.name != module:
-                raise
+        importlib.import_module(module)  # each registers its source kinds on import
 
 
 def to_channels(image: Tensor, channels: int, where: str = "") -> Tensor:

@@ -37,11 +37,7 @@ def build_hooks(cfg: RunConfig) -> list[Hook]:
     import importlib
 
     for module in ("medfoundry.eval.in_training", "medfoundry.eval.clip_hook"):
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as err:
-            if err.name != module:
-                raise
+        importlib.import_module(module)  # each registers its hook builder on import
     hooks: list[Hook] = []
     for builder in HOOK_BUILDERS:
         hooks.extend(builder(cfg))
