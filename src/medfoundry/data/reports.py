@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import copy
 import io
-import os
 import re
 import tarfile
 import warnings
@@ -172,37 +171,19 @@ def _column(df, name: str, what: str, path) -> str:
 
 
 class _HDF5Images:
-    """Lazily opened (per process) HDF5 image stack, values divided by ``scale``."""
+    """An HDF5 image stack (the data readers' :class:`HDF5Images`) scaled by ``1/scale`` into [0, 1] tensors."""
 
     def __init__(self, path: str, dataset: str, scale: float) -> None:
-        import h5py
+        from medfoundry.data.readers.hdf5 import HDF5Images
 
-        self.path, self.dataset, self.scale = str(path), dataset, float(scale)
-        if not Path(self.path).is_file():
-            raise FileNotFoundError(f"HDF5 file {self.path} not found")
-        with h5py.File(self.path, "r") as fh:
-            if dataset not in fh:
-                raise KeyError(f"{self.path}: no dataset '{dataset}' (has {list(fh.keys())})")
-            self.n = int(fh[dataset].shape[0])
-        self._fh = None
-        self._pid = -1
-
-    def __getstate__(self) -> dict:
-        state = dict(self.__dict__)
-        state["_fh"], state["_pid"] = None, -1
-        return state
+        self.images = HDF5Images(path, dataset)
+        self.scale = float(scale)
 
     def __len__(self) -> int:
-        return self.n
+        return len(self.images)
 
     def __getitem__(self, i: int) -> Tensor:
-        import h5py
-
-        if self._fh is None or self._pid != os.getpid():
-            self._fh = h5py.File(self.path, "r")
-            self._pid = os.getpid()
-        arr = np.asarray(self._fh[self.dataset][i], dtype=np.float32) / self.scale
-        return array_to_chw(np.clip(arr, 0.0, 1.0))
+        return array_to_chw(np.clip(self.images.read(i) / self.scale, 0.0, 1.0))
 
 
 # ----------------------------------------------------------------------------------------------
