@@ -12,16 +12,9 @@ import torch
 from PIL import Image
 
 from medfoundry.config.clip import ClipDataConfig, ClipPreprocessConfig
-from medfoundry.data.reports import (
-    CheXzeroPairs,
-    ManifestPairs,
-    ManifestWarning,
-    PairImageTransform,
-    build_pair_loader,
-    preset_pixel_stats,
-    select_text,
-    split_sections,
-)
+from medfoundry.data.pair_loader import PairImageTransform, build_pair_loader, preset_pixel_stats
+from medfoundry.data.pairs import CheXzeroPairs, ManifestPairs
+from medfoundry.data.reports import ManifestWarning, select_text, split_sections
 from medfoundry.models.text.tokenize import ClipBPETokenizer
 
 REPORT = ("FINAL REPORT\nEXAMINATION: Chest PA and lateral.\nINDICATION: Cough.\n"
@@ -132,7 +125,7 @@ def test_loader_resumes_exactly_and_shards_the_global_batch(tmp_path: Path):
 
 def test_zero_shot_label_sets_from_manifest_and_hdf5(tmp_path: Path):
     from medfoundry.config.clip import ZeroShotConfig
-    from medfoundry.data.reports import build_labelled_images
+    from medfoundry.data.pairs import build_labelled_images
 
     names = _write_images(tmp_path / "images", 4)
     pd.DataFrame({"image": names, "Edema": [1, 0, -1, None], "Pleural Effusion": [0, 1, 1, 0],

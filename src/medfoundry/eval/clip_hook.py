@@ -62,7 +62,7 @@ class ClipEvaluator:
     """
 
     def __init__(self, cfg: RunConfig) -> None:
-        from medfoundry.data.reports import PairImageTransform
+        from medfoundry.data.pair_loader import PairImageTransform
 
         self.cfg = cfg
         self.ec = cfg.clip.eval
@@ -108,7 +108,7 @@ class ClipEvaluator:
     # -- tasks -------------------------------------------------------------------------------------------------
     def zeroshot(self, method) -> dict[str, float]:
         """Prompt-pair AUCs per finding and/or multi-class prompt-ensemble metrics (keys without prefix)."""
-        from medfoundry.data.reports import build_labelled_images
+        from medfoundry.data.pairs import build_labelled_images
         from medfoundry.eval.zero_shot import (
             class_embeddings,
             multiclass_zero_shot,
@@ -138,7 +138,7 @@ class ClipEvaluator:
 
     def retrieval(self, method) -> dict[str, float]:
         """Image<->text Recall@K on the configured pairs (identical texts all count as correct)."""
-        from medfoundry.data.reports import build_pairs
+        from medfoundry.data.pairs import build_pairs
         from medfoundry.eval.zero_shot import image_text_retrieval
 
         rc = self.ec.retrieval

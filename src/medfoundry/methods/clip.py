@@ -89,7 +89,7 @@ class ClipMethod(Method):
 
     def __init__(self, cfg: RunConfig, load_pretrained: bool = True) -> None:
         super().__init__()
-        from medfoundry.data.reports import preset_pixel_stats
+        from medfoundry.data.pair_loader import preset_pixel_stats
         from medfoundry.models.registry import create_backbone
         from medfoundry.models.text import build_text_tower, build_tokenizer
 
@@ -228,12 +228,13 @@ class ClipMethod(Method):
 
 
 def build_clip_loader(cfg: RunConfig, method: ClipMethod, start_step: int, rank: int, world_size: int):
-    """The image-report loader of ``clip.data`` for one rank at ``start_step`` (see :mod:`medfoundry.data.reports`).
+    """The image-report loader of ``clip.data`` for one rank at ``start_step`` (see :mod:`medfoundry.data.pair_loader`).
 
     Also sets dataset normalisation statistics on ``method`` (``normalize=dataset``) and warns with
     counts when reports are longer than the text context.
     """
-    from medfoundry.data.reports import PairImageTransform, build_pair_loader, build_pairs, estimate_pixel_stats
+    from medfoundry.data.pair_loader import PairImageTransform, build_pair_loader, estimate_pixel_stats
+    from medfoundry.data.pairs import build_pairs
     from medfoundry.models.text.tokenize import check_truncation
 
     c = cfg.clip
