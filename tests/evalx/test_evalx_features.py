@@ -10,18 +10,9 @@ import torch
 from PIL import Image
 
 from medfoundry.config import ModelConfig, load_config
-from medfoundry.eval.features import (
-    EvalTransform,
-    FeatureSet,
-    LabelledItem,
-    assign_splits,
-    cached_features,
-    compute_feature_set,
-    eval_transform_from_config,
-    load_labelled_set,
-    read_eval_image,
-    resize_center_crop,
-)
+from medfoundry.eval.eval_images import EvalTransform, eval_transform_from_config, read_eval_image, resize_center_crop
+from medfoundry.eval.features import FeatureSet, cached_features, compute_feature_set
+from medfoundry.eval.labelled_set import LabelledItem, assign_splits, load_labelled_set
 from medfoundry.models.registry import create_backbone
 
 

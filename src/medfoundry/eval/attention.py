@@ -165,7 +165,8 @@ def save_result(result: AttentionResult, out_dir: Path, title: str = "") -> dict
 # ----------------------------------------------------------------------------------------------- from files
 def load_inputs(paths: Sequence[str | Path], cfg: Any, img_size: int = 0) -> tuple[Tensor, list[np.ndarray], list[str]]:
     """Preprocess image files like the evaluation does; also return display images and unique output names."""
-    from medfoundry.eval.features import LabelledItem, eval_transform_from_config, read_eval_image, resize_center_crop
+    from medfoundry.eval.eval_images import eval_transform_from_config, read_eval_image, resize_center_crop
+    from medfoundry.eval.labelled_set import LabelledItem
 
     transform = eval_transform_from_config(cfg, img_size)
     inputs, displays, names, seen = [], [], [], {}

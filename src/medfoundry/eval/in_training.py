@@ -65,7 +65,7 @@ class EvaluationHook:
 
     def __init__(self, cfg: RunConfig) -> None:
         from medfoundry.config.loader import ConfigError
-        from medfoundry.eval.features import load_labelled_set
+        from medfoundry.eval.labelled_set import load_labelled_set
         from medfoundry.eval.tasks import TASKS
 
         unknown = [t for t in cfg.eval.tasks if t not in TASKS]
@@ -119,11 +119,11 @@ class EvaluationHook:
 
     # -- evaluation ----------------------------------------------------------------------------------------------
     def _prepare(self) -> None:
-        from medfoundry.eval.features import _Images, eval_transform_from_config
+        from medfoundry.eval.eval_images import EvalImages, eval_transform_from_config
 
         ec = self.cfg.eval
         self._transform = eval_transform_from_config(self.cfg)
-        images = _Images(self._lset.items, self._transform)
+        images = EvalImages(self._lset.items, self._transform)
         size = self._transform.img_size
         if len(images) * self.cfg.data.channels * size * size * 4 <= 512 * 2**20:
             self._images = [images[i] for i in range(len(images))]  # preprocessed once, kept in memory
@@ -133,7 +133,8 @@ class EvaluationHook:
 
     def evaluate(self, method: nn.Module) -> dict[str, float]:
         """Run the configured tasks on the current evaluation backbone (no gradients, eval mode)."""
-        from medfoundry.eval.features import FeatureSet, _Images, extract_features, view_pair_features
+        from medfoundry.eval.eval_images import EvalImages
+        from medfoundry.eval.features import FeatureSet, extract_features, view_pair_features
         from medfoundry.eval.tasks import evaluate_features, retrieval_metrics
 
         if self._transform is None:
@@ -141,7 +142,7 @@ class EvaluationHook:
         assert self._transform is not None
         ec = self.cfg.eval
         backbone = method.eval_backbone()
-        images = self._images if self._images is not None else _Images(self._lset.items, self._transform)
+        images = self._images if self._images is not None else EvalImages(self._lset.items, self._transform)
         feats = extract_features(backbone, images, ec.feature, ec.batch_size)
         fs = FeatureSet(
             feats, self._lset.labels, self._lset.splits, self._lset.classes,

@@ -25,9 +25,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from medfoundry.eval.features import FeatureSet, LabelledSet
+from medfoundry.eval.features import FeatureSet
 from medfoundry.eval.health import representation_health
 from medfoundry.eval.knn import knn_evaluate
+from medfoundry.eval.labelled_set import LabelledSet
 from medfoundry.eval.linear_probe import linear_probe
 from medfoundry.eval.retrieval import view_retrieval_ratio
 
@@ -157,12 +158,9 @@ def evaluate_backbone(
     labelled set's content and the extraction settings). Returns ``(results, labelled set,
     features_from_cache)``.
     """
-    from medfoundry.eval.features import (
-        cached_features,
-        eval_transform_from_config,
-        load_labelled_set,
-        view_pair_features,
-    )
+    from medfoundry.eval.eval_images import eval_transform_from_config
+    from medfoundry.eval.features import cached_features, view_pair_features
+    from medfoundry.eval.labelled_set import load_labelled_set
 
     cfg = loaded.cfg
     ec = cfg.eval

@@ -1,0 +1,150 @@
+"""Evaluation images: reading a labelled item (file or volume slice) and the deterministic eval transform."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from medfoundry.eval.labelled_set import IMAGE_SUFFIXES, LabelledItem
+
+
+def read_eval_image(item: LabelledItem, slices: int = 1, slice_stride: int = 1) -> Tensor:
+    """The item's image as a float32 (C, H, W) tensor in source units (pictures in [0, 1], CT in HU).
+
+    PNG/JPEG/TIFF files are read like ``data.kind=image_folder`` reads them; volume files (DICOM,
+    NIfTI, NRRD, DICOM folders) through :func:`medfoundry.data.readers.read_volume`, taking slice
+    ``slice_index`` (default: the middle one) and, for 2.5D models (``slices`` > 1), its neighbours
+    ``z - stride, z, z + stride ...`` as channels (replicated at the volume's ends). A grey 2-D
+    picture is repeated ``slices`` times so it has the channel count a 2.5D model expects.
+    """
+    from medfoundry.data.sources import array_to_chw
+
+    path = Path(item.path)
+    if path.suffix.lower() in IMAGE_SUFFIXES:
+        from medfoundry.data.image_folder import read_image_file
+
+        image = array_to_chw(read_image_file(path))
+        if slices > 1 and image.shape[0] == 1:
+            image = image.expand(slices, -1, -1).clone()
+        return image
+    from medfoundry.data.readers import read_volume
+
+    vol = read_volume(path)
+    z = vol.depth // 2 if item.slice_index is None else item.slice_index
+    if not 0 <= z < vol.depth:
+        raise IndexError(f"{path}: slice {z} out of range (depth {vol.depth})")
+    half = slices // 2
+    zs = [min(max(z + (k - half) * slice_stride, 0), vol.depth - 1) for k in range(slices)]
+    arr = vol.array[zs]  # (slices, Y, X) or (slices, Y, X, C)
+    if arr.ndim == 4:  # colour volume: channels of the centre slice
+        return array_to_chw(arr[half])
+    return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
+
+
+@dataclass
+class EvalTransform:
+    """Whole-image evaluation preprocessing: intensity mapping (deterministic), resize + centre crop, normalisation.
+
+    ``intensity`` maps source units to [0, 1] and to ``channels`` channels (the run's
+    ``data.intensity`` with random HU windows switched off); without it the image is only matched
+    to ``channels`` (grey repeated, RGB averaged).
+    """
+
+    img_size: int
+    mean: list[float]
+    std: list[float]
+    channels: int = 1
+    intensity: Callable[[Tensor], Tensor] | None = None
+    intensity_desc: str = ""  # stable description of ``intensity`` for cache keys
+    slices: int = 1  # 2.5D: slices stacked as channels before the intensity mapping
+    slice_stride: int = 1
+
+    def map_intensity(self, image: Tensor) -> Tensor:
+        """Source units -> [0, 1] with ``channels`` channels (before resizing and normalisation)."""
+        from medfoundry.data.sources import to_channels
+
+        if self.intensity is not None:
+            return self.intensity(image)
+        return to_channels(image, self.channels, "evaluation image")
+
+    def __call__(self, image: Tensor) -> Tensor:
+        image = resize_center_crop(self.map_intensity(image), self.img_size)
+        c = image.shape[0]
+        mean = torch.tensor(_per_channel(self.mean, c), dtype=image.dtype).view(c, 1, 1)
+        std = torch.tensor(_per_channel(self.std, c), dtype=image.dtype).view(c, 1, 1)
+        return (image - mean) / std
+
+    def load(self, item: LabelledItem) -> Tensor:
+        """Read and preprocess one item."""
+        return self(read_eval_image(item, self.slices, self.slice_stride))
+
+    def settings(self) -> dict:
+        """What determines the output (for cache keys)."""
+        desc = self.intensity_desc or ("" if self.intensity is None else type(self.intensity).__name__)
+        return {"img_size": self.img_size, "mean": list(self.mean), "std": list(self.std), "channels": self.channels,
+                "intensity": desc, "slices": self.slices, "slice_stride": self.slice_stride}
+
+
+def resize_center_crop(image: Tensor, size: int) -> Tensor:
+    """Resize (C, H, W) so the shorter side is ``size`` (bilinear, antialiased), then centre-crop to a square."""
+    _, h, w = image.shape
+    scale = size / min(h, w)
+    nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
+    if (nh, nw) != (h, w):
+        image = F.interpolate(image[None], size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)[0]
+    top, left = (nh - size) // 2, (nw - size) // 2
+    return image[:, top : top + size, left : left + size].contiguous()
+
+
+def _per_channel(values: Sequence[float], channels: int) -> list[float]:
+    if len(values) == channels:
+        return list(values)
+    if len(values) == 1:
+        return list(values) * channels
+    if channels == 1:
+        return [float(np.mean(values))]
+    raise ValueError(f"{len(values)} normalisation values for {channels} channels")
+
+
+def build_eval_intensity(cfg: Any, deterministic: bool = True) -> tuple[Callable[[Tensor], Tensor] | None, str]:
+    """The run's intensity transform (random HU windows off when ``deterministic``) and a stable description."""
+    import copy
+
+    try:
+        from medfoundry.data.intensity import build_intensity_transform
+    except ModuleNotFoundError:
+        return None, ""
+    data = copy.copy(cfg.data)
+    if deterministic and hasattr(data, "random_window_prob"):
+        data.random_window_prob = 0.0
+    keys = ("intensity", "value_range", "windows", "channels", "slices")
+    desc = json.dumps({k: getattr(data, k) for k in keys if hasattr(data, k)}, sort_keys=True)
+    return build_intensity_transform(data), desc
+
+
+def eval_transform_from_config(cfg: Any, img_size: int = 0) -> EvalTransform:
+    """The evaluation transform of a run config: its intensity mapping and normalisation, size ``eval.img_size``."""
+    size = img_size or cfg.eval.img_size or cfg.crops.global_size
+    intensity, desc = build_eval_intensity(cfg)
+    return EvalTransform(size, list(cfg.crops.mean), list(cfg.crops.std), int(cfg.data.channels), intensity, desc,
+                         int(getattr(cfg.data, "slices", 1)), int(getattr(cfg.data, "slice_stride", 1)))
+
+
+class EvalImages(torch.utils.data.Dataset):
+    def __init__(self, items: Sequence[LabelledItem], transform: EvalTransform) -> None:
+        self.items = list(items)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> Tensor:
+        return self.transform.load(self.items[i])
