@@ -137,8 +137,8 @@ def test_shapes_view_major_batch_independence_normalisation_and_seeding() -> Non
     torch.testing.assert_close(one["local_crops"][:, 0], out["local_crops"][:, 2])  # view-major, per image
     flat = crops(torch.full((2, 1, 40, 50), 0.5), step=0)
     assert flat["global_crops"].abs().max() < 1e-5 and flat["local_crops"].abs().max() < 1e-5
-    with pytest.raises(ValueError, match="crops.blur_prob"):
-        GPUMultiCrop(CropsConfig(blur_prob=0.5), channels=3)
+    with pytest.raises(ValueError, match="crops.local_blur_prob"):
+        GPUMultiCrop(CropsConfig(local_blur_prob=0.5), channels=3)
 
 
 def test_canvas_keeps_small_images_replicate_pads_and_downscales_large_ones() -> None:

@@ -37,6 +37,7 @@ class DataConfig:
     intensity: Literal["identity", "range", "window"] = "identity"  # source units -> [0, 1]: as is, range, HU window
     value_range: list[float] = field(default_factory=lambda: [0.0, 1.0])  # [low, high] -> [0, 1] for intensity=range
     windows: list[str] = field(default_factory=lambda: ["lung"])  # HU windows (preset or 'centre:width'), channels each
-    random_window_prob: float = 0.0  # chance per sample and window of a random HU window instead (DINO-X)
+    random_window_prob: float = 0.0  # chance per sample (or view) and window of a random HU window instead (DINO-X)
+    random_window_per_view: bool = False  # a fresh random window for every crop, as DINO-X (else per sample)
     window_center_range: list[float] = field(default_factory=lambda: [-600.0, 400.0])  # random window centre (HU)
     window_width_range: list[float] = field(default_factory=lambda: [300.0, 2000.0])  # random window width (HU)

@@ -54,7 +54,8 @@ from medfoundry.data.views import sample_seed
 
 Backend = Literal["grid_sample", "roi_align"]
 
-_UNSUPPORTED = ("color_jitter_prob", "grayscale_prob", "blur_prob", "solarize_prob")
+_UNSUPPORTED = ("color_jitter_prob", "grayscale_prob", "global1_blur_prob", "global2_blur_prob", "local_blur_prob",
+                "solarize_prob")
 
 
 @dataclass
@@ -385,13 +386,22 @@ def build_gpu_dino_loader(
     boxes, flips and masks under the sample's seed; the device crops the whole batch at once.
     ``device`` defaults to ``train.device`` resolved as the training loop does.
     """
-    from medfoundry.data.loader import build_intensity, build_mask_sampler, check_crop_sizes, step_loader
+    from medfoundry.data.loader import (
+        build_intensity,
+        build_mask_sampler,
+        check_crop_sizes,
+        per_view_intensity,
+        step_loader,
+    )
     from medfoundry.data.sources import build_source
     from medfoundry.data.views import SeededViews, ViewsSpec
     from medfoundry.train.precision import resolve_device
 
     c = cfg.crops
     check_crop_sizes(c, patch_size)
+    if per_view_intensity(cfg):
+        raise ValueError("data.random_window_per_view is not implemented by crops.device=gpu (workers map intensity "
+                         "once per image); set crops.device=cpu or data.random_window_per_view=false")
     device = device or resolve_device(cfg.train.device)
     grid = (c.global_size // patch_size, c.global_size // patch_size)
     views = CanvasViews(c, cfg.data.channels, storage_size, build_mask_sampler(cfg.dino), grid)

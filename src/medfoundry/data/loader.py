@@ -20,6 +20,16 @@ def build_intensity(cfg: RunConfig):
     return build_intensity_transform(cfg.data)
 
 
+def per_view_intensity(cfg: RunConfig) -> bool:
+    """Whether the intensity mapping runs once per crop (DINO-X's per-view random HU window)."""
+    if not cfg.data.random_window_per_view:
+        return False
+    if cfg.data.intensity != "window" or cfg.data.random_window_prob <= 0:
+        raise ValueError("data.random_window_per_view=true needs data.intensity=window and data.random_window_prob > 0 "
+                         f"(got intensity={cfg.data.intensity}, random_window_prob={cfg.data.random_window_prob})")
+    return True
+
+
 def check_crop_sizes(crops: CropsConfig, patch_size: int) -> None:
     """Crop sides must be multiples of the backbone's patch size; the error names the key."""
     if crops.global_size % patch_size:
@@ -53,10 +63,12 @@ def step_loader(dataset: Dataset, cfg: RunConfig, start_step: int, rank: int, wo
 def build_dino_loader(cfg: RunConfig, patch_size: int, start_step: int, rank: int, world_size: int) -> DataLoader:
     """Infinite loader of view-major multi-crop batches for this rank, positioned at ``start_step``."""
     check_crop_sizes(cfg.crops, patch_size)
+    intensity = build_intensity(cfg)
+    per_view = per_view_intensity(cfg)
     dataset = SeededViews(
         build_source(cfg.data),
-        MultiCropTransform(cfg.crops, cfg.data.channels),
-        intensity=build_intensity(cfg),
+        MultiCropTransform(cfg.crops, cfg.data.channels, view_intensity=intensity if per_view else None),
+        intensity=None if per_view else intensity,
         seed=cfg.train.seed,
         spec=ViewsSpec(build_mask_sampler(cfg.dino), patch_size, cfg.crops.global_size),
     )

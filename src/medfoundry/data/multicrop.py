@@ -1,14 +1,22 @@
 """Multi-crop views for DINO-family training (Caron et al. 2020 SwAV; 2021 DINO).
 
 Global crops (seen by teacher and student) and local crops (student only), each a random resized
-crop with optional flip. Photometric augmentations (colour jitter, greyscale, blur, solarisation)
-exist but are off in the medical recipes: they change Hounsfield-unit semantics. All randomness comes
-from torch's global RNG, which :mod:`medfoundry.data.views` seeds per sample for exact resume.
+crop with optional flip. Photometric augmentations follow DINOv2's ``DataAugmentationDINO``
+(``dinov2/data/augmentations.py``): colour jitter of configurable strengths, random greyscale, a
+Gaussian blur whose probability is set per crop type (DINOv2: 1.0 for the first global crop, 0.1 for
+the second, 0.5 for local crops) and solarisation on the second global crop only. They are off in the
+medical recipes: they change Hounsfield-unit semantics.
+
+With a per-view intensity transform (``data.random_window_per_view``, DINO-X's random HU window drawn
+afresh for every view) the transform receives the image in source units and maps it to [0, 1] once per
+crop before cropping, as DINO-X windows the slice and then augments it. All randomness comes from
+torch's global RNG, which :mod:`medfoundry.data.views` seeds per sample for exact resume.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torchvision.transforms.v2.functional as TF
@@ -37,17 +45,39 @@ def random_resized_crop_box(height: int, width: int, scale: tuple[float, float])
 
 
 class MultiCropTransform:
-    """Image (C, H, W) in [0, 1] -> ``{"global": [n_global x (C, S, S)], "local": [n_local x (C, s, s)]}``."""
+    """Image (C, H, W) in [0, 1] -> ``{"global": [n_global x (C, S, S)], "local": [n_local x (C, s, s)]}``.
 
-    def __init__(self, cfg: CropsConfig, channels: int) -> None:
+    Args:
+        cfg: the ``crops`` section.
+        channels: channels of the model input.
+        view_intensity: optional per-view intensity transform (source units -> [0, 1]); when given, the
+            input is in source units and each crop is cut from its own freshly mapped copy.
+    """
+
+    def __init__(self, cfg: CropsConfig, channels: int,
+                 view_intensity: Callable[[Tensor], Tensor] | None = None) -> None:
+        if len(cfg.color_jitter) != 4 or any(v < 0 for v in cfg.color_jitter) or cfg.color_jitter[3] > 0.5:
+            raise ValueError(f"crops.color_jitter={cfg.color_jitter} must be [brightness, contrast, saturation, "
+                             "hue] strengths >= 0 with hue <= 0.5 (DINOv2: [0.4, 0.4, 0.2, 0.1])")
         self.cfg = cfg
         self.channels = channels
+        self.view_intensity = view_intensity
         self.interp = InterpolationMode.BICUBIC if cfg.interpolation == "bicubic" else InterpolationMode.BILINEAR
         self.mean = _per_channel(cfg.mean, channels, "crops.mean")
         self.std = _per_channel(cfg.std, channels, "crops.std")
 
+    def blur_prob(self, index: int, is_global: bool) -> float:
+        """Blur probability of a crop: ``global1_blur_prob`` for the first global crop, ``global2_blur_prob``
+        for the others, ``local_blur_prob`` for local crops (DINOv2's 1.0 / 0.1 / 0.5)."""
+        c = self.cfg
+        if not is_global:
+            return c.local_blur_prob
+        return c.global1_blur_prob if index == 0 else c.global2_blur_prob
+
     def _crop(self, img: Tensor, size: int, scale: list[float], region, index: int, is_global: bool) -> Tensor:
         c = self.cfg
+        if self.view_intensity is not None:
+            img = self._checked(self.view_intensity(img))
         h, w = img.shape[-2:]
         if region is not None:
             from medfoundry.data.transforms.label_guided import label_guided_crop_box
@@ -59,33 +89,42 @@ class MultiCropTransform:
         if c.hflip_prob > 0 and float(torch.rand(1)) < c.hflip_prob:
             out = TF.horizontal_flip(out)
         if self.channels == 3 and c.color_jitter_prob > 0 and float(torch.rand(1)) < c.color_jitter_prob:
-            out = _color_jitter(out)
+            out = _color_jitter(out, c.color_jitter)
         if self.channels == 3 and c.grayscale_prob > 0 and float(torch.rand(1)) < c.grayscale_prob:
             out = TF.rgb_to_grayscale(out, num_output_channels=3)
-        if c.blur_prob > 0 and float(torch.rand(1)) < c.blur_prob:
+        blur_prob = self.blur_prob(index, is_global)
+        if blur_prob > 0 and float(torch.rand(1)) < blur_prob:
             sigma = float(torch.empty(1).uniform_(0.1, 2.0))
             k = max(3, int(2 * math.ceil(3 * sigma) + 1))
             out = TF.gaussian_blur(out, [k, k], [sigma, sigma])
         if is_global and index == 1 and c.solarize_prob > 0 and float(torch.rand(1)) < c.solarize_prob:
             out = torch.where(out >= 0.5, 1.0 - out, out)
-        out = out.clamp(0.0, 1.0) if (c.color_jitter_prob > 0 or c.blur_prob > 0) else out
+        out = out.clamp(0.0, 1.0) if (c.color_jitter_prob > 0 or blur_prob > 0) else out
         return TF.normalize(out, self.mean, self.std)
+
+    def _checked(self, img: Tensor) -> Tensor:
+        if img.shape[0] != self.channels:
+            raise ValueError(f"image has {img.shape[0]} channels, transform expects {self.channels}")
+        return img
 
     def __call__(self, img: Tensor, region=None) -> dict[str, list[Tensor]]:
         """The global and local views of one image."""
-        if img.shape[0] != self.channels:
-            raise ValueError(f"image has {img.shape[0]} channels, transform expects {self.channels}")
+        if self.view_intensity is None:
+            self._checked(img)
         c = self.cfg
         glob = [self._crop(img, c.global_size, c.global_scale, region, i, True) for i in range(c.n_global)]
         loc = [self._crop(img, c.local_size, c.local_scale, region, i, False) for i in range(c.n_local)]
         return {"global": glob, "local": loc}
 
 
-def _color_jitter(img: Tensor) -> Tensor:
-    b = float(torch.empty(1).uniform_(0.6, 1.4))
-    c = float(torch.empty(1).uniform_(0.6, 1.4))
-    s = float(torch.empty(1).uniform_(0.8, 1.2))
-    h = float(torch.empty(1).uniform_(-0.1, 0.1))
+def _color_jitter(img: Tensor, strengths: list[float]) -> Tensor:
+    """torchvision ``ColorJitter(brightness, contrast, saturation, hue)`` semantics: factors uniform in
+    [1 - s, 1 + s] (hue shift in [-s, s]), applied in a random order."""
+    sb, sc, ss, sh = (float(v) for v in strengths)
+    b = float(torch.empty(1).uniform_(max(0.0, 1 - sb), 1 + sb))
+    c = float(torch.empty(1).uniform_(max(0.0, 1 - sc), 1 + sc))
+    s = float(torch.empty(1).uniform_(max(0.0, 1 - ss), 1 + ss))
+    h = float(torch.empty(1).uniform_(-sh, sh))
     order = torch.randperm(4).tolist()
     for i in order:
         if i == 0:
