@@ -72,3 +72,36 @@ def test_last_layer_frozen_early() -> None:
     method.before_optimizer_step(2)
     last = [p for n, p in method.student.named_parameters() if "last_layer" in n and p.requires_grad]
     assert last and all(p.grad is None for p in last)
+
+
+def _reference_koleo(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """DINOv2's KoLeo (``dinov2/loss/koleo_loss.py``) written out: -mean log distance to the nearest other row."""
+    z = torch.nn.functional.normalize(x, eps=eps, p=2, dim=-1)
+    dots = z @ z.t()
+    dots.view(-1)[:: z.shape[0] + 1].fill_(-1)
+    nearest = dots.argmax(dim=1)
+    return -torch.log(torch.nn.functional.pairwise_distance(z, z[nearest], 2, eps=eps) + eps).mean()
+
+
+def _reference_kde(x: torch.Tensor, kappa: float = 5.0) -> torch.Tensor:
+    """OpenMidnight's KDE term per crop: mean_i log sum_j exp(kappa cos(x_i, x_j)) (up to constants)."""
+    z = torch.nn.functional.normalize(x, dim=-1)
+    return torch.logsumexp(kappa * z @ z.t(), dim=1).mean()
+
+
+def test_koleo_and_kde_are_summed_over_global_crops() -> None:
+    """DINOv2 (ssl_meta_arch.py: sum over student_cls_tokens.chunk(2)) and OpenMidnight sum, not average."""
+    cfg = load_config(None, [*BASE, "dino.koleo_weight=0.1", "dino.kde_weight=0.05"])
+    method = DINOMethod(cfg.model, cfg.dino, total_steps=10)
+    batch = _batch()
+    out = method(batch, step=0)
+    with torch.no_grad():
+        cls = method.student["backbone"].forward_features(batch["global_crops"].flatten(0, 1)).cls.float()
+    koleo_ref = sum(_reference_koleo(c) for c in cls.chunk(2))
+    torch.testing.assert_close(out["koleo_loss"], koleo_ref, rtol=1e-5, atol=1e-6)
+    kde_one = [method.kde_loss(c) for c in cls.chunk(2)]
+    torch.testing.assert_close(out["kde_loss"], sum(kde_one), rtol=1e-5, atol=1e-6)
+    # the KDE term differs from OpenMidnight's logsumexp form only by a constant per crop (kernel normalisation)
+    diffs = [float(k - _reference_kde(c)) for k, c in zip(kde_one, cls.chunk(2))]
+    assert diffs[0] == pytest.approx(diffs[1], abs=1e-4)
+    assert cfg.dino.koleo_weight == 0.1 and cfg.dino.kde_weight == 0.05  # the weights themselves unchanged

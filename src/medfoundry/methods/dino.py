@@ -122,7 +122,12 @@ class DINOMethod(Method):
         return loss.teacher_probs_centered(logits, temp)
 
     def forward(self, batch: dict, step: int) -> dict[str, Tensor]:
-        """All active loss terms for one multi-crop batch (view-major tensors, see ``collate_views``)."""
+        """All active loss terms for one multi-crop batch (view-major tensors, see ``collate_views``).
+
+        KoLeo and KDE are computed on each global crop's student class tokens separately (two views of
+        one image are never neighbours) and **summed** over the global crops, as DINOv2
+        (``ssl_meta_arch.py``), DINOv3 and OpenMidnight do: ``koleo_weight: 0.1`` means what it means there.
+        """
         c = self.cfg
         glob: Tensor = batch["global_crops"]
         n_g, b = glob.shape[:2]
@@ -163,11 +168,13 @@ class DINOMethod(Method):
             s_patch_logits = self._ibot_head(self.student)(s_out.patch[masks]).float()
             image_index = torch.arange(n_g * b, device=glob.device)[:, None].expand_as(masks)[masks]
             terms["ibot_loss"] = self.ibot_loss(s_patch_logits, t_patch_probs, image_index, n_g * b)
+        # KoLeo and KDE per global crop, summed over the crops as DINOv2 (ssl_meta_arch.py, KoLeo over
+        # chunk(2)), DINOv3 and OpenMidnight do, so a published weight means the same here
         s_cls_views = s_out.cls.float().view(n_g, b, -1)
         if c.koleo_weight > 0:
-            terms["koleo_loss"] = sum(self.koleo_loss(v) for v in s_cls_views) / n_g
+            terms["koleo_loss"] = sum(self.koleo_loss(v) for v in s_cls_views)
         if c.kde_weight > 0:
-            terms["kde_loss"] = sum(self.kde_loss(v) for v in s_cls_views) / n_g
+            terms["kde_loss"] = sum(self.kde_loss(v) for v in s_cls_views)
         if use_gram:
             terms["gram_loss"] = self.gram_loss(s_out.patch.float(), gram_target.float())
 

@@ -10,37 +10,56 @@ from medfoundry.config.schema import HeadConfig
 
 
 class DINOHead(nn.Module):
-    """DINO projection head (Caron et al. 2021, "Emerging Properties in Self-Supervised ViTs").
+    """Projection head of the DINO family, in one of two forms chosen by ``HeadConfig.kind``.
 
-    An MLP (GELU, ``nlayers`` linear layers) maps a token to a ``bottleneck_dim`` vector, which is
-    L2-normalised and scored against ``out_dim`` prototypes by a weight-normalised linear layer
-    without bias whose norm is fixed at 1 (``last_layer``; frozen early in training by the method).
-    DINOv2 uses the same head for the class token (DINO) and the masked patch tokens (iBOT).
+    ``dino`` (Caron et al. 2021, "Emerging Properties in Self-Supervised ViTs"): an MLP (GELU,
+    ``nlayers`` linear layers) maps a token to a ``bottleneck_dim`` vector, which is L2-normalised and
+    scored against ``out_dim`` prototypes by a weight-normalised linear layer without bias whose norm
+    is fixed at 1. DINOv2 uses the same head for the class token (DINO) and masked patch tokens (iBOT).
+
+    ``mlp`` (DINO-X, ``zoo/arch.py`` ``DinoStudentTeacher``): a plain MLP of ``nlayers`` linear layers
+    with GELU between them and biases, ending in ``out_dim`` outputs: no bottleneck, no normalisation,
+    no weight norm, PyTorch's default initialisation. DINO-X's head is ``nlayers=2``, ``hidden_dim=0`` (the
+    backbone width), ``out_dim=8192``.
+
+    In both forms the final layer is ``last_layer`` (frozen early in training by the method).
     """
 
     def __init__(self, in_dim: int, cfg: HeadConfig) -> None:
         super().__init__()
         if cfg.nlayers < 1:
-            raise ValueError(f"head nlayers must be >= 1, got {cfg.nlayers}")
+            raise ValueError(f"dino.head.nlayers must be >= 1, got {cfg.nlayers}")
+        if cfg.hidden_dim < 0:
+            raise ValueError(f"dino.head.hidden_dim must be >= 0 (0 = backbone width), got {cfg.hidden_dim}")
+        self.kind = cfg.kind
+        hidden = cfg.hidden_dim or in_dim
+        n_mlp = cfg.nlayers - 1 if cfg.kind == "mlp" else cfg.nlayers
         layers: list[nn.Module] = []
         dim = in_dim
-        for _ in range(cfg.nlayers - 1):
-            layers += [nn.Linear(dim, cfg.hidden_dim), nn.GELU()]
-            dim = cfg.hidden_dim
-        layers.append(nn.Linear(dim, cfg.bottleneck_dim))
+        for i in range(n_mlp):
+            last = i == n_mlp - 1
+            out = cfg.bottleneck_dim if (last and cfg.kind == "dino") else hidden
+            layers.append(nn.Linear(dim, out))
+            if not last or cfg.kind == "mlp":
+                layers.append(nn.GELU())
+            dim = out
         self.mlp = nn.Sequential(*layers)
-        self.apply(_init_linear)
-        self.last_layer = weight_norm(nn.Linear(cfg.bottleneck_dim, cfg.out_dim, bias=False))
-        with torch.no_grad():
-            self.last_layer.parametrizations.weight.original0.fill_(1.0)
-        self.last_layer.parametrizations.weight.original0.requires_grad_(False)
+        if cfg.kind == "mlp":
+            self.last_layer = nn.Linear(dim, cfg.out_dim)  # PyTorch's default init, as DINO-X's nn.Sequential head
+        else:
+            self.apply(_init_linear)
+            self.last_layer = weight_norm(nn.Linear(cfg.bottleneck_dim, cfg.out_dim, bias=False))
+            with torch.no_grad():
+                self.last_layer.parametrizations.weight.original0.fill_(1.0)
+            self.last_layer.parametrizations.weight.original0.requires_grad_(False)
         self.out_dim = cfg.out_dim
 
     def forward(self, x: Tensor) -> Tensor:
         """Prototype scores (…, out_dim) for tokens (…, in_dim)."""
         x = self.mlp(x)
-        eps = 1e-6 if x.dtype == torch.float16 else 1e-12
-        x = nn.functional.normalize(x, dim=-1, p=2, eps=eps)
+        if self.kind == "dino":
+            eps = 1e-6 if x.dtype == torch.float16 else 1e-12
+            x = nn.functional.normalize(x, dim=-1, p=2, eps=eps)
         return self.last_layer(x)
 
 
