@@ -60,9 +60,25 @@ def test_evalx_cli_tasks(trained: dict, task: str, capsys: pytest.CaptureFixture
     assert expected in results and expected in printed
     if task == "retrieval":
         assert 0.0 <= results["view_top1"] <= 1.0
-        assert results["view_chance"] == pytest.approx(1 / (2 * results["num_images"] - 1))
+        assert results["view_chance"] == pytest.approx(1 / results["num_images"])  # DINO-X: chance 1/N
     if task == "linear":
         assert results["linear_auc_ci_low"] <= results["linear_auc"] <= results["linear_auc_ci_high"]
+
+
+def test_evalx_cli_view_retrieval_is_label_free(trained: dict, capsys: pytest.CaptureFixture) -> None:
+    """No labelled set: the view retrieval reads the run's training images, or any folder given."""
+    out_json = trained["tmp"] / "label_free.json"
+    assert main(["eval", str(trained["run"]), "--task", "retrieval", "--json", str(out_json)]) == 0
+    res = json.loads(out_json.read_text())["pretrained"]
+    assert res["num_images"] == 6  # eval.retrieval_images of the run, capped by nothing (16 images)
+    other = trained["tmp"] / "unlabelled"
+    make_labelled_pngs(other, n=9)
+    assert main(["eval", str(trained["run"]), "--task", "retrieval", "--retrieval-data", str(other),
+                 "--retrieval-images", "100", "--json", str(out_json)]) == 0
+    res = json.loads(out_json.read_text())["pretrained"]
+    assert res["num_images"] == 9  # capped at the images available
+    assert res["view_retrieval_ratio"] == pytest.approx(res["view_top1"] * 9)
+    assert "label-free" in capsys.readouterr().out
 
 
 def test_evalx_cli_cache_random_init_and_compare(trained: dict, capsys: pytest.CaptureFixture) -> None:

@@ -1,5 +1,8 @@
 """Evaluate a checkpoint's frozen features: medfoundry eval CHECKPOINT --task knn|linear|retrieval|health --data SET.
 
+``retrieval`` is DINO-X's label-free view-retrieval ratio: it needs no ``--data``, only images
+(``--retrieval-data`` or the run's training data).
+
 CHECKPOINT is a run folder (its newest checkpoint, or ``best.pt`` with ``--best``) or a checkpoint
 file. SET is a labelled manifest (CSV/TSV/JSONL/Parquet with ``path`` and a label column, optional
 ``split``/``series``/``patient``) or a folder ``<label>/...`` or ``<split>/<label>/...``; it defaults
@@ -47,6 +50,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "or all (default: the run's eval.tasks)")
     parser.add_argument("--data", help="labelled set: manifest file or label-per-folder image folder "
                                        "(default: the run's eval.data)")
+    parser.add_argument("--retrieval-data", help="label-free image folder or prepared set for the DINO-X view "
+                                                 "retrieval (default: eval.retrieval_root, else the run's data.root)")
+    parser.add_argument("--retrieval-kind", help="data.kind of --retrieval-data (default: eval.retrieval_kind / "
+                                                 "data.kind)")
+    parser.add_argument("--retrieval-images", type=int, help="N of the view-retrieval ratio (default: "
+                                                             "eval.retrieval_images, DINO-X's 4096)")
     parser.add_argument("--label-column", help="manifest column with the label (default: eval.label_column)")
     parser.add_argument("--feature", choices=("cls", "mean_patch", "both"),
                         help="class token, mean patch token or both (default: eval.feature)")
@@ -127,26 +136,26 @@ def run(args: argparse.Namespace) -> int:
         loaded = load_backbone(path, random_init=random_init, which=which, device=args.device)
         tasks = feature_tasks or list(loaded.cfg.eval.tasks)
         data = args.data or loaded.cfg.eval.data
-        if not data:
-            print("medfoundry eval: no labelled data: pass --data MANIFEST (or set eval.data in the recipe)",
-                  file=sys.stderr)
-            return 2
+        retrieval = {"retrieval_root": args.retrieval_data, "retrieval_kind": args.retrieval_kind,
+                     "retrieval_images": args.retrieval_images}
         try:
             results, lset, from_cache = evaluate_backbone(
                 loaded, tasks, data=data, label_column=args.label_column, feature=args.feature,
                 aggregate=args.aggregate, img_size=args.img_size, query_split=args.split, knn_k=args.k,
                 n_bootstrap=args.n_bootstrap, cache_dir=args.cache_dir, use_cache=not args.no_cache,
+                retrieval=retrieval,
             )
         except (ValueError, FileNotFoundError) as err:
             print(f"medfoundry eval: {err}", file=sys.stderr)
             return 2
         name = "random_init" if random_init else "pretrained"
-        print(f"{loaded.checkpoint} ({loaded.label}); data {data}: {len(lset)} images, {lset.summary()}"
-              f"{'; features from cache' if from_cache else ''}")
+        summary = f"data {data}: {len(lset)} images, {lset.summary()}" if lset is not None else "label-free"
+        print(f"{loaded.checkpoint} ({loaded.label}); {summary}{'; features from cache' if from_cache else ''}")
         print(format_results(results, f"[{name}] tasks: {', '.join(tasks)}"))
         all_results[name] = results
         all_results.setdefault("meta", {"checkpoint": str(loaded.checkpoint), "step": loaded.step,
-                                        "data": str(data), "summary": lset.summary(), "classes": lset.classes,
+                                        "data": str(data), "summary": lset.summary() if lset else "",
+                                        "classes": lset.classes if lset else [],
                                         "label_column": args.label_column or loaded.cfg.eval.label_column})
     if args.compare_random:
         meta = all_results["meta"]

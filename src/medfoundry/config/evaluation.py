@@ -43,10 +43,15 @@ class EvalConfig:
     feature: Literal["cls", "mean_patch", "both"] = "cls"  # class token, mean patch token, or both concatenated
     aggregate: Literal["none", "series"] = "none"  # "series": mean of a series' slice features (3-D evaluation)
     tasks: list[str] = field(default_factory=lambda: ["knn", "linear", "health"])  # knn|linear|retrieval|health
+    # retrieval = DINO-X's label-free view-retrieval ratio on retrieval_root (needs no eval.data)
     knn_k: list[int] = field(default_factory=lambda: [10, 20])  # neighbours for the weighted kNN
     knn_temperature: float = 0.07  # DINO's kNN vote temperature
     n_bootstrap: int = 200  # bootstrap resamples for the linear probe's confidence intervals
-    retrieval_images: int = 64  # images (two augmented views each) for the view-retrieval ratio
+    retrieval_images: int = 4096  # N of DINO-X's view-retrieval ratio (its default; capped at the images available)
+    retrieval_root: str = ""  # label-free images for the view retrieval: folder or prepared set ("" = data.root)
+    retrieval_kind: str = ""  # data.kind of retrieval_root ("" = data.kind)
+    retrieval_split: str = ""  # manifest/prepared split for the view retrieval ("" = data.split; DINO-X: val)
+    retrieval_seed: int = 0  # seed of the image sample and of the two views drawn per image
     batch_size: int = 64  # images per forward pass during feature extraction
     best_metric: str = "knn_top1_k20"  # metric selecting RUN/best.pt ("" = no best checkpoint)
     best_mode: Literal["max", "min"] = "max"  # whether a higher or lower best_metric is better

@@ -10,7 +10,7 @@ from .knn import knn_classify, knn_evaluate
 from .linear_probe import DEFAULT_CS, linear_probe
 from .metrics import accuracy, auc_roc, balanced_accuracy, bootstrap_ci
 from .monitors import CollapseDetector, EntropyWallDetector, RepresentationHealthError
-from .retrieval import retrieval_recall_at_k, view_retrieval_ratio
+from .retrieval import dinox_view_retrieval, retrieval_recall_at_k
 
 __all__ = [
     "DEFAULT_CS",
@@ -21,11 +21,11 @@ __all__ = [
     "auc_roc",
     "balanced_accuracy",
     "bootstrap_ci",
+    "dinox_view_retrieval",
     "effective_rank",
     "knn_classify",
     "knn_evaluate",
     "linear_probe",
     "representation_health",
     "retrieval_recall_at_k",
-    "view_retrieval_ratio",
 ]

@@ -24,8 +24,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from medfoundry.eval.eval_images import EvalImages, EvalTransform, build_eval_intensity, read_eval_image
-from medfoundry.eval.labelled_set import LabelledItem, LabelledSet
+from medfoundry.eval.eval_images import EvalImages, EvalTransform
+from medfoundry.eval.labelled_set import LabelledSet
 
 FeatureKind = Literal["cls", "mean_patch", "both"]
 
@@ -193,43 +193,3 @@ def cached_features(
     np.savez(tmp, feats=fs.feats, meta=np.array(json.dumps(fs.meta)))
     os.replace(tmp, path)
     return fs, False
-
-
-# ----------------------------------------------------------------------------------------------- augmented views
-@torch.no_grad()
-def view_pair_features(
-    backbone: nn.Module,
-    items: Sequence[LabelledItem],
-    cfg: Any,
-    feature: FeatureKind = "cls",
-    seed: int = 0,
-    batch_size: int = 64,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Features of two augmented views per image, for :func:`medfoundry.eval.view_retrieval_ratio`.
-
-    The views are the run's two global crops (``cfg.crops``: random resized crop, flip and whatever
-    else the recipe enables; no local crops) after the run's training intensity mapping (random HU
-    windows included: they are augmentations too), drawn under a torch RNG seeded with ``seed + i``
-    for image ``i`` so the protocol is reproducible.
-    """
-    import copy
-
-    from medfoundry.data.multicrop import MultiCropTransform
-
-    crops = copy.copy(cfg.crops)
-    crops.n_global, crops.n_local = 2, 0
-    channels = int(cfg.data.channels)
-    views = MultiCropTransform(crops, channels)
-    intensity, _ = build_eval_intensity(cfg, deterministic=False)
-    plain = EvalTransform(crops.global_size, list(crops.mean), list(crops.std), channels, intensity)
-    a, b = [], []
-    for i, it in enumerate(items):
-        image = read_eval_image(it, int(getattr(cfg.data, "slices", 1)), int(getattr(cfg.data, "slice_stride", 1)))
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed + i)
-            v = views(plain.map_intensity(image))["global"]
-        a.append(v[0])
-        b.append(v[1])
-    fa = extract_features(backbone, a, feature, batch_size)
-    fb = extract_features(backbone, b, feature, batch_size)
-    return fa, fb

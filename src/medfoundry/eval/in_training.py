@@ -2,7 +2,8 @@
 
 :func:`build` (registered with :func:`medfoundry.train.hooks.register_hook_builder`) returns
 
-* an :class:`EvaluationHook` when ``eval.every_steps > 0`` and ``eval.data`` names a labelled set:
+* an :class:`EvaluationHook` when ``eval.every_steps > 0`` and ``eval.data`` names a labelled set (or
+  ``eval.tasks`` holds the label-free ``retrieval``, DINO-X's view-retrieval ratio on the training data):
   every ``every_steps`` steps (and at the last step) the method's evaluation backbone (the EMA
   teacher for DINO) embeds the labelled set and the configured tasks run on the features; results
   are logged with the training metrics as ``eval/<name>``, appended to ``RUN/eval/history.jsonl``,
@@ -72,10 +73,12 @@ class EvaluationHook:
         if unknown:
             raise ConfigError(f"'eval.tasks' = {cfg.eval.tasks}: unknown task(s) {unknown}; known: {list(TASKS)}")
         ec = cfg.eval
-        try:  # read the labelled set now, so a wrong path fails at start-up rather than at the first evaluation
-            self._lset = load_labelled_set(ec.data, ec.label_column, ec.split_fractions, ec.split_seed)
-        except (FileNotFoundError, ValueError) as err:
-            raise ConfigError(f"'eval.data' = {ec.data!r}: {err}") from err
+        self._lset = None  # label-free runs evaluate only the view retrieval
+        if ec.data:
+            try:  # read the labelled set now, so a wrong path fails at start-up rather than at the first evaluation
+                self._lset = load_labelled_set(ec.data, ec.label_column, ec.split_fractions, ec.split_seed)
+            except (FileNotFoundError, ValueError) as err:
+                raise ConfigError(f"'eval.data' = {ec.data!r}: {err}") from err
         self.cfg = cfg
         self.every = int(cfg.eval.every_steps)
         self.last_step = int(cfg.train.steps)
@@ -118,6 +121,22 @@ class EvaluationHook:
         return out
 
     # -- evaluation ----------------------------------------------------------------------------------------------
+    def _features(self, backbone: nn.Module):
+        """Features of the labelled set (preprocessed once and kept in memory when it is small)."""
+        from medfoundry.eval.eval_images import EvalImages
+        from medfoundry.eval.features import FeatureSet, extract_features
+
+        if self._transform is None:
+            self._prepare()
+        ec = self.cfg.eval
+        images = self._images if self._images is not None else EvalImages(self._lset.items, self._transform)
+        feats = extract_features(backbone, images, ec.feature, ec.batch_size)
+        fs = FeatureSet(
+            feats, self._lset.labels, self._lset.splits, self._lset.classes,
+            [it.path for it in self._lset.items], [it.series for it in self._lset.items], {"feature": ec.feature},
+        )
+        return fs.aggregate_series() if ec.aggregate == "series" else fs
+
     def _prepare(self) -> None:
         from medfoundry.eval.eval_images import EvalImages, eval_transform_from_config
 
@@ -133,31 +152,18 @@ class EvaluationHook:
 
     def evaluate(self, method: nn.Module) -> dict[str, float]:
         """Run the configured tasks on the current evaluation backbone (no gradients, eval mode)."""
-        from medfoundry.eval.eval_images import EvalImages
-        from medfoundry.eval.features import FeatureSet, extract_features, view_pair_features
-        from medfoundry.eval.tasks import evaluate_features, retrieval_metrics
+        from medfoundry.eval.tasks import evaluate_features, view_retrieval_metrics
 
-        if self._transform is None:
-            self._prepare()
-        assert self._transform is not None
         ec = self.cfg.eval
         backbone = method.eval_backbone()
-        images = self._images if self._images is not None else EvalImages(self._lset.items, self._transform)
-        feats = extract_features(backbone, images, ec.feature, ec.batch_size)
-        fs = FeatureSet(
-            feats, self._lset.labels, self._lset.splits, self._lset.classes,
-            [it.path for it in self._lset.items], [it.series for it in self._lset.items], {"feature": ec.feature},
-        )
-        if ec.aggregate == "series":
-            fs = fs.aggregate_series()
+        fs = self._features(backbone) if self._lset is not None else None
         results: dict[str, float] = {}
         for task in ec.tasks:  # a task that cannot run on this set (e.g. one class) warns once, training goes on
             try:
                 if task == "retrieval":
-                    pool = [it for it in self._lset.items if it.split == "val"] or list(self._lset.items)
-                    fa, fb = view_pair_features(backbone, pool[: max(2, ec.retrieval_images)], self.cfg,
-                                                ec.feature, seed=ec.split_seed, batch_size=ec.batch_size)
-                    results.update(retrieval_metrics(fa, fb))
+                    results.update(view_retrieval_metrics(backbone, self.cfg, ec.feature, ec.batch_size))
+                elif fs is None:
+                    raise ValueError("it needs a labelled set (eval.data)")
                 else:
                     results.update(evaluate_features(fs, [task], ec.knn_k, ec.knn_temperature, ec.n_bootstrap,
                                                      seed=ec.split_seed, query_split="test", val_knn=True))
@@ -231,12 +237,13 @@ def build(cfg: RunConfig) -> list[Hook]:
     hooks: list[Hook] = []
     monitor = MonitorHook(cfg)
     if cfg.eval.every_steps > 0:
-        if cfg.eval.data:
+        if cfg.eval.data or "retrieval" in cfg.eval.tasks:
             evaluation = EvaluationHook(cfg)
             evaluation.monitor = monitor if monitor.active else None
             hooks.append(evaluation)
         else:
-            _say("warning: eval.every_steps is set but eval.data is empty; in-training evaluation is off")
+            _say("warning: eval.every_steps is set but eval.data is empty and eval.tasks has no label-free "
+                 "'retrieval'; in-training evaluation is off")
     if monitor.active:
         hooks.append(monitor)
     return hooks

@@ -12,9 +12,10 @@ One flat ``{name: float}`` result per call, with the same names in the CLI, in-t
 * ``health``: representation health over all samples: ``health_active_dims``,
   ``health_active_dims_frac``, ``health_mean_pairwise_cosine``, ``health_feature_std``,
   ``health_effective_rank``, ``health_class_separation``.
-* ``retrieval``: the DINO-X view-retrieval ratio, computed from augmented view pairs by
-  :func:`retrieval_metrics` (it needs images, not fixed features): ``view_top1``,
-  ``view_retrieval_ratio``, ``view_chance``.
+* ``retrieval``: DINO-X's label-free view-retrieval ratio (top-1 of finding an image's view 2 from its
+  view 1 among ``N`` images' view 2, times ``N``), computed from augmented view pairs of the images
+  in ``eval.retrieval_root`` (default: the training data) by :func:`view_retrieval_metrics`:
+  ``view_top1``, ``view_retrieval_ratio``, ``view_chance``, ``num_images``.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from medfoundry.eval.health import representation_health
 from medfoundry.eval.knn import knn_evaluate
 from medfoundry.eval.labelled_set import LabelledSet
 from medfoundry.eval.linear_probe import linear_probe
-from medfoundry.eval.retrieval import view_retrieval_ratio
+from medfoundry.eval.retrieval import dinox_view_retrieval
 
 if TYPE_CHECKING:
     from medfoundry.eval.load import LoadedBackbone
@@ -79,10 +80,13 @@ def health_metrics(fs: FeatureSet) -> dict[str, float]:
     return {f"health_{k}": float(res[k]) for k in keys if k in res}
 
 
-def retrieval_metrics(feats_a: np.ndarray, feats_b: np.ndarray) -> dict[str, float]:
-    """DINO-X view retrieval from the features of two augmented views per image."""
-    res = view_retrieval_ratio(feats_a, feats_b)
-    return {k: float(res[k]) for k in ("view_top1", "view_retrieval_ratio", "view_chance", "num_images")}
+def view_retrieval_metrics(backbone, cfg, feature: str = "cls", batch_size: int = 64) -> dict[str, float]:
+    """DINO-X's view-retrieval ratio of ``backbone`` on ``eval.retrieval_images`` images of the run's
+    label-free retrieval set (see :mod:`medfoundry.eval.view_pairs`)."""
+    from medfoundry.eval.view_pairs import view_pair_features
+
+    fa, fb, _ = view_pair_features(backbone, cfg, feature, batch_size=batch_size)
+    return dinox_view_retrieval(fa, fb)
 
 
 def evaluate_features(
@@ -151,15 +155,20 @@ def evaluate_backbone(
     n_bootstrap: int | None = None,
     cache_dir: str | Path | None = None,
     use_cache: bool = True,
-) -> tuple[dict[str, float], LabelledSet, bool]:
-    """Evaluate a loaded backbone on a labelled set; unset arguments come from the run's ``eval`` section.
+    retrieval: dict | None = None,
+) -> tuple[dict[str, float], LabelledSet | None, bool]:
+    """Evaluate a loaded backbone; unset arguments come from the run's ``eval`` section.
 
-    Features are read from / written to the feature cache (keyed by the checkpoint identity, the
-    labelled set's content and the extraction settings). Returns ``(results, labelled set,
-    features_from_cache)``.
+    The feature tasks (knn, linear, health) run on a labelled set; features are read from / written to
+    the feature cache (keyed by the checkpoint identity, the labelled set's content and the extraction
+    settings). ``retrieval`` is label-free: it reads ``eval.retrieval_*`` (overridden by the
+    ``retrieval`` dict, e.g. ``{"retrieval_root": ..., "retrieval_images": ...}``). Returns
+    ``(results, labelled set or None when no feature task ran, features_from_cache)``.
     """
+    import dataclasses
+
     from medfoundry.eval.eval_images import eval_transform_from_config
-    from medfoundry.eval.features import cached_features, view_pair_features
+    from medfoundry.eval.features import cached_features
     from medfoundry.eval.labelled_set import load_labelled_set
 
     cfg = loaded.cfg
@@ -167,20 +176,25 @@ def evaluate_backbone(
     data = data or ec.data
     feature = feature or ec.feature
     aggregate = aggregate or ec.aggregate
-    lset = load_labelled_set(data, label_column or ec.label_column, ec.split_fractions, ec.split_seed)
-    transform = eval_transform_from_config(cfg, img_size)
-    cache = cache_dir if cache_dir is not None else default_feature_cache(loaded.checkpoint)
-    use_cache = use_cache and ec.cache_features
-    fs, from_cache = cached_features(loaded.backbone, loaded.identity if use_cache else "", lset, transform,
-                                     feature, ec.batch_size, cache_dir=cache)
-    if aggregate == "series":
-        fs = fs.aggregate_series()
-    results = evaluate_features(fs, [t for t in tasks if t != "retrieval"], knn_k or ec.knn_k, ec.knn_temperature,
-                                ec.n_bootstrap if n_bootstrap is None else n_bootstrap, seed=ec.split_seed,
-                                query_split=query_split)
+    feature_tasks = [t for t in tasks if t != "retrieval"]
+    results: dict[str, float] = {}
+    lset, from_cache = None, False
+    if feature_tasks:
+        if not data:
+            raise ValueError(f"tasks {feature_tasks} need labelled data: pass --data MANIFEST (or set eval.data)")
+        lset = load_labelled_set(data, label_column or ec.label_column, ec.split_fractions, ec.split_seed)
+        transform = eval_transform_from_config(cfg, img_size)
+        cache = cache_dir if cache_dir is not None else default_feature_cache(loaded.checkpoint)
+        use_cache = use_cache and ec.cache_features
+        fs, from_cache = cached_features(loaded.backbone, loaded.identity if use_cache else "", lset, transform,
+                                         feature, ec.batch_size, cache_dir=cache)
+        if aggregate == "series":
+            fs = fs.aggregate_series()
+        results.update(evaluate_features(fs, feature_tasks, knn_k or ec.knn_k, ec.knn_temperature,
+                                         ec.n_bootstrap if n_bootstrap is None else n_bootstrap,
+                                         seed=ec.split_seed, query_split=query_split))
     if "retrieval" in tasks:
-        pool = [it for it in lset.items if it.split == query_split] or list(lset.items)
-        items = pool[: max(2, ec.retrieval_images)]
-        fa, fb = view_pair_features(loaded.backbone, items, cfg, feature, seed=ec.split_seed, batch_size=ec.batch_size)
-        results.update(retrieval_metrics(fa, fb))
+        overrides = {k: v for k, v in (retrieval or {}).items() if v not in (None, "")}
+        rcfg = dataclasses.replace(cfg, eval=dataclasses.replace(ec, **overrides)) if overrides else cfg
+        results.update(view_retrieval_metrics(loaded.backbone, rcfg, feature, ec.batch_size))
     return results, lset, from_cache
