@@ -31,12 +31,13 @@ class ModelConfig:
 
 @dataclass
 class HeadConfig:
-    """DINO projection head: MLP -> bottleneck -> weight-normalised prototypes (Caron et al. 2021)."""
+    """Projection head: DINO's MLP -> bottleneck -> weight-normalised prototypes (Caron et al. 2021), or a plain MLP."""
 
-    out_dim: int = 65536  # number of prototypes K
-    hidden_dim: int = 2048  # MLP hidden width
-    bottleneck_dim: int = 256  # L2-normalised bottleneck before the prototypes
-    nlayers: int = 3  # MLP depth (>= 1)
+    kind: Literal["dino", "mlp"] = "dino"  # dino: bottleneck + weight-normed prototypes; mlp: plain MLP (DINO-X)
+    out_dim: int = 65536  # number of prototypes K (the last layer's width)
+    hidden_dim: int = 2048  # MLP hidden width (0 = the backbone's width, as DINO-X's Linear(d, d))
+    bottleneck_dim: int = 256  # kind=dino: L2-normalised bottleneck before the prototypes
+    nlayers: int = 3  # linear layers before the prototypes (dino) / in all (mlp), >= 1
 
 
 @dataclass
@@ -60,8 +61,8 @@ class DinoConfig:
     mask_probability: float = 0.5  # share of global crops that get an iBOT mask
     mask_ratio_min: float = 0.1  # smallest masked-patch ratio
     mask_ratio_max: float = 0.5  # largest masked-patch ratio
-    koleo_weight: float = 0.0  # KoLeo regulariser on student class tokens (0 = off)
-    kde_weight: float = 0.0  # KDE uniformity regulariser (OpenMidnight) (0 = off)
+    koleo_weight: float = 0.0  # KoLeo on student class tokens, summed over global crops as DINOv2 (0 = off)
+    kde_weight: float = 0.0  # KDE uniformity term, summed over global crops as OpenMidnight (0 = off)
     kde_temperature: float = 2.5  # kernel sharpness t of the KDE term (OpenMidnight kappa=5 -> t=2.5)
     gram_weight: float = 0.0  # Gram loss on patch tokens (0 = off)
     gram_mode: Literal["ema", "anchor"] = "ema"  # target: EMA teacher (DINO-X) or frozen checkpoint (DINOv3)
@@ -81,10 +82,13 @@ class CropsConfig:
     local_size: int = 96  # side of a local crop in pixels
     local_scale: list[float] = field(default_factory=lambda: [0.05, 0.32])  # area fraction range
     hflip_prob: float = 0.5  # horizontal flip probability
-    color_jitter_prob: float = 0.0  # colour jitter probability (off for medical data)
-    grayscale_prob: float = 0.0  # random greyscale probability (RGB only)
-    blur_prob: float = 0.0  # Gaussian blur probability
-    solarize_prob: float = 0.0  # solarisation probability (second global crop only, as DINO)
+    color_jitter_prob: float = 0.0  # colour jitter probability (off for medical data; DINOv2 0.8)
+    color_jitter: list[float] = field(default_factory=lambda: [0.4, 0.4, 0.2, 0.1])  # jitter strengths: b, c, s, hue
+    grayscale_prob: float = 0.0  # random greyscale probability (RGB only; DINOv2 0.2)
+    global1_blur_prob: float = 0.0  # Gaussian blur probability of the first global crop (DINOv2 1.0)
+    global2_blur_prob: float = 0.0  # ... of the second and further global crops (DINOv2 0.1)
+    local_blur_prob: float = 0.0  # ... of each local crop (DINOv2 0.5)
+    solarize_prob: float = 0.0  # solarisation probability, second global crop only (DINOv2 0.2)
     region_crop_prob: float = 0.0  # chance a crop must contain the labelled region, if any (DINO-MX)
     interpolation: Literal["bilinear", "bicubic"] = "bicubic"  # resize interpolation
     device: Literal["cpu", "gpu"] = "cpu"  # crops made by DataLoader workers, or batched on the training device
