@@ -43,8 +43,13 @@ def test_medclip_recipe_is_exactly_as_designed():
     assert c.text.kind == "hf" and c.text.context_length == 77 and c.text.grad_checkpointing
     assert (o.name, o.lr, o.weight_decay, o.weight_decay_end, o.warmup_steps) == ("adamw", 5e-5, 0.1, 0.1, 2000)
     assert cfg.train.batch_size == 4096 and cfg.dist.strategy == "ddp"
-    assert c.loss.local_loss and c.loss.gather_with_grad and c.preprocess.hflip_prob == 0.0
+    assert cfg.train.steps == 11000 == math.ceil(30 * 1.5e6 / 4096 / 1000) * 1000  # ~30 epochs of 1.5M pairs
+    p = c.preprocess
+    assert p.train_crop == "center" and p.color_jitter_prob > 0 and p.hflip_prob > 0  # centre crop, jitter, flip
+    assert c.loss.local_loss and c.loss.gather_with_grad
     assert c.eval.zeroshot.kind != "none" and c.eval.retrieval.source == "data"
+    assert c.eval.val_loss.every_steps > 0 and c.eval.val_loss.data.manifest.endswith("val_pairs.parquet")
+    assert "laterality" in (ROOT / "recipes/medclip_vitl14_bert.yaml").read_text()  # the flip caveat
 
 
 _MISSING = importlib.util.find_spec("torchxrayvision") is None or importlib.util.find_spec("data_store") is None

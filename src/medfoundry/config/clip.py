@@ -74,7 +74,10 @@ class ClipPreprocessConfig:
     """Image preprocessing presets (CheXzero: 320 px stored, 224 px bicubic, OpenAI CLIP normalisation)."""
 
     stored_size: int = 320  # shorter side images are resized to first (CheXzero's HDF5 is already 320 px)
-    size: int = 224  # model input side (random resized crop in training, resize + centre crop in evaluation)
+    size: int = 224  # model input side (train_crop in training, resize + centre crop in evaluation)
+    # training crop: random_resized (area crop_scale, aspect 3/4-4/3) or center (shorter side to size, then a
+    # centre crop, as in evaluation: no random scale)
+    train_crop: Literal["random_resized", "center"] = "random_resized"
     crop_scale: list[float] = field(default_factory=lambda: [0.9, 1.0])  # area fraction of the random crop
     interpolation: Literal["bicubic", "bilinear"] = "bicubic"  # resize interpolation
     normalize: Literal["openai_clip", "imagenet", "dataset", "custom"] = "openai_clip"  # mean/std preset
@@ -82,6 +85,11 @@ class ClipPreprocessConfig:
     std: list[float] = field(default_factory=list)  # custom: per-channel std
     stats_samples: int = 256  # dataset: training images used to estimate mean/std
     hflip_prob: float = 0.0  # off by default: a flip swaps left and right against the report's wording
+    color_jitter_prob: float = 0.0  # probability of colour jitter per training image (0 = off)
+    # jitter strengths [brightness, contrast, saturation, hue] with torchvision ColorJitter semantics (factors
+    # uniform in [max(0, 1 - s), 1 + s], hue shift in [-h, h], the four in a random order); grey (1-channel)
+    # images get brightness and contrast only, since saturation and hue are undefined for them
+    color_jitter: list[float] = field(default_factory=lambda: [0.4, 0.4, 0.2, 0.1])
 
 
 @dataclass
@@ -136,13 +144,28 @@ class RetrievalEvalConfig:
 
 
 @dataclass
+class ValLossConfig:
+    """Contrastive loss on held-out image-report pairs (evaluation preprocessing, the training loss module).
+
+    The first ``max_pairs`` pairs are scored in consecutive batches of ``batch_size`` pairs (each batch's
+    other pairs are its negatives, as in a training step); a last incomplete batch is left out.
+    """
+
+    every_steps: int = 0  # compute every N steps and at the last step (0 = off); logged as val/contrastive_loss
+    data: ClipDataConfig = field(default_factory=ClipDataConfig)  # the held-out pair source
+    max_pairs: int = 1000  # use the first N pairs (0 = all)
+    batch_size: int = 0  # pairs per loss batch (0 = train.batch_size, so the value compares with the train loss)
+
+
+@dataclass
 class ClipEvalConfig:
-    """Zero-shot and retrieval evaluation every N steps and best-checkpoint tracking."""
+    """Zero-shot and retrieval evaluation every N steps, validation loss and best-checkpoint tracking."""
 
     every_steps: int = 0  # evaluate every N steps (0 = off)
     batch_size: int = 64  # images / texts per encoder call
     zeroshot: ZeroShotConfig = field(default_factory=ZeroShotConfig)
     retrieval: RetrievalEvalConfig = field(default_factory=RetrievalEvalConfig)
+    val_loss: ValLossConfig = field(default_factory=ValLossConfig)  # held-out contrastive loss (own interval)
     best_metric: str = "zeroshot/mean_auc"  # metric that decides RUN/best.pt ("" = keep no best checkpoint)
     best_mode: Literal["max", "min"] = "max"  # whether larger or smaller is better
 
@@ -175,6 +198,7 @@ def check_clip_config(c: ClipConfig) -> None:
                           "of equal length")
     if not 0.0 <= p.hflip_prob <= 1.0:
         raise ConfigError(f"'clip.preprocess.hflip_prob' = {p.hflip_prob} must be in [0, 1]")
+    _check_color_jitter(p)
     if t.context_length < 3 or not 0 <= t.keep_positions < t.context_length:
         raise ConfigError(f"'clip.text.context_length' = {t.context_length} must be >= 3 and exceed "
                           f"'clip.text.keep_positions' = {t.keep_positions}")
@@ -186,5 +210,32 @@ def check_clip_config(c: ClipConfig) -> None:
         raise ConfigError("'clip.loss.temperature', 'max_logit_scale' and 'siglip_init_scale' must be > 0")
     if c.eval.every_steps < 0:
         raise ConfigError(f"'clip.eval.every_steps' = {c.eval.every_steps} must be >= 0")
+    _check_val_loss(c.eval.val_loss)
     if c.embed_dim < 1:
         raise ConfigError(f"'clip.embed_dim' = {c.embed_dim} must be >= 1")
+
+
+def _check_color_jitter(p: ClipPreprocessConfig) -> None:
+    """``color_jitter_prob`` in [0, 1]; four strengths, brightness/contrast/saturation >= 0, hue in [0, 0.5]."""
+    from medfoundry.config.loader import ConfigError
+
+    if not 0.0 <= p.color_jitter_prob <= 1.0:
+        raise ConfigError(f"'clip.preprocess.color_jitter_prob' = {p.color_jitter_prob} must be in [0, 1]")
+    cj = p.color_jitter
+    if len(cj) != 4 or min(cj[:3]) < 0 or not 0.0 <= cj[3] <= 0.5:
+        raise ConfigError(f"'clip.preprocess.color_jitter' = {cj} must be [brightness, contrast, saturation, hue] "
+                          "with the first three >= 0 and hue in [0, 0.5]")
+
+
+def _check_val_loss(v: ValLossConfig) -> None:
+    """Non-negative interval/sizes; a pair source that names its files when the validation loss is on."""
+    from medfoundry.config.loader import ConfigError
+
+    for key in ("every_steps", "max_pairs", "batch_size"):
+        if getattr(v, key) < 0:
+            raise ConfigError(f"'clip.eval.val_loss.{key}' = {getattr(v, key)} must be >= 0")
+    if v.every_steps > 0 and v.data.kind in ("manifest", "chexzero") and not v.data.manifest:
+        raise ConfigError(f"'clip.eval.val_loss.every_steps' = {v.every_steps} needs held-out pairs: set "
+                          "'clip.eval.val_loss.data.manifest' (and '.hdf5' for kind=chexzero)")
+    if v.every_steps > 0 and v.data.kind == "chexzero" and not v.data.hdf5:
+        raise ConfigError("'clip.eval.val_loss.data.kind' = 'chexzero' needs 'clip.eval.val_loss.data.hdf5'")

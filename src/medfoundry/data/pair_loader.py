@@ -54,15 +54,46 @@ def preset_pixel_stats(cfg: ClipPreprocessConfig, channels: int) -> tuple[list[f
     raise ValueError(f"clip.preprocess mean/std have {len(mean)} values for {channels} channels")
 
 
+def sample_color_jitter(strengths: list[float]) -> tuple[list[int], list[float]]:
+    """Draw torchvision ``ColorJitter`` parameters from the global torch RNG: ``(order, factors)``.
+
+    ``order`` is a permutation of 0..3 (brightness, contrast, saturation, hue); ``factors`` are the
+    brightness/contrast/saturation factors, each uniform in ``[max(0, 1 - s), 1 + s]``, and the hue shift,
+    uniform in ``[-h, h]``. All four are always drawn so the random stream does not depend on the image.
+    """
+    order = torch.randperm(4).tolist()
+    factors = [float(torch.empty(1).uniform_(max(0.0, 1.0 - s), 1.0 + s)) for s in strengths[:3]]
+    factors.append(float(torch.empty(1).uniform_(-strengths[3], strengths[3])))
+    return order, factors
+
+
+def apply_color_jitter(img: Tensor, order: list[int], factors: list[float], strengths: list[float]) -> Tensor:
+    """Adjust brightness/contrast/saturation/hue of a [0, 1] image in ``order`` (zero strengths skipped).
+
+    A 1-channel (grey) image gets brightness and contrast only: saturation and hue are undefined for it.
+    """
+    ops = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
+    grey = img.shape[0] == 1
+    for i in order:
+        if strengths[i] == 0 or (grey and i >= 2):
+            continue
+        img = ops[i](img, factors[i])
+    return img
+
+
 class PairImageTransform:
     """(C, H, W) [0, 1] image -> (channels, size, size) [0, 1].
 
-    Shorter side resized to ``stored_size`` first (CheXzero stores 320 px). Training: random resized
-    crop (area ``crop_scale``, aspect 3/4-4/3) to ``size`` and an optional horizontal flip; evaluation:
-    shorter side to ``size`` and a centre crop. Bicubic or bilinear, antialiased, clamped to [0, 1].
+    Shorter side resized to ``stored_size`` first (CheXzero stores 320 px). Training: a random resized
+    crop (area ``crop_scale``, aspect 3/4-4/3) to ``size`` or, with ``train_crop=center``, the evaluation
+    crop; then an optional horizontal flip and optional colour jitter. Evaluation: shorter side to ``size``
+    and a centre crop. Bicubic or bilinear, antialiased, clamped to [0, 1]. Training randomness comes from
+    the global torch RNG, which :class:`PairDataset` seeds per sample.
     """
 
     def __init__(self, cfg: ClipPreprocessConfig, channels: int, train: bool) -> None:
+        if train and cfg.color_jitter_prob > 0 and channels not in (1, 3):
+            raise ValueError(f"clip.preprocess.color_jitter_prob > 0 needs 1- or 3-channel images, not {channels}")
         self.cfg, self.channels, self.train = cfg, channels, train
         self.interp = InterpolationMode.BICUBIC if cfg.interpolation == "bicubic" else InterpolationMode.BILINEAR
 
@@ -76,18 +107,30 @@ class PairImageTransform:
             size = [max(1, round(h * side / w)), side]
         return TF.resize(img, size, interpolation=self.interp, antialias=True)
 
-    def __call__(self, img: Tensor) -> Tensor:
+    def _center(self, img: Tensor) -> Tensor:
+        """Shorter side to ``size``, then the central ``size`` x ``size`` square (no randomness)."""
+        return TF.center_crop(self._resize_short(img, self.cfg.size), [self.cfg.size, self.cfg.size])
+
+    def _augment(self, img: Tensor) -> Tensor:
+        """Training crop, flip and colour jitter, in that order (each draws only when it is switched on)."""
         c = self.cfg
-        img = to_channels(img, self.channels)
-        img = self._resize_short(img, c.stored_size)
-        if self.train:
+        if c.train_crop == "center":
+            out = self._center(img)
+        else:
             h, w = img.shape[-2:]
             top, left, ch, cw = random_resized_crop_box(h, w, (c.crop_scale[0], c.crop_scale[1]))
             out = TF.resized_crop(img, top, left, ch, cw, [c.size, c.size], interpolation=self.interp, antialias=True)
-            if c.hflip_prob > 0 and float(torch.rand(1)) < c.hflip_prob:
-                out = TF.horizontal_flip(out)
-        else:
-            out = TF.center_crop(self._resize_short(img, c.size), [c.size, c.size])
+        if c.hflip_prob > 0 and float(torch.rand(1)) < c.hflip_prob:
+            out = TF.horizontal_flip(out)
+        if c.color_jitter_prob > 0 and float(torch.rand(1)) < c.color_jitter_prob:
+            order, factors = sample_color_jitter(c.color_jitter)
+            out = apply_color_jitter(out.clamp(0.0, 1.0), order, factors, c.color_jitter)
+        return out
+
+    def __call__(self, img: Tensor) -> Tensor:
+        img = to_channels(img, self.channels)
+        img = self._resize_short(img, self.cfg.stored_size)
+        out = self._augment(img) if self.train else self._center(img)
         return out.clamp_(0.0, 1.0).contiguous()
 
 

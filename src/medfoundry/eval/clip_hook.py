@@ -8,10 +8,15 @@ centre crop, no augmentation) and runs :mod:`medfoundry.eval.zero_shot`:
   CheXzero's positive/negative prompt pairs (Tiu et al. 2022);
 * ``zeroshot/accuracy``, ``zeroshot/balanced_accuracy``, ``zeroshot/macro_auc`` from class-name x
   template prompt ensembles (Radford et al. 2021);
-* ``retrieval/i2t_recall_at_{k}``, ``retrieval/t2i_recall_at_{k}`` and ``retrieval/chance_at_{k}``.
+* ``retrieval/i2t_recall_at_{k}``, ``retrieval/t2i_recall_at_{k}`` and ``retrieval/chance_at_{k}``;
+* ``val/contrastive_loss`` (and ``val/num_pairs``): the training loss module (InfoNCE or SigLIP, the
+  current logit scale and bias) on held-out pairs of ``clip.eval.val_loss``, in batches like training
+  steps (:func:`contrastive_val_loss`).
 
-:class:`ClipEvalHook` runs it every ``clip.eval.every_steps`` steps and at the last step (rank 0
-computes, the result is broadcast so every rank returns the same keys), appends
+:class:`ClipEvalHook` runs zero-shot and retrieval every ``clip.eval.every_steps`` steps and at the
+last step (rank 0 computes, the result is broadcast so every rank returns the same keys), the
+validation loss every ``clip.eval.val_loss.every_steps`` steps and at the last step (every rank
+encodes its share of each batch, the loss module gathers the shares as in training), appends
 ``RUN/eval/clip_history.jsonl`` and keeps ``RUN/best.pt`` + ``RUN/best.json`` for the best value of
 ``clip.eval.best_metric`` (same record layout as the frozen-feature evaluation hook).
 """
@@ -37,6 +42,53 @@ from medfoundry.train.hooks import Hook, register_hook_builder
 _MAX_CACHED_ELEMENTS = 1 << 27  # preprocessed evaluation images kept in memory up to ~512 MiB
 
 
+def _rank_world() -> tuple[int, int]:
+    """(rank, world size) of the default process group, (0, 1) without one."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def val_loss_spans(n: int, batch_size: int, world_size: int) -> list[tuple[int, int]]:
+    """``(start, stop)`` of the validation-loss batches over the first ``n`` pairs.
+
+    Consecutive batches of ``batch_size`` pairs; a last incomplete batch is left out (fewer negatives
+    would make its loss incomparable). With fewer than ``batch_size`` pairs, one batch of all of them.
+    Every batch is cut into ``world_size`` equal rank shares, so sizes are rounded down to a multiple
+    of it; raises ``ValueError`` when ``batch_size`` is not a multiple or there are too few pairs.
+    """
+    if batch_size % world_size:
+        raise ValueError(f"clip.eval.val_loss.batch_size (or train.batch_size) = {batch_size} must be a multiple "
+                         f"of the {world_size} ranks")
+    if n < batch_size:
+        batch_size = n - n % world_size
+    if batch_size < 2:
+        raise ValueError(f"the validation loss needs at least 2 pairs (and one per rank); it has {n}")
+    return [(start, start + batch_size) for start in range(0, n - batch_size + 1, batch_size)]
+
+
+def contrastive_val_loss(loss_fn: nn.Module, encode: Callable[[int, int], tuple[Tensor, Tensor]],
+                         spans: list[tuple[int, int]], logit_scale: Tensor, logit_bias: Tensor | None) -> float:
+    """Mean of ``loss_fn`` over the batches ``spans``, computed the way a training step computes it.
+
+    ``encode(lo, hi)`` returns the unit image and text features of pairs ``lo..hi-1``. Under
+    ``torch.distributed`` every rank (all must call this) encodes its equal share of each batch, the
+    loss module gathers the other ranks' features as in training and the per-rank values are averaged,
+    which equals the loss of one process holding the whole batch (the losses' DDP contract).
+    """
+    rank, world = _rank_world()
+    total = 0.0
+    for start, stop in spans:
+        share = (stop - start) // world
+        lo = start + rank * share
+        img, txt = encode(lo, lo + share)
+        value = loss_fn(img.float(), txt.float(), logit_scale.float(),
+                        None if logit_bias is None else logit_bias.float()).detach().clone()
+        if world > 1:
+            torch.distributed.all_reduce(value)
+            value /= world
+        total += float(value)
+    return total / len(spans)
 
 
 class _EvalMode:
@@ -71,6 +123,8 @@ class ClipEvaluator:
         self._zs_images: Tensor | None = None
         self._ret = None
         self._ret_images: Tensor | None = None
+        self._val = None
+        self._val_images: dict[int, Tensor] = {}
 
     # -- images ------------------------------------------------------------------------------------------------
     def _preprocess_all(self, load: Callable[[int], Tensor], n: int) -> Tensor | None:
@@ -160,6 +214,41 @@ class ClipEvaluator:
         out["num_pairs"] = float(n)
         return out
 
+    def _val_setup(self) -> tuple:
+        """Read the held-out pairs once: ``(pairs, spans)``; caches this rank's preprocessed images if small."""
+        from medfoundry.data.pairs import build_pairs
+
+        if self._val is None:
+            vc = self.ec.val_loss
+            pairs = build_pairs(vc.data)
+            n = min(len(pairs), vc.max_pairs) if vc.max_pairs > 0 else len(pairs)
+            rank, world = _rank_world()
+            spans = val_loss_spans(n, vc.batch_size or self.cfg.train.batch_size, world)
+            self._val = (pairs, spans)
+            share = (spans[0][1] - spans[0][0]) // world
+            s = self.cfg.clip.preprocess.size
+            if len(spans) * share * self.cfg.model.in_chans * s * s <= _MAX_CACHED_ELEMENTS:
+                for start, _ in spans:
+                    lo = start + rank * share
+                    self._val_images[lo] = torch.stack([self.transform(pairs.load_image(i))
+                                                        for i in range(lo, lo + share)])
+            _say(f"validation loss: {len(spans)} batches of {spans[0][1] - spans[0][0]} held-out pairs "
+                 f"({vc.data.kind})")
+        return self._val
+
+    def val_loss(self, method) -> dict[str, float]:
+        """``contrastive_loss`` and ``num_pairs`` on ``clip.eval.val_loss`` (collective under DDP: all ranks call)."""
+        pairs, spans = self._val_setup()
+        device = method.logit_scale.device
+
+        def encode(lo: int, hi: int) -> tuple[Tensor, Tensor]:
+            img = self.encode_images(method, lambda i: pairs.load_image(lo + i), hi - lo, self._val_images.get(lo))
+            return img.to(device), self.encode_texts(method, pairs.texts[lo:hi]).to(device)
+
+        with _EvalMode(method):
+            value = contrastive_val_loss(method.loss_fn, encode, spans, method.logit_scale.exp(), method.logit_bias)
+        return {"contrastive_loss": value, "num_pairs": float(sum(b - a for a, b in spans))}
+
     def evaluate(self, method, tasks: tuple[str, ...] | None = None) -> dict[str, float]:
         """All configured tasks (or ``tasks``), keys prefixed ``zeroshot/`` and ``retrieval/``."""
         if tasks is None:
@@ -174,20 +263,51 @@ class ClipEvaluator:
 
 
 class ClipEvalHook:
-    """Evaluate every ``clip.eval.every_steps`` steps (and at the last step); keep the best checkpoint."""
+    """Zero-shot/retrieval and validation loss at their intervals (and at the last step); keep the best checkpoint."""
 
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg
         self.every = int(cfg.clip.eval.every_steps)
+        self.val_every = int(cfg.clip.eval.val_loss.every_steps)
         self.last_step = int(cfg.train.steps)
         self.best_metric = cfg.clip.eval.best_metric
         self.best = BestCheckpoint(self.best_metric, cfg.clip.eval.best_mode, to_dict(cfg), "clip.eval.best_metric",
                                    _say)
         self.evaluator = ClipEvaluator(cfg)
 
+    def _at(self, every: int, step: int) -> bool:
+        return every > 0 and (step % every == 0 or step == self.last_step)
+
+    def main_due(self, step: int) -> bool:
+        """Whether zero-shot / retrieval run after ``step`` (1-based, after the optimizer step)."""
+        return self._at(self.every, step)
+
+    def val_due(self, step: int) -> bool:
+        """Whether the validation loss is computed after ``step``."""
+        return self._at(self.val_every, step)
+
     def due(self, step: int) -> bool:
         """Whether ``step`` (1-based, after the optimizer step) is an evaluation step."""
-        return self.every > 0 and (step % self.every == 0 or step == self.last_step)
+        return self.main_due(step) or self.val_due(step)
+
+    def _evaluate(self, step: int, method: nn.Module) -> dict[str, float]:
+        """The results due at ``step``, identical on every rank."""
+        results: dict[str, float] = {}
+        if self.val_due(step):  # every rank takes part (the loss module gathers across ranks)
+            results.update({f"val/{k}": v for k, v in self.evaluator.val_loss(method).items()})
+        if self.main_due(step):
+            main: dict[str, float] | None = self.evaluator.evaluate(method) if _is_main() else None
+            if torch.distributed.is_initialized():
+                box = [main]
+                torch.distributed.broadcast_object_list(box, src=0)
+                main = box[0]
+            assert main is not None
+            results.update(main)
+        return results
+
+    def _all_ran(self, step: int) -> bool:
+        """Whether every enabled evaluation ran at ``step`` (a best metric missing then is a misconfiguration)."""
+        return (self.every <= 0 or self.main_due(step)) and (self.val_every <= 0 or self.val_due(step))
 
     def on_step_end(self, step: int, metrics: dict[str, float], method: nn.Module,
                     run_dir: Path) -> dict[str, float] | None:
@@ -195,19 +315,15 @@ class ClipEvalHook:
             return None
         run_dir = Path(run_dir)
         t0 = time.perf_counter()
-        results: dict[str, float] | None = self.evaluator.evaluate(method) if _is_main() else None
-        if torch.distributed.is_initialized():
-            box = [results]
-            torch.distributed.broadcast_object_list(box, src=0)
-            results = box[0]
-        assert results is not None
+        results = self._evaluate(step, method)
         seconds = time.perf_counter() - t0
         if _is_main():
             path = run_dir / "eval" / "clip_history.jsonl"
             path.parent.mkdir(parents=True, exist_ok=True)
             with open(path, "a") as fh:
                 fh.write(json.dumps({"step": step, **results, "seconds": seconds}) + "\n")
-        self.best.update(step, results, method, run_dir)
+        if self.best_metric in results or self._all_ran(step):
+            self.best.update(step, results, method, run_dir)
         shown = {k: v for k, v in results.items() if "/auc_" not in k and "/n_pos" not in k and "_low" not in k
                  and "_high" not in k}
         _say(f"clip eval step {step} ({seconds:.1f}s): " + ", ".join(f"{k}={v:.4g}" for k, v in shown.items()))
@@ -215,9 +331,11 @@ class ClipEvalHook:
             results = {**results, f"best/{self.best_metric}": self.best.value}
         return results
 
+
 @register_hook_builder
 def build(cfg: RunConfig) -> list[Hook]:
-    """A :class:`ClipEvalHook` for ``method: clip`` runs with ``clip.eval.every_steps > 0``."""
-    if cfg.method != "clip" or cfg.clip.eval.every_steps <= 0:
+    """A :class:`ClipEvalHook` for ``method: clip`` runs with ``clip.eval.every_steps`` or
+    ``clip.eval.val_loss.every_steps`` > 0."""
+    if cfg.method != "clip" or (cfg.clip.eval.every_steps <= 0 and cfg.clip.eval.val_loss.every_steps <= 0):
         return []
     return [ClipEvalHook(cfg)]
