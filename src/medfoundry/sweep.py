@@ -13,6 +13,7 @@ the whole value is one list, as in ``medfoundry train``.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import io
@@ -21,7 +22,7 @@ import json
 import math
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, get_args, get_origin
@@ -214,11 +215,44 @@ def plan_sweep(recipe: str | Path, overrides: list[str], sweep_dir: str | Path |
 
 
 # -- running -------------------------------------------------------------------------------------------------------
+class LoopClock:
+    """Notes when the training loop starts, through the loop's hook mechanism (:mod:`medfoundry.train.hooks`).
+
+    ``train()`` calls every hook builder once, after the method, its loader and the evaluation hook modules are
+    built and imported and right before the first step; this builder only records that moment and adds no hook.
+    """
+
+    def __init__(self) -> None:
+        self.started: float | None = None
+
+    def __call__(self, cfg: Any) -> list:
+        """Hook builder: record the loop start (``time.perf_counter``), build no hooks."""
+        self.started = time.perf_counter()
+        return []
+
+
+@contextlib.contextmanager
+def clock_training_loop() -> Iterator[LoopClock]:
+    """Register a :class:`LoopClock` as the first hook builder for the duration of the block."""
+    from medfoundry.train.hooks import HOOK_BUILDERS
+
+    clock = LoopClock()
+    HOOK_BUILDERS.insert(0, clock)  # first, so the other builders' work is timed the same way in every arm
+    try:
+        yield clock
+    finally:
+        HOOK_BUILDERS[:] = [b for b in HOOK_BUILDERS if b is not clock]
+
+
 def run_arm(recipe: str, overrides: list[str], output_dir: str) -> dict:
     """Train one arm in this process (or in each task of a SLURM job); never raises for a failed run.
 
-    Writes ``OUTPUT/sweep_arm.json`` (main process) with status, error, wall seconds (added to those of earlier
-    attempts), processes, device type and GPUs; returns the same record.
+    Writes ``OUTPUT/sweep_arm.json`` (main process) with status, error, wall seconds, setup seconds (both added to
+    those of earlier attempts), processes, device type and GPUs; returns the same record. ``wall_s`` is the time of
+    the training loop itself, from its start (method and data built) to the end of the run, so one-time costs of
+    the process (imports of torch, timm, the method, data and evaluation modules, done by whichever arm runs
+    first) do not inflate one arm's GPU-hours; ``setup_s`` is the rest (config, imports, method and loader build).
+    A run that fails before its loop starts has ``wall_s`` 0 and its whole time in ``setup_s``.
     """
     import torch
 
@@ -229,25 +263,28 @@ def run_arm(recipe: str, overrides: list[str], output_dir: str) -> dict:
     info = env_dist_info()
     out = Path(output_dir)
     previous = _read_record(out)
-    t0 = time.time()
+    t0 = time.perf_counter()
     status, error, device_type = "ok", "", "cpu"
-    try:
-        cfg = load_config(recipe, overrides)
-        device_type = resolve_device(cfg.train.device).type
-        from medfoundry.train.loop import train
+    with clock_training_loop() as clock:
+        try:
+            cfg = load_config(recipe, overrides)
+            device_type = resolve_device(cfg.train.device).type
+            from medfoundry.train.loop import train
 
-        train(cfg)
-    except Exception as err:  # a failed arm is recorded and the sweep goes on
-        status, error = "failed", f"{type(err).__name__}: {err}"
-    finally:
-        cleanup_distributed()
-    wall_s = time.time() - t0
+            train(cfg)
+        except Exception as err:  # a failed arm is recorded and the sweep goes on
+            status, error = "failed", f"{type(err).__name__}: {err}"
+        finally:
+            cleanup_distributed()
+    end = time.perf_counter()
+    started = end if clock.started is None else clock.started
     gpus = info.world_size if device_type == "cuda" and torch.cuda.is_available() else 0
     record = {
         "status": status,
         "error": error,
         "overrides": list(overrides),
-        "wall_s": wall_s + float(previous.get("wall_s", 0.0)),
+        "wall_s": (end - started) + float(previous.get("wall_s", 0.0)),
+        "setup_s": (started - t0) + float(previous.get("setup_s", 0.0)),
         "attempts": int(previous.get("attempts", 0)) + 1,
         "device": device_type,
         "processes": info.world_size,

@@ -17,6 +17,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 
+from medfoundry.config.backbones import check_backbone_names
 from medfoundry.config.schema import RunConfig
 
 
@@ -191,7 +192,7 @@ def coerce(value: Any, ftype: Any, key: str, source: str) -> Any:
 
 
 def validate(cfg: RunConfig) -> None:
-    """Cross-field checks that a single field's type cannot express."""
+    """Cross-field checks that a single field's type cannot express, and registered backbone names."""
     for section in (cfg.crops,):
         for name in ("global_scale", "local_scale"):
             lo_hi = getattr(section, name)
@@ -207,6 +208,7 @@ def validate(cfg: RunConfig) -> None:
         check_clip_config(cfg.clip)
     if cfg.dino.gram_weight > 0 and cfg.dino.gram_mode == "anchor" and not cfg.dino.gram_anchor:
         raise ConfigError("'dino.gram_mode' = 'anchor' needs 'dino.gram_anchor' (a checkpoint path)")
+    check_backbone_names(cfg)
 
 
 def to_dict(cfg: Any) -> dict:

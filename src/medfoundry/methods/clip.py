@@ -244,8 +244,7 @@ def build_clip_loader(cfg: RunConfig, method: ClipMethod, start_step: int, rank:
         mean, std = estimate_pixel_stats(pairs, PairImageTransform(c.preprocess, channels, train=False),
                                          c.preprocess.stats_samples)
         method.set_pixel_stats(mean, std)
-    hint = ("Raise clip.text.context_length (the CLIP tower stretches its positions, Long-CLIP) or train on a "
-            "section (clip.data.sections=[impression]).")
+    hint = "Or train on a section (clip.data.sections=[impression])."  # the tokenizer adds its tower's advice
     check_truncation(method.tokenizer, pairs.texts, c.text.truncation_check, "reports", hint)
     return build_pair_loader(pairs, c.preprocess, channels, method.tokenizer, cfg.train.batch_size, cfg.train.seed,
                              start_step, rank, world_size, c.data.num_workers)

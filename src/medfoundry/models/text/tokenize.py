@@ -66,6 +66,11 @@ class ClipBPETokenizer:
         """End-of-text token id (the highest id: CLIP pools at the argmax of the ids)."""
         return int(self._tokenizer().eot_token_id)
 
+    def truncation_advice(self) -> str:
+        """What to change when reports exceed the context: the CLIP tower stretches its positions."""
+        return ("Raise clip.text.context_length: the CLIP text tower stretches its learned positions to it "
+                "(Long-CLIP).")
+
     def encode(self, text: str) -> list[int]:
         """``[SOT] + BPE(text) + [EOT]`` without truncation."""
         tok = self._tokenizer()
@@ -118,6 +123,26 @@ class HFTokenizer:
     def __getstate__(self) -> dict:
         return {"path": self.path, "context_length": self.context_length, "_tok": None}
 
+    def max_positions(self) -> int:
+        """The model's ``max_position_embeddings`` from its local ``config.json`` (0 when it has none)."""
+        from transformers import AutoConfig
+
+        try:
+            config = AutoConfig.from_pretrained(self.path, local_files_only=True)
+        except (OSError, ValueError):
+            return 0
+        return int(getattr(config, "max_position_embeddings", 0) or 0)
+
+    def truncation_advice(self) -> str:
+        """What to change when reports exceed the context: HF towers truncate, their positions are not stretched."""
+        limit = self.max_positions()
+        cut = "The HF text tower does not stretch its learned positions, so these reports lose their ends"
+        if not limit:
+            return f"{cut}; raise clip.text.context_length up to the model's max_position_embeddings."
+        if self.context_length < limit:
+            return f"{cut}; raise clip.text.context_length up to the model's max_position_embeddings ({limit})."
+        return f"{cut}; clip.text.context_length is already the model's max_position_embeddings ({limit})."
+
     @property
     def pad_id(self) -> int:
         """Padding token id."""
@@ -146,7 +171,8 @@ def check_truncation(tokenizer, texts: Sequence[str], limit: int = 2000, what: s
     """Tokenise up to ``limit`` texts (evenly spread) and warn with counts when some exceed the context.
 
     Returns ``{"checked", "truncated", "longest"}``; emits a :class:`ReportTruncationWarning`
-    naming the counts, the context length and ``hint`` (what to change) when any text is cut.
+    naming the counts, the context length, the tokenizer's own ``truncation_advice()`` (what its text
+    tower does with long texts and what to change) and ``hint`` (further options) when any text is cut.
     """
     n = len(texts)
     if n == 0 or limit == 0:
@@ -159,9 +185,11 @@ def check_truncation(tokenizer, texts: Sequence[str], limit: int = 2000, what: s
     longest = max(lengths)
     if n_trunc:
         share = "all" if len(sample) == n else f"a sample of {len(sample)} of the {n}"
+        advice = getattr(tokenizer, "truncation_advice", lambda: "")()
         warnings.warn(
             f"{n_trunc} of {len(sample)} {what} ({100.0 * n_trunc / len(sample):.1f}%, {share}) are longer than "
-            f"the context length of {ctx} tokens and will be truncated (longest: {longest} tokens). {hint}".strip(),
+            f"the context length of {ctx} tokens and will be truncated (longest: {longest} tokens). "
+            f"{advice} {hint}".strip(),
             ReportTruncationWarning,
             stacklevel=2,
         )
