@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 from medfoundry.config.loader import to_dict
 from medfoundry.config.schema import RunConfig
+from medfoundry.distributed.setup import all_reduce_mean_
 from medfoundry.distributed.setup import is_main_process as _is_main
 from medfoundry.distributed.setup import say as _say
 from medfoundry.train.best import BestCheckpoint
@@ -84,10 +85,7 @@ def contrastive_val_loss(loss_fn: nn.Module, encode: Callable[[int, int], tuple[
         img, txt = encode(lo, lo + share)
         value = loss_fn(img.float(), txt.float(), logit_scale.float(),
                         None if logit_bias is None else logit_bias.float()).detach().clone()
-        if world > 1:
-            torch.distributed.all_reduce(value)
-            value /= world
-        total += float(value)
+        total += float(all_reduce_mean_(value))
     return total / len(spans)
 
 
