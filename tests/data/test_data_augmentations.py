@@ -115,3 +115,26 @@ def test_per_view_windows_through_the_loader_on_real_ct(tmp_path: Path) -> None:
         build_dino_loader(load_config(resolve_recipe("tiny_dino_cpu"),
                                       [f"data.root={tmp_path / 'ct'}", "data.kind=dicom",
                                        "data.random_window_per_view=true"]), 8, 0, 0, 1)
+
+
+def test_colour_jitter_on_grey_is_brightness_and_contrast_not_a_no_op() -> None:
+    """Grey CT/X-ray input: the jitter changes intensities (brightness/contrast) instead of doing nothing."""
+    import torchvision.transforms.v2.functional as TF
+
+    from medfoundry.data.transforms.color_jitter import apply_color_jitter
+
+    image = _noise(1)
+    cfg = CropsConfig(**IDENTITY_CROPS, color_jitter_prob=1.0)
+    torch.manual_seed(3)
+    view = MultiCropTransform(cfg, channels=1)(image)["global"][0]
+    assert (view - image).abs().mean() > 0.01
+    kept = (view > 0) & (view < 1)  # brightness/contrast: monotone, near-affine maps of the intensity
+    corr = torch.corrcoef(torch.stack([view[kept], image[kept]]))[0, 1]
+    assert corr > 0.95  # an intensity map, not a spatial change
+    # the grey-valid part of torchvision's ColorJitter, written out for one set of parameters
+    expected = TF.adjust_contrast(TF.adjust_brightness(image, 1.2), 0.8)
+    torch.testing.assert_close(apply_color_jitter(image, [2, 0, 3, 1], [1.2, 0.8, 0.5, 0.1], [0.4] * 4), expected)
+    with pytest.raises(ValueError, match="crops.color_jitter_prob"):
+        MultiCropTransform(CropsConfig(color_jitter_prob=0.8), channels=9)  # 3 slices x 3 windows are not colours
+    with pytest.raises(ValueError, match="crops.grayscale_prob"):
+        MultiCropTransform(CropsConfig(grayscale_prob=0.2), channels=1)

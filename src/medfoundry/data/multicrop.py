@@ -2,7 +2,9 @@
 
 Global crops (seen by teacher and student) and local crops (student only), each a random resized
 crop with optional flip. Photometric augmentations follow DINOv2's ``DataAugmentationDINO``
-(``dinov2/data/augmentations.py``): colour jitter of configurable strengths, random greyscale, a
+(``dinov2/data/augmentations.py``): colour jitter of configurable strengths (on grey input its
+grey-valid part, brightness and contrast; see :mod:`medfoundry.data.transforms.color_jitter`), random
+greyscale (RGB only; refused on other input rather than silently doing nothing), a
 Gaussian blur whose probability is set per crop type (DINOv2: 1.0 for the first global crop, 0.1 for
 the second, 0.5 for local crops) and solarisation on the second global crop only. They are off in the
 medical recipes: they change Hounsfield-unit semantics.
@@ -24,6 +26,7 @@ from torch import Tensor
 from torchvision.transforms import InterpolationMode
 
 from medfoundry.config.schema import CropsConfig
+from medfoundry.data.transforms.color_jitter import apply_color_jitter, check_jitter_channels, sample_color_jitter
 from medfoundry.data.transforms.label_guided import sample_crop_size
 
 _RATIO = (3 / 4, 4 / 3)
@@ -59,6 +62,11 @@ class MultiCropTransform:
         if len(cfg.color_jitter) != 4 or any(v < 0 for v in cfg.color_jitter) or cfg.color_jitter[3] > 0.5:
             raise ValueError(f"crops.color_jitter={cfg.color_jitter} must be [brightness, contrast, saturation, "
                              "hue] strengths >= 0 with hue <= 0.5 (DINOv2: [0.4, 0.4, 0.2, 0.1])")
+        if cfg.color_jitter_prob > 0:
+            check_jitter_channels(channels, "crops.color_jitter_prob")  # grey gets brightness/contrast only
+        if cfg.grayscale_prob > 0 and channels != 3:
+            raise ValueError(f"crops.grayscale_prob={cfg.grayscale_prob} has no effect on {channels}-channel input "
+                             "(greyscale conversion needs RGB); set it to 0")
         self.cfg = cfg
         self.channels = channels
         self.view_intensity = view_intensity
@@ -88,9 +96,10 @@ class MultiCropTransform:
         out = TF.resized_crop(img, top, left, ch, cw, [size, size], interpolation=self.interp, antialias=True)
         if c.hflip_prob > 0 and float(torch.rand(1)) < c.hflip_prob:
             out = TF.horizontal_flip(out)
-        if self.channels == 3 and c.color_jitter_prob > 0 and float(torch.rand(1)) < c.color_jitter_prob:
-            out = _color_jitter(out, c.color_jitter)
-        if self.channels == 3 and c.grayscale_prob > 0 and float(torch.rand(1)) < c.grayscale_prob:
+        if c.color_jitter_prob > 0 and float(torch.rand(1)) < c.color_jitter_prob:
+            order, factors = sample_color_jitter(c.color_jitter)
+            out = apply_color_jitter(out.clamp(0.0, 1.0), order, factors, c.color_jitter)
+        if c.grayscale_prob > 0 and float(torch.rand(1)) < c.grayscale_prob:
             out = TF.rgb_to_grayscale(out, num_output_channels=3)
         blur_prob = self.blur_prob(index, is_global)
         if blur_prob > 0 and float(torch.rand(1)) < blur_prob:
@@ -115,27 +124,6 @@ class MultiCropTransform:
         glob = [self._crop(img, c.global_size, c.global_scale, region, i, True) for i in range(c.n_global)]
         loc = [self._crop(img, c.local_size, c.local_scale, region, i, False) for i in range(c.n_local)]
         return {"global": glob, "local": loc}
-
-
-def _color_jitter(img: Tensor, strengths: list[float]) -> Tensor:
-    """torchvision ``ColorJitter(brightness, contrast, saturation, hue)`` semantics: factors uniform in
-    [1 - s, 1 + s] (hue shift in [-s, s]), applied in a random order."""
-    sb, sc, ss, sh = (float(v) for v in strengths)
-    b = float(torch.empty(1).uniform_(max(0.0, 1 - sb), 1 + sb))
-    c = float(torch.empty(1).uniform_(max(0.0, 1 - sc), 1 + sc))
-    s = float(torch.empty(1).uniform_(max(0.0, 1 - ss), 1 + ss))
-    h = float(torch.empty(1).uniform_(-sh, sh))
-    order = torch.randperm(4).tolist()
-    for i in order:
-        if i == 0:
-            img = TF.adjust_brightness(img, b)
-        elif i == 1:
-            img = TF.adjust_contrast(img, c)
-        elif i == 2:
-            img = TF.adjust_saturation(img, s)
-        else:
-            img = TF.adjust_hue(img.clamp(0, 1), h)
-    return img
 
 
 def _per_channel(values: list[float], channels: int, key: str) -> list[float]:

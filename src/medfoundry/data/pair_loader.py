@@ -18,6 +18,7 @@ from medfoundry.config.clip import ClipPreprocessConfig
 from medfoundry.data.multicrop import random_resized_crop_box
 from medfoundry.data.pairs import PairSource
 from medfoundry.data.sources import to_channels
+from medfoundry.data.transforms.color_jitter import apply_color_jitter, check_jitter_channels, sample_color_jitter
 from medfoundry.data.views import RunOrder, StepBatchSampler, load_with_substitutes, sample_seed
 
 # ----------------------------------------------------------------------------------------------
@@ -54,33 +55,6 @@ def preset_pixel_stats(cfg: ClipPreprocessConfig, channels: int) -> tuple[list[f
     raise ValueError(f"clip.preprocess mean/std have {len(mean)} values for {channels} channels")
 
 
-def sample_color_jitter(strengths: list[float]) -> tuple[list[int], list[float]]:
-    """Draw torchvision ``ColorJitter`` parameters from the global torch RNG: ``(order, factors)``.
-
-    ``order`` is a permutation of 0..3 (brightness, contrast, saturation, hue); ``factors`` are the
-    brightness/contrast/saturation factors, each uniform in ``[max(0, 1 - s), 1 + s]``, and the hue shift,
-    uniform in ``[-h, h]``. All four are always drawn so the random stream does not depend on the image.
-    """
-    order = torch.randperm(4).tolist()
-    factors = [float(torch.empty(1).uniform_(max(0.0, 1.0 - s), 1.0 + s)) for s in strengths[:3]]
-    factors.append(float(torch.empty(1).uniform_(-strengths[3], strengths[3])))
-    return order, factors
-
-
-def apply_color_jitter(img: Tensor, order: list[int], factors: list[float], strengths: list[float]) -> Tensor:
-    """Adjust brightness/contrast/saturation/hue of a [0, 1] image in ``order`` (zero strengths skipped).
-
-    A 1-channel (grey) image gets brightness and contrast only: saturation and hue are undefined for it.
-    """
-    ops = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
-    grey = img.shape[0] == 1
-    for i in order:
-        if strengths[i] == 0 or (grey and i >= 2):
-            continue
-        img = ops[i](img, factors[i])
-    return img
-
-
 class PairImageTransform:
     """(C, H, W) [0, 1] image -> (channels, size, size) [0, 1].
 
@@ -92,8 +66,8 @@ class PairImageTransform:
     """
 
     def __init__(self, cfg: ClipPreprocessConfig, channels: int, train: bool) -> None:
-        if train and cfg.color_jitter_prob > 0 and channels not in (1, 3):
-            raise ValueError(f"clip.preprocess.color_jitter_prob > 0 needs 1- or 3-channel images, not {channels}")
+        if train and cfg.color_jitter_prob > 0:
+            check_jitter_channels(channels, "clip.preprocess.color_jitter_prob")
         self.cfg, self.channels, self.train = cfg, channels, train
         self.interp = InterpolationMode.BICUBIC if cfg.interpolation == "bicubic" else InterpolationMode.BILINEAR
 
