@@ -399,7 +399,7 @@ def build_gpu_dino_loader(
 
     c = cfg.crops
     check_crop_sizes(c, patch_size)
-    if per_view_intensity(cfg):
+    if per_view_intensity(cfg.data):
         raise ValueError("data.random_window_per_view is not implemented by crops.device=gpu (workers map intensity "
                          "once per image); set crops.device=cpu or data.random_window_per_view=false")
     device = device or resolve_device(cfg.train.device)

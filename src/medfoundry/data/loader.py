@@ -7,6 +7,7 @@ from collections.abc import Callable
 from torch.utils.data import DataLoader, Dataset
 
 from medfoundry.config.schema import CropsConfig, DinoConfig, RunConfig
+from medfoundry.data.config import DataConfig
 from medfoundry.data.masking import MaskSampler
 from medfoundry.data.multicrop import MultiCropTransform
 from medfoundry.data.sources import build_source
@@ -20,13 +21,13 @@ def build_intensity(cfg: RunConfig):
     return build_intensity_transform(cfg.data)
 
 
-def per_view_intensity(cfg: RunConfig) -> bool:
+def per_view_intensity(data: DataConfig) -> bool:
     """Whether the intensity mapping runs once per crop (DINO-X's per-view random HU window)."""
-    if not cfg.data.random_window_per_view:
+    if not data.random_window_per_view:
         return False
-    if cfg.data.intensity != "window" or cfg.data.random_window_prob <= 0:
+    if data.intensity != "window" or data.random_window_prob <= 0:
         raise ValueError("data.random_window_per_view=true needs data.intensity=window and data.random_window_prob > 0 "
-                         f"(got intensity={cfg.data.intensity}, random_window_prob={cfg.data.random_window_prob})")
+                         f"(got intensity={data.intensity}, random_window_prob={data.random_window_prob})")
     return True
 
 
@@ -64,7 +65,7 @@ def build_dino_loader(cfg: RunConfig, patch_size: int, start_step: int, rank: in
     """Infinite loader of view-major multi-crop batches for this rank, positioned at ``start_step``."""
     check_crop_sizes(cfg.crops, patch_size)
     intensity = build_intensity(cfg)
-    per_view = per_view_intensity(cfg)
+    per_view = per_view_intensity(cfg.data)
     dataset = SeededViews(
         build_source(cfg.data),
         MultiCropTransform(cfg.crops, cfg.data.channels, view_intensity=intensity if per_view else None),

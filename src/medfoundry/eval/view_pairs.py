@@ -21,6 +21,7 @@ from torch import nn
 from medfoundry.config.schema import RunConfig
 from medfoundry.data.config import DataConfig
 from medfoundry.data.intensity import build_intensity_transform
+from medfoundry.data.loader import per_view_intensity
 from medfoundry.data.multicrop import MultiCropTransform
 from medfoundry.data.sources import build_source
 from medfoundry.data.views import sample_seed
@@ -69,7 +70,7 @@ def view_pair_features(backbone: nn.Module, cfg: RunConfig, feature: FeatureKind
     crops = copy.copy(cfg.crops)
     crops.n_global, crops.n_local = 2, 0
     intensity = build_intensity_transform(data)
-    per_view = data.random_window_per_view and data.intensity == "window" and data.random_window_prob > 0
+    per_view = per_view_intensity(data)
     views = MultiCropTransform(crops, int(data.channels), view_intensity=intensity if per_view else None)
     feats: tuple[list[np.ndarray], list[np.ndarray]] = ([], [])
     for start in range(0, len(indices), batch_size):
