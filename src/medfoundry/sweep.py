@@ -6,6 +6,10 @@ submitit job array (:func:`submit_array`). :func:`collect` reads every arm's ``m
 ``sweep_arm.json`` (status, wall time, devices) and :func:`write_table` writes ``results.csv`` and ``results.md``
 with the overrides, final and best loss and evaluation metrics, GPU-hours and cost.
 
+An arm's status is ``ok``, ``failed`` or ``interrupted``: stopped by SIGTERM/SIGUSR1 (pre-emption), after the loop
+wrote a checkpoint at the end of the current step. An interrupted arm is not done: running the sweep again resumes
+it from that checkpoint. Locally a signal also stops the sweep, so a pre-empted sweep starts no further arm.
+
 Commas inside brackets, braces or quotes do not split values: ``crops.global_scale=[0.3,1.0],[0.5,1.0]`` is
 two arms, ``crops.global_scale=[0.4,1.0]`` is one. For a list-typed key without brackets (``crops.mean=0.5,0.5``)
 the whole value is one list, as in ``medfoundry train``.
@@ -247,6 +251,8 @@ def clock_training_loop() -> Iterator[LoopClock]:
 def run_arm(recipe: str, overrides: list[str], output_dir: str) -> dict:
     """Train one arm in this process (or in each task of a SLURM job); never raises for a failed run.
 
+    The status is ``ok``, ``failed`` (with the error) or ``interrupted`` when a signal stopped the training loop
+    early (``stopped_step`` is the step of its last checkpoint; running the arm again resumes from there).
     Writes ``OUTPUT/sweep_arm.json`` (main process) with status, error, wall seconds, setup seconds (both added to
     those of earlier attempts), processes, device type and GPUs; returns the same record. ``wall_s`` is the time of
     the training loop itself, from its start (method and data built) to the end of the run, so one-time costs of
@@ -265,17 +271,20 @@ def run_arm(recipe: str, overrides: list[str], output_dir: str) -> dict:
     previous = _read_record(out)
     t0 = time.perf_counter()
     status, error, device_type = "ok", "", "cpu"
+    stopped: list[int] = []  # the step at which a signal stopped the loop, if one did
     with clock_training_loop() as clock:
         try:
             cfg = load_config(recipe, overrides)
             device_type = resolve_device(cfg.train.device).type
             from medfoundry.train.loop import train
 
-            train(cfg)
+            train(cfg, on_signal_stop=stopped.append)
         except Exception as err:  # a failed arm is recorded and the sweep goes on
             status, error = "failed", f"{type(err).__name__}: {err}"
         finally:
             cleanup_distributed()
+    if status == "ok" and stopped:
+        status, error = "interrupted", f"stopped by signal after step {stopped[-1]}; run again to resume"
     end = time.perf_counter()
     started = end if clock.started is None else clock.started
     gpus = info.world_size if device_type == "cuda" and torch.cuda.is_available() else 0
@@ -286,6 +295,7 @@ def run_arm(recipe: str, overrides: list[str], output_dir: str) -> dict:
         "wall_s": (end - started) + float(previous.get("wall_s", 0.0)),
         "setup_s": (started - t0) + float(previous.get("setup_s", 0.0)),
         "attempts": int(previous.get("attempts", 0)) + 1,
+        "stopped_step": stopped[-1] if stopped and status == "interrupted" else None,
         "device": device_type,
         "processes": info.world_size,
         "gpus": gpus,
@@ -309,24 +319,38 @@ def _read_record(output_dir: Path) -> dict:
 
 
 def arm_done(arm: Arm) -> bool:
-    """True when the arm already finished successfully with exactly these overrides."""
+    """True when the arm already finished successfully (status ``ok``, not interrupted) with exactly these overrides."""
     rec = _read_record(Path(arm.output_dir))
     return rec.get("status") == "ok" and rec.get("overrides") == arm.overrides
 
 
 def run_local(plan: SweepPlan, rerun: bool = False, log: Callable[[str], Any] = print) -> list[dict]:
-    """Run the arms one after another in this process; finished arms are skipped unless ``rerun``."""
+    """Run the arms one after another in this process; finished arms are skipped unless ``rerun``.
+
+    A failed arm is recorded and the sweep goes on. An arm stopped by a signal (pre-emption) is recorded as
+    ``interrupted`` and the sweep stops there, starting no further arm; running it again resumes that arm from
+    its checkpoint. Returns the records of the arms skipped or run so far.
+    """
     records = []
-    for arm in plan.arms:
+    for pos, arm in enumerate(plan.arms):
         if not rerun and arm_done(arm):
             log(f"[{arm.index + 1}/{len(plan.arms)}] {arm.name}: already finished, skipped")
             records.append(_read_record(Path(arm.output_dir)))
             continue
         log(f"[{arm.index + 1}/{len(plan.arms)}] {arm.name}: {arm.label or '(no grid values)'}")
         rec = run_arm(plan.recipe, arm.overrides, arm.output_dir)
-        msg = f"ok in {rec['wall_s']:.1f} s" if rec["status"] == "ok" else f"FAILED: {rec['error']}"
+        if rec["status"] == "ok":
+            msg = f"ok in {rec['wall_s']:.1f} s"
+        elif rec["status"] == "interrupted":
+            msg = f"INTERRUPTED: {rec['error']}"
+        else:
+            msg = f"FAILED: {rec['error']}"
         log(f"[{arm.index + 1}/{len(plan.arms)}] {arm.name}: {msg}")
         records.append(rec)
+        if rec["status"] == "interrupted":
+            log(f"sweep stopped by a signal; {len(plan.arms) - pos - 1} arm(s) not started "
+                "(run the same command again to resume)")
+            break
     return records
 
 
@@ -336,7 +360,8 @@ def submit_array(plan: SweepPlan, spec: SlurmSpec, dry_run: bool = False, wait: 
 
     ``spec`` is a :class:`medfoundry.distributed.slurm.SlurmSpec` (resources per arm). The array's sbatch script
     is written to ``SWEEP_DIR/launch/array.sbatch``; with ``dry_run`` nothing is submitted. With ``wait`` the call
-    blocks until every job ends; a job that dies without writing its record is recorded as failed.
+    blocks until every job ends; a job that dies without writing an ``ok`` record is recorded as failed, and an
+    arm whose loop a signal stopped (``interrupted``) is reported as not finished (submit again to resume it).
     """
     from medfoundry.distributed.slurm import make_executor, render_sbatch
 
@@ -360,13 +385,17 @@ def submit_array(plan: SweepPlan, spec: SlurmSpec, dry_run: bool = False, wait: 
     for arm, job in zip(arms, jobs):
         try:
             job.result()
-        except Exception as err:  # the job died (time limit, node failure): record it unless the arm did
-            if _read_record(Path(arm.output_dir)).get("status") != "ok":
+        except Exception as err:  # the job died (time limit, node failure): record it unless the arm finished
+            if _read_record(Path(arm.output_dir)).get("status") != "ok":  # interrupted is not finished either
                 Path(arm.output_dir).mkdir(parents=True, exist_ok=True)
                 rec = {"status": "failed", "error": f"job {job.job_id}: {type(err).__name__}: {err}"[:2000],
                        "overrides": arm.overrides, "wall_s": 0.0, "device": "?", "processes": spec.world_size,
                        "gpus": spec.nodes * spec.gpus_per_node}
                 (Path(arm.output_dir) / ARM_RECORD).write_text(json.dumps(rec, indent=2))
+            continue
+        rec = _read_record(Path(arm.output_dir))
+        if rec.get("status") == "interrupted":
+            log(f"{arm.name}: interrupted ({rec.get('error', '')}); submit the sweep again to resume it")
     return jobs
 
 
@@ -477,6 +506,8 @@ def write_table(plan: SweepPlan, rows: list[dict], columns: list[str], price_per
     csv_path = plan.sweep_dir / "results.csv"
     csv_path.write_text(buf.getvalue())
 
+    n_stopped = sum(r["status"] == "interrupted" for r in rows)
+    interrupted = f", {n_stopped} interrupted (run the sweep again to resume)" if n_stopped else ""
     lines = [
         f"# Sweep results: {Path(plan.recipe).name}",
         "",
@@ -487,7 +518,7 @@ def write_table(plan: SweepPlan, rows: list[dict], columns: list[str], price_per
                       or "(single arm)"),
         f"- cost: GPU-hours x {price_per_gpu_hour:g} {currency} per GPU-hour (CPU arms: 0 GPU-hours)",
         f"- loss: final and best (minimum) of the logged training loss; {len(rows)} arm(s), "
-        f"{sum(r['status'] == 'ok' for r in rows)} ok",
+        f"{sum(r['status'] == 'ok' for r in rows)} ok{interrupted}",
         "",
         "| " + " | ".join(header) + " |",
         "|" + "|".join("---" for _ in header) + "|",

@@ -11,6 +11,7 @@ import contextlib
 import math
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -43,8 +44,13 @@ class BadDataError(RuntimeError):
     """Raised when the share of unreadable files passes ``data.max_bad_fraction``."""
 
 
-def train(cfg: RunConfig) -> Path:
-    """Run (or resume) training as configured; returns the run folder."""
+def train(cfg: RunConfig, on_signal_stop: Callable[[int], None] | None = None) -> Path:
+    """Run (or resume) training as configured; returns the run folder.
+
+    SIGTERM/SIGUSR1 (pre-emption) make the loop write a checkpoint at the end of the current step and return
+    early; ``on_signal_stop``, when given, is then called with that step, so a caller can tell a stopped run
+    from a finished one (running the same config again resumes it from that checkpoint).
+    """
     info = init_distributed(cfg.dist.backend)
     device = resolve_device(cfg.train.device)
     precision = resolve_precision(cfg.train.precision, device)
@@ -81,6 +87,7 @@ def train(cfg: RunConfig) -> Path:
     params = [p for p in method.parameters() if p.requires_grad]
     data_iter = iter(loader)
     step = start_step
+    stopped_at: int | None = None
     try:
         for step in range(start_step, cfg.train.steps):
             t0 = time.perf_counter()
@@ -128,6 +135,7 @@ def train(cfg: RunConfig) -> Path:
                 _save(run_dir, done, method, optimizer, cfg, info, nonfinite, bad_files)
             if stop.requested:
                 logger.write(f"stopped by signal after step {done}; checkpoint written, resume with the same command")
+                stopped_at = done
                 break
     except Exception as err:
         if info.is_main:
@@ -137,6 +145,8 @@ def train(cfg: RunConfig) -> Path:
     finally:
         stop.restore()
         logger.close()
+    if stopped_at is not None and on_signal_stop is not None:
+        on_signal_stop(stopped_at)
     return run_dir
 
 
