@@ -105,3 +105,35 @@ def test_koleo_and_kde_are_summed_over_global_crops() -> None:
     diffs = [float(k - _reference_kde(c)) for k, c in zip(kde_one, cls.chunk(2))]
     assert diffs[0] == pytest.approx(diffs[1], abs=1e-4)
     assert cfg.dino.koleo_weight == 0.1 and cfg.dino.kde_weight == 0.05  # the weights themselves unchanged
+
+
+def test_teacher_target_stats_logged_and_exact() -> None:
+    """Batch-mean entropy, effective/distinct prototypes and loss / ln K on the targets actually used."""
+    import math
+
+    from medfoundry.methods.dino import teacher_target_stats
+
+    k = 8
+    one_hot = torch.nn.functional.one_hot(torch.tensor([0, 0, 0, 1]), k).float()  # 4 rows, 2 prototypes
+    s = teacher_target_stats(one_hot, torch.tensor(0.5 * math.log(k)))
+    mean_h = -(0.75 * math.log(0.75) + 0.25 * math.log(0.25))
+    assert all(v.ndim == 0 for v in s.values())
+    assert float(s["teacher_entropy"]) == pytest.approx(0.0, abs=1e-6)  # per-sample: confident
+    assert float(s["teacher_mean_entropy"]) == pytest.approx(mean_h)
+    assert float(s["teacher_mean_entropy_frac"]) == pytest.approx(mean_h / math.log(k))
+    assert float(s["teacher_effective_prototypes"]) == pytest.approx(math.exp(mean_h))
+    assert float(s["teacher_effective_prototypes_frac"]) == pytest.approx(math.exp(mean_h) / 4)  # min(K=8, N=4)
+    assert float(s["teacher_distinct_prototypes"]) == 2
+    assert float(s["dino_loss_frac"]) == pytest.approx(0.5)
+    uniform = teacher_target_stats(torch.full((4, k), 1 / k))
+    assert float(uniform["teacher_entropy_frac"]) == pytest.approx(1.0)
+    assert float(uniform["teacher_effective_prototypes"]) == pytest.approx(k)  # soft rows can exceed min(K, N)
+    assert "dino_loss_frac" not in uniform
+
+    cfg = load_config(None, BASE)
+    out = DINOMethod(cfg.model, cfg.dino, total_steps=10)(_batch(), step=0)
+    for key in ("teacher_mean_entropy", "teacher_mean_entropy_frac", "teacher_effective_prototypes",
+                "teacher_effective_prototypes_frac", "teacher_distinct_prototypes", "dino_loss_frac"):
+        assert out[key].ndim == 0, key
+    assert 1 <= float(out["teacher_distinct_prototypes"]) <= 6  # 2 global crops x batch 3 rows
+    torch.testing.assert_close(out["dino_loss_frac"], out["dino_loss"].detach() / math.log(32))

@@ -8,12 +8,23 @@ from typing import Literal
 
 @dataclass
 class EntropyWallConfig:
-    """Entropy-wall detector: teacher-output entropy staying near log K (DINO-X, medical CT)."""
+    """Entropy-wall detector: the DINO loss staying near ln K (DINO-X: "near ln(K) for thousands of steps")."""
 
-    enabled: bool = True  # watch the logged teacher entropy (needs method=dino)
-    after_steps: int = 200  # ignore steps before this one (teacher-temperature warm-up is naturally flat)
-    patience: int = 50  # consecutive logged steps above the threshold before the warning
-    threshold_frac: float = 0.98  # "near log K": entropy above this fraction of log K counts as flat
+    enabled: bool = True  # watch the logged dino_loss_frac = DINO loss / ln K (needs method=dino)
+    after_steps: int = 200  # ignore steps before this one (an untrained student starts near ln K)
+    patience: int = 50  # consecutive logged steps at or above the threshold before the warning
+    threshold_frac: float = 0.9  # "near ln K": a DINO loss at or above this fraction of ln K counts as the wall
+    fatal: bool = False  # stop training (RepresentationHealthError) instead of warning
+
+
+@dataclass
+class PrototypeCollapseConfig:
+    """Prototype (head) collapse detector: the teacher sends (almost) every image to a few prototypes."""
+
+    enabled: bool = True  # watch the logged teacher_effective_prototypes_frac (needs method=dino)
+    after_steps: int = 200  # ignore steps before this one
+    patience: int = 50  # consecutive logged steps below min_effective_frac before the warning
+    min_effective_frac: float = 0.1  # exp(entropy of the mean teacher target) / min(K, rows) below this = collapsed
     fatal: bool = False  # stop training (RepresentationHealthError) instead of warning
 
 
@@ -57,4 +68,5 @@ class EvalConfig:
     best_mode: Literal["max", "min"] = "max"  # whether a higher or lower best_metric is better
     cache_features: bool = True  # cache extracted features on disk keyed by checkpoint identity (CLI eval)
     entropy_wall: EntropyWallConfig = field(default_factory=EntropyWallConfig)
+    prototype_collapse: PrototypeCollapseConfig = field(default_factory=PrototypeCollapseConfig)
     collapse: CollapseConfig = field(default_factory=CollapseConfig)

@@ -8,9 +8,10 @@
   teacher for DINO) embeds the labelled set and the configured tasks run on the features; results
   are logged with the training metrics as ``eval/<name>``, appended to ``RUN/eval/history.jsonl``,
   and the best value of ``eval.best_metric`` so far selects ``RUN/best.pt`` (+ ``RUN/best.json``);
-* a :class:`MonitorHook` (unless both monitors are disabled) that feeds the logged teacher entropy
-  to the entropy-wall detector and the teacher feature std (every step) to the collapse detector;
-  the evaluation hook hands it the evaluated health statistics (``eval/health_feature_std``,
+* a :class:`MonitorHook` (unless every monitor is disabled) that feeds, every step, the logged
+  ``dino_loss_frac`` (DINO loss / ln K) to the entropy-wall detector, ``teacher_effective_prototypes_frac``
+  to the prototype-collapse detector (both ``method=dino`` only) and the teacher feature std to the
+  collapse detector; the evaluation hook hands it the evaluated health statistics (``eval/health_feature_std``,
   ``eval/health_active_dims_frac``) for a second collapse detector. A warning is printed, appended
   to ``RUN/monitors.jsonl`` and logged as ``monitor/<name> = 1``; with ``fatal`` the detector
   raises :class:`~medfoundry.eval.monitors.RepresentationHealthError`, which stops the run.
@@ -36,7 +37,12 @@ from medfoundry.config.loader import to_dict
 from medfoundry.config.schema import RunConfig
 from medfoundry.distributed.setup import is_main_process as _is_main
 from medfoundry.distributed.setup import say as _say
-from medfoundry.eval.monitors import CollapseDetector, EntropyWallDetector, RepresentationHealthError
+from medfoundry.eval.monitors import (
+    CollapseDetector,
+    EntropyWallDetector,
+    PrototypeCollapseDetector,
+    RepresentationHealthError,
+)
 from medfoundry.train.best import BestCheckpoint
 from medfoundry.train.hooks import Hook, register_hook_builder
 
@@ -173,17 +179,34 @@ class EvaluationHook:
                     _say(f"warning: in-training evaluation task '{task}' skipped: {err}")
         return {k: float(v) for k, v in results.items()}
 
+
+def _hu_like(cfg: RunConfig) -> bool:
+    """Whether the run trains on HU/CT-like data (HU windows or DICOM/NIfTI volumes), for the monitors' advice."""
+    d = cfg.data
+    return d.intensity == "window" or d.random_window_prob > 0 or d.kind in ("dicom", "nifti")
+
+
 class MonitorHook:
-    """Feeds the training-metric stream (and evaluated health) to the entropy-wall and collapse detectors."""
+    """Feeds the training-metric stream (and evaluated health) to the entropy-wall, prototype-collapse and
+    collapse detectors."""
 
     def __init__(self, cfg: RunConfig) -> None:
-        ew, co = cfg.eval.entropy_wall, cfg.eval.collapse
+        ew, pc, co = cfg.eval.entropy_wall, cfg.eval.prototype_collapse, cfg.eval.collapse
         self.entropy: EntropyWallDetector | None = None
+        self.prototypes: PrototypeCollapseDetector | None = None
         self.collapse: CollapseDetector | None = None
         self.eval_collapse: CollapseDetector | None = None
         if ew.enabled and cfg.method == "dino":
             self.entropy = EntropyWallDetector(cfg.dino.head.out_dim, ew.after_steps, ew.patience,
-                                               ew.threshold_frac, ew.fatal, metric_key="teacher_entropy")
+                                               ew.threshold_frac, ew.fatal, metric_key="dino_loss_frac",
+                                               center_momentum=cfg.dino.center_momentum,
+                                               centering=cfg.dino.centering, hu_data=_hu_like(cfg),
+                                               lr=cfg.optim.lr)
+        if pc.enabled and cfg.method == "dino":
+            self.prototypes = PrototypeCollapseDetector(
+                cfg.dino.head.out_dim, pc.after_steps, pc.patience, pc.min_effective_frac, pc.fatal,
+                center_momentum=cfg.dino.center_momentum, centering=cfg.dino.centering,
+                teacher_temp=cfg.dino.teacher_temp, metric_key="teacher_effective_prototypes_frac")
         if co.enabled:
             self.collapse = CollapseDetector(co.min_feature_std, co.min_active_dims_frac, co.after_steps,
                                              co.patience, co.fatal, std_key="teacher_feature_std",
@@ -197,12 +220,14 @@ class MonitorHook:
     @property
     def active(self) -> bool:
         """Whether any detector is on."""
-        return any(d is not None for d in (self.entropy, self.collapse, self.eval_collapse))
+        return any(d is not None for d in (self.entropy, self.prototypes, self.collapse, self.eval_collapse))
 
     def on_step_end(self, step: int, metrics: dict[str, float], method: nn.Module,
                     run_dir: Path) -> dict[str, float] | None:
-        """Feed one step's training metrics (teacher entropy, teacher feature std) to the detectors."""
+        """Feed one step's training metrics (DINO loss / ln K, effective teacher prototypes, teacher feature
+        std) to the detectors."""
         return self._observe(step, metrics, Path(run_dir), (("entropy_wall", self.entropy),
+                                                             ("prototype_collapse", self.prototypes),
                                                              ("collapse", self.collapse)))
 
     def observe_evaluation(self, step: int, results: dict[str, float], run_dir: Path) -> dict[str, float] | None:

@@ -5,8 +5,8 @@
 ``medfoundry eval --compare-random``, and pictures under ``attention/``) and writes
 ``RUN/report.html`` with plots in ``RUN/report/``:
 
-* the loss terms, the learning-rate and other schedules, the teacher entropy against log K (with
-  the entropy-wall threshold) and the teacher feature std, over steps;
+* the loss terms, the learning-rate and other schedules, the teacher entropies and the DINO loss against
+  log K (with the entropy-wall threshold on the loss) and the teacher feature std, over steps;
 * every in-training evaluation metric over steps (bootstrap intervals shaded where present);
 * the pretrained-vs-random-initialisation table when a comparison was run;
 * the monitors' warnings, the best checkpoint, the attention/PCA pictures and the resolved config.
@@ -143,7 +143,8 @@ def plot_panels(records: Sequence[dict], panels: Sequence[tuple[str, Sequence[st
 
 def plot_teacher(records: Sequence[dict], num_prototypes: int | None, threshold_frac: float | None, path: Path,
                  marks: Sequence[tuple[int, str]] = ()) -> Path | None:
-    """Teacher entropy against log K (and the entropy-wall threshold), and the teacher feature std."""
+    """Teacher entropies (per sample, of the batch-mean target) and the DINO loss against log K (with the
+    entropy-wall threshold on the loss), and the teacher feature std."""
     has_entropy = any("teacher_entropy" in r for r in records)
     has_std = any("teacher_feature_std" in r for r in records)
     if not (has_entropy or has_std):
@@ -153,17 +154,20 @@ def plot_teacher(records: Sequence[dict], num_prototypes: int | None, threshold_
     if has_entropy:
         ax = axes[i]
         i += 1
-        x, y = _series(records, "teacher_entropy")
-        ax.plot(x, y, lw=1.2, label="teacher entropy (nats)")
+        for key, label in (("teacher_entropy", "teacher per-sample entropy"),
+                           ("teacher_mean_entropy", "entropy of the mean teacher target"), ("dino_loss", "DINO loss")):
+            if any(key in r for r in records):
+                x, y = _series(records, key)
+                ax.plot(x, y, lw=1.2, label=f"{label} (nats)")
         if num_prototypes:
             log_k = math.log(num_prototypes)
             ax.axhline(log_k, color="black", ls=":", lw=1, label=f"log K = {log_k:.2f}")
             if threshold_frac:
                 ax.axhline(threshold_frac * log_k, color="orange", ls="--", lw=1,
-                           label=f"entropy-wall threshold ({threshold_frac:.0%} of log K)")
+                           label=f"entropy wall: DINO loss >= {threshold_frac:.0%} of log K")
         for step, _ in marks:
             ax.axvline(step, color="crimson", ls="--", lw=0.8)
-        ax.set_title("teacher output entropy", fontsize=9)
+        ax.set_title("teacher entropies and DINO loss", fontsize=9)
         ax.legend(fontsize=7)
     if has_std:
         ax = axes[i]

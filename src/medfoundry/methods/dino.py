@@ -9,6 +9,7 @@ momentum 0.999). Which terms are active is decided by the weights in :class:`Din
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 from torch import Tensor, nn
@@ -189,12 +190,9 @@ class DINOMethod(Method):
         self._pending = pending
 
         with torch.no_grad():
-            probs = t_probs.float()
-            entropy = -(probs * probs.clamp_min(1e-12).log()).sum(-1).mean()
             t_cls = nn.functional.normalize(t_out.cls.float(), dim=-1)
             out = {"loss": loss, **{k: v.detach() for k, v in terms.items()}}
-            out["teacher_entropy"] = entropy
-            out["teacher_entropy_frac"] = entropy / torch.log(torch.tensor(float(probs.shape[-1])))
+            out.update(teacher_target_stats(t_probs, terms["dino_loss"]))
             out["teacher_feature_std"] = t_cls.std(dim=0).mean()
             out["teacher_temp"] = torch.tensor(temp)
         return out
@@ -230,6 +228,55 @@ class DINOMethod(Method):
     def metrics_after_step(self, step: int) -> dict[str, float]:
         """Schedule values worth logging at ``step``."""
         return {"teacher_momentum": self.teacher_momentum(step)}
+
+
+@torch.no_grad()
+def teacher_target_stats(t_probs: Tensor, dino_loss: Tensor | None = None) -> dict[str, Tensor]:
+    """Health statistics of the DINO teacher targets actually used this step, as 0-dim float tensors.
+
+    Args:
+        t_probs: ``(N, K)`` teacher targets (rows sum to 1) after centering/Sinkhorn and sharpening,
+            ``N = n_global * B`` rows of this rank.
+        dino_loss: the DINO cross-entropy of this step; adds ``dino_loss_frac`` when given.
+
+    Returns:
+        * ``teacher_entropy``: mean per-sample entropy (nats): low = confident targets; near ``ln K`` =
+          every target is flat (the "entropy wall" on the teacher side);
+        * ``teacher_entropy_frac``: the same divided by ``ln K``;
+        * ``teacher_mean_entropy`` (``_frac``): entropy of the batch-mean target distribution (/ ``ln K``):
+          how many prototypes the batch uses at all. Confident targets (low per-sample entropy) with a low
+          mean entropy mean every image is sent to the same few prototypes -- head collapse;
+        * ``teacher_effective_prototypes``: ``exp(teacher_mean_entropy)``, the perplexity of the mean target,
+          between 1 (one prototype) and ``K``;
+        * ``teacher_effective_prototypes_frac``: that divided by ``min(K, N)``, the most ``N`` confident rows
+          can reach (``N`` one-hot rows cover at most ``N`` prototypes), so 1 = every row on its own prototype,
+          whatever the batch size; soft (flat) rows can exceed 1 (up to ``K / N``); near ``1 / N`` = every row
+          on the same prototype (head collapse);
+        * ``teacher_distinct_prototypes``: the number of distinct argmax prototypes over the ``N`` rows;
+        * ``dino_loss_frac``: ``dino_loss / ln K``; near 1 = DINO-X's entropy wall (the student is no better
+          than uniform against the targets).
+
+    Under DDP the training loop all-reduces every logged value as a mean over ranks, so the distinct and
+    effective counts are then per-rank counts averaged over ranks (not counts over the global batch).
+    """
+    probs = t_probs.detach().float().reshape(-1, t_probs.shape[-1])
+    n, k = probs.shape
+    log_k = math.log(k)
+    entropy = DINOLoss.entropy(probs).mean()
+    mean_entropy = DINOLoss.entropy(probs.mean(0))
+    effective = mean_entropy.exp()
+    out = {
+        "teacher_entropy": entropy,
+        "teacher_entropy_frac": entropy / log_k,
+        "teacher_mean_entropy": mean_entropy,
+        "teacher_mean_entropy_frac": mean_entropy / log_k,
+        "teacher_effective_prototypes": effective,
+        "teacher_effective_prototypes_frac": effective / max(1, min(k, n)),
+        "teacher_distinct_prototypes": torch.tensor(float(probs.argmax(-1).unique().numel()), device=probs.device),
+    }
+    if dino_loss is not None:
+        out["dino_loss_frac"] = dino_loss.detach().float() / log_k
+    return out
 
 
 def _replace(cfg: ModelConfig, **changes) -> ModelConfig:

@@ -28,6 +28,7 @@ from medfoundry.config.schema import HeadConfig, ModelConfig, RunConfig
 from medfoundry.losses import DINOLoss
 from medfoundry.losses.distill import CosineFeatureLoss, match_patch_grid
 from medfoundry.methods.base import Method
+from medfoundry.methods.dino import teacher_target_stats
 from medfoundry.models.backbone import Backbone
 from medfoundry.models.heads import DINOHead
 from medfoundry.models.registry import create_backbone
@@ -158,9 +159,8 @@ class DistillMethod(Method):
         out = {"loss": loss, **{k: v.detach() for k, v in terms.items()}}
         with torch.no_grad():
             out["teacher_temp"] = torch.tensor(temp)
-            if use_dino:
-                probs = t_probs.float()
-                out["teacher_entropy"] = -(probs * probs.clamp_min(1e-12).log()).sum(-1).mean()
+            if use_dino:  # the same teacher-target statistics the dino method logs
+                out.update(teacher_target_stats(t_probs, terms["dino_loss"]))
         return out
 
     def before_optimizer_step(self, step: int) -> None:
