@@ -76,3 +76,25 @@ def test_knn_evaluate_binary_auc(data):
     res = knn_evaluate(train, train_y, test, test_y, ks=(10,))
     ref = _brute_force(train, train_y, test, 10, 0.07, 2)
     assert res["knn_auc_k10"] == pytest.approx(roc_auc_score(test_y, ref[:, 1] / ref.sum(1)))
+
+
+def test_knn_bootstrap_bounds_bracket_the_accuracies_and_narrow_with_more_queries() -> None:
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(3, 8))
+
+    def sample(n: int) -> tuple[np.ndarray, np.ndarray]:
+        y = rng.integers(0, 3, n)
+        return centres[y] + 1.5 * rng.normal(size=(n, 8)), y
+
+    x_tr, y_tr = sample(300)
+    widths = []
+    for n_test in (60, 1200):
+        x_te, y_te = sample(n_test)
+        res = knn_evaluate(x_tr, y_tr, x_te, y_te, ks=(20,), n_bootstrap=300, seed=1)
+        for name in ("top1", "balanced_acc"):
+            point = res[f"knn_{name}_k20"]
+            assert res[f"knn_{name}_k20_ci_low"] <= point <= res[f"knn_{name}_k20_ci_high"]
+        widths.append(res["knn_top1_k20_ci_high"] - res["knn_top1_k20_ci_low"])
+        assert 0.2 < res["knn_top1_k20"] < 1.0
+    assert widths[1] < widths[0] / 2  # ~ 1/sqrt(n): 20x the queries, ~4.5x narrower
+    assert "knn_top1_k20_ci_low" not in knn_evaluate(x_tr, y_tr, x_te, y_te, ks=(20,))

@@ -3,8 +3,10 @@
 Modes (see docs/performance.md): ``model`` times a DINOv2-style step on synthetic crops already on the
 device; ``aug`` times the CPU multi-crop per core and the batched device multi-crop; ``e2e`` feeds the
 step from PNG files through the real loader and reports the share of time spent waiting for data;
-``clip`` times a CLIP image-report step (tiny towers, or ``--clip-recipe``); ``all`` runs each.
-Tiny configurations run on CPU in seconds; full ones need ``--device cuda``.
+``clip`` times a CLIP image-report step (tiny towers, or ``--clip-recipe``); ``all`` runs each of those.
+Tiny configurations run on CPU in seconds; full ones need ``--device cuda``. ``quality`` is different: it
+pretrains on a real benchmark set (``--dataset brain|fashion|ct``) and prints kNN / linear-probe numbers
+beside random init, raw pixels and the majority class (see docs/quality.md); it takes minutes per seed.
 """
 
 from __future__ import annotations
@@ -13,8 +15,15 @@ import argparse
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--mode", choices=["model", "aug", "e2e", "clip", "all"], default="all",
-                        help="what to measure (default: all)")
+    parser.add_argument("--mode", choices=["model", "aug", "e2e", "clip", "all", "quality"], default="all",
+                        help="what to measure (default: all speed modes; quality: pretraining quality, minutes)")
+    parser.add_argument("--dataset", choices=["brain", "fashion", "ct"], default="brain",
+                        help="quality: benchmark set (brain patches split by hemisphere, Fashion-MNIST, CT by patient)")
+    parser.add_argument("--recipe", default="", help="quality: recipe to pretrain (default: quality_<dataset>_cpu)")
+    parser.add_argument("--seeds", default="0,1,2", help="quality: comma-separated training seeds")
+    parser.add_argument("--train-steps", type=int, default=0, help="quality: pretraining steps (0: the recipe's)")
+    parser.add_argument("--cache", default=".cache/quality", help="quality: where the real data is fetched to")
+    parser.add_argument("--output-dir", default="runs/quality", help="quality: where the runs are written")
     parser.add_argument("--model", default="vit_tiny_patch8", help="registered backbone (see `medfoundry models`)")
     parser.add_argument("--batch", type=int, default=8, help="images per step")
     parser.add_argument("--n-global", type=int, default=2, help="global crops per image")
@@ -60,6 +69,8 @@ def run(args: argparse.Namespace) -> int:
     from medfoundry.bench.step import ClipStepSpec, StepSpec
     from medfoundry.train.precision import resolve_device
 
+    if args.mode == "quality":
+        return _run_quality(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
@@ -100,4 +111,23 @@ def run(args: argparse.Namespace) -> int:
         print(f"done: {mode}", flush=True)
     args_dict = {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, list, type(None)))}
     report_results(results, device, args.json, args=args_dict)
+    return 0
+
+
+def _run_quality(args: argparse.Namespace) -> int:
+    import json
+
+    from medfoundry.bench.quality import QualitySpec, format_quality, run_quality
+
+    try:
+        seeds = tuple(int(s) for s in args.seeds.split(",") if s.strip())
+    except ValueError:
+        raise SystemExit(f"--seeds {args.seeds!r}: give comma-separated integers, e.g. --seeds 0,1,2") from None
+    spec = QualitySpec(dataset=args.dataset, recipe=args.recipe, overrides=list(args.overrides), seeds=seeds,
+                       steps=args.train_steps, cache=args.cache, output_dir=args.output_dir)
+    result = run_quality(spec)
+    print(format_quality(result), flush=True)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(result, fh, indent=2)
     return 0

@@ -24,6 +24,7 @@ from .metrics import (
     accuracy,
     auc_roc,
     balanced_accuracy,
+    bootstrap_ci,
 )
 
 __all__ = ["knn_classify", "knn_evaluate"]
@@ -129,6 +130,8 @@ def knn_evaluate(
     temperature: float = 0.07,
     num_classes: int | None = None,
     chunk_size: int | None = None,
+    n_bootstrap: int = 0,
+    seed: int = 0,
 ) -> dict[str, float]:
     """Weighted-kNN evaluation (DINO, Caron et al. 2021) for several ``k``: accuracy, balanced accuracy, AUC.
 
@@ -137,7 +140,9 @@ def knn_evaluate(
     class imbalance of medical data) and ``knn_auc_k{k}`` (AUC-ROC of the row-normalised scores:
     binary AUC for two classes, one-vs-rest macro AUC otherwise; ``nan`` if the test set has a single
     class). ``num_classes`` defaults to ``max(train_labels, test_labels) + 1``. The neighbour search
-    runs once, for the largest ``k``; smaller ``k`` use the first of those sorted neighbours.
+    runs once, for the largest ``k``; smaller ``k`` use the first of those sorted neighbours. With
+    ``n_bootstrap > 0`` the top-1 and balanced accuracies also get percentile-bootstrap 95 % bounds over the
+    test samples (``..._ci_low`` / ``..._ci_high``; :func:`~medfoundry.eval.metrics.bootstrap_ci`).
     """
     y_test = _to_labels(test_labels, "test_labels")
     y_train = _to_labels(train_labels, "train_labels")
@@ -161,4 +166,8 @@ def knn_evaluate(
         results[f"knn_top1_k{k}"] = accuracy(y_test, probs)
         results[f"knn_balanced_acc_k{k}"] = balanced_accuracy(y_test, probs)
         results[f"knn_auc_k{k}"] = auc_roc(y_test, probs)
+        if n_bootstrap > 0:
+            for name, fn in (("top1", accuracy), ("balanced_acc", balanced_accuracy)):
+                _, low, high = bootstrap_ci(y_test, probs, fn, n_bootstrap, seed=seed, min_classes=1)
+                results[f"knn_{name}_k{k}_ci_low"], results[f"knn_{name}_k{k}_ci_high"] = low, high
     return results

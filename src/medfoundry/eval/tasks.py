@@ -41,13 +41,15 @@ FEATURE_TASKS = ("knn", "linear", "health")
 
 
 def knn_metrics(fs: FeatureSet, ks: Sequence[int] = (10, 20), temperature: float = 0.07,
-                query_split: str = "test", prefix: str = "") -> dict[str, float]:
-    """Weighted kNN with the train split as memory bank and ``query_split`` as queries."""
+                query_split: str = "test", prefix: str = "", n_bootstrap: int = 0, seed: int = 0) -> dict[str, float]:
+    """Weighted kNN with the train split as memory bank and ``query_split`` as queries (``n_bootstrap``:
+    bootstrap bounds of the accuracies, see :func:`~medfoundry.eval.knn.knn_evaluate`)."""
     if not fs.has("train") or not fs.has(query_split):
         raise ValueError(f"kNN needs a train and a {query_split} split; the labelled set has {sorted(set(fs.splits))}")
     x_tr, y_tr = fs.subset("train")
     x_q, y_q = fs.subset(query_split)
-    res = knn_evaluate(x_tr, y_tr, x_q, y_q, ks=ks, temperature=temperature, num_classes=len(fs.classes))
+    res = knn_evaluate(x_tr, y_tr, x_q, y_q, ks=ks, temperature=temperature, num_classes=len(fs.classes),
+                       n_bootstrap=n_bootstrap, seed=seed)
     return {prefix + k: float(v) for k, v in res.items()}
 
 
@@ -98,14 +100,16 @@ def evaluate_features(
     seed: int = 0,
     query_split: str = "test",
     val_knn: bool = False,
+    knn_bootstrap: int = 0,
 ) -> dict[str, float]:
-    """All requested feature tasks (``retrieval`` is skipped here: see :func:`retrieval_metrics`)."""
+    """All requested feature tasks (``retrieval`` is skipped here: see :func:`retrieval_metrics`);
+    ``knn_bootstrap`` resamples give the kNN accuracies bootstrap bounds on the query split."""
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
         raise ValueError(f"unknown evaluation task(s) {unknown}; known: {list(TASKS)}")
     out: dict[str, float] = {}
     if "knn" in tasks:
-        out.update(knn_metrics(fs, knn_k, knn_temperature, query_split))
+        out.update(knn_metrics(fs, knn_k, knn_temperature, query_split, n_bootstrap=knn_bootstrap, seed=seed))
         if val_knn and fs.has("val"):
             out.update(knn_metrics(fs, knn_k, knn_temperature, "val", prefix="val_"))
     if "linear" in tasks:
