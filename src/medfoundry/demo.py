@@ -1,21 +1,18 @@
 """The end-to-end demo on real medical images that installable packages ship (``medfoundry demo``).
 
-Data (fetched through pip on first use, cached under ``.cache/demo_ct``, never committed):
+Data (fetched on first use through the package registries, cached under ``.cache/quality``, never
+committed): sagittal 48 mm patches of the **MNI152 2009 T1 template** (nilearn wheel) labelled by the
+lobe of the **Harvard-Oxford cortical atlas** (Debian ``mricron-data``), left hemisphere for training
+and validation, right hemisphere for testing (:func:`medfoundry.bench.quality_data.prepare_brain_patches`).
 
-* the five test cases inside the **pyradiomics 3.0.1 source archive** (PyPI sdist, BSD-3-Clause):
-  two chest CT volumes (``lung1``, ``lung2``; HU), two brain MR volumes (``brain1``, ``brain2``) and
-  one breast MR volume (``breast1``), each with a tumour segmentation mask. Every axial slice
-  becomes one 128x128 16-bit PNG (CT in a lung window, L -400 / W 1500 HU; MR scaled between the
-  volume's 0.5th and 99.5th percentiles) with two real labels: ``tumour`` (the slice intersects
-  the tumour mask) and ``region`` (chest CT / brain MR / breast MR);
-* the real DICOM samples of **pydicom-data** (MIT) listed in :mod:`medfoundry.data.bundled`
-  (CT, MR, radiographs, ultrasound, nuclear medicine), added to the unlabelled pretraining images.
+Steps of :func:`run_demo`: prepare the data; pretrain a tiny ViT with ``recipes/quality_brain_cpu.yaml`` on
+the CPU on the training patches (labels unused; in-training kNN / health every 250 steps, head-collapse,
+entropy-wall and feature-collapse monitors); evaluate the final teacher backbone, the same backbone at its
+random initialisation and the raw pixels (kNN with bootstrap intervals, linear probe, view retrieval,
+health) on the held-out hemisphere; render attention and PCA maps of test patches; write the HTML report.
 
-Steps of :func:`run_demo`: prepare the data; pretrain a tiny ViT with the DINO-X-style recipe
-``recipes/demo_ct_cpu.yaml`` on the CPU (in-training kNN / linear probe / health every 250 steps,
-entropy-wall and collapse monitors); evaluate the final teacher backbone and the same backbone at
-its random initialisation (kNN, linear probe with bootstrap CIs, view retrieval, health) on both
-labels; render attention and PCA maps of test slices; write the HTML report.
+The CT/MR slice preparation below (:func:`prepare_demo_data`, the pyradiomics test cases) was the first
+demo's data; the quality benchmark's ``ct`` set (``recipes/quality_ct_cpu.yaml``) reads those cases.
 """
 
 from __future__ import annotations
@@ -45,7 +42,9 @@ CASES = (
 CT_WINDOW = (-1150.0, 350.0)  # lung window: level -400 HU, width 1500 HU
 SLICE_SIZE = 128
 SPLIT_FRACTIONS = (0.5, 0.2, 0.3)
-DEMO_RECIPE = "demo_ct_cpu"
+DEMO_RECIPE = "quality_brain_cpu"
+DEMO_LABEL = "lobe"
+PATCH_SIZE = 48
 
 
 def _log(message: str) -> None:
@@ -224,38 +223,42 @@ def prepare_demo_data(cache: str | Path = ".cache/demo_ct", size: int = SLICE_SI
 
 
 # ----------------------------------------------------------------------------------------------- the demo
-def _pick_attention_images(manifest: Path, n: int = 6) -> list[Path]:
-    """Test slices for the attention pictures: tumour slices of each case first, then others."""
+def _pick_attention_images(manifest: Path, label: str = DEMO_LABEL, n: int = 6) -> list[Path]:
+    """Test images for the attention pictures: the first test image of each class, then further ones."""
     with open(manifest) as fh:
         rows = [r for r in csv.DictReader(fh) if r["split"] == "test"]
     chosen: list[dict] = []
-    for want_tumour in (True, False):
-        for case, _, _ in CASES:
-            for r in rows:
-                if r["series"] == case and (r["tumour"] == "tumour") == want_tumour and r not in chosen:
-                    chosen.append(r)
-                    break
+    for r in rows:
+        if r[label] not in {c[label] for c in chosen}:
+            chosen.append(r)
+    chosen += [r for r in rows[:: max(1, len(rows) // n)] if r not in chosen]
     return [manifest.parent / r["path"] for r in chosen[:n]]
 
 
 def compare_backbones(
-    run_dir: Path, manifest: Path, label_columns: tuple[str, ...] = ("tumour", "region"),
+    run_dir: Path, manifest: Path, label_columns: tuple[str, ...] = (DEMO_LABEL,),
     tasks: tuple[str, ...] = ("knn", "linear", "health", "retrieval"), which: str = "latest",
+    raw_pixels: bool = True,
 ) -> dict:
-    """Evaluate the run's backbone and its random initialisation on each label column of ``manifest``.
+    """Evaluate the run's backbone, its random initialisation and (``raw_pixels``) the pixels themselves.
 
     Returns ``{"checkpoint", "step", "labels": {column: {"pretrained": metrics, "random_init": metrics,
-    "summary", "classes", "n"}}}`` and writes it to ``RUN/eval/comparison.json`` (the report shows it).
-    The view-retrieval ratio needs no labels and is computed with the first column only.
+    "raw_pixels": kNN metrics, "summary", "classes", "n"}}}`` and writes it to ``RUN/eval/comparison.json``
+    (the report shows it). kNN accuracies carry bootstrap intervals (``eval.n_bootstrap`` resamples of the
+    test images). The view-retrieval ratio needs no labels and is computed with the first column only.
     """
+    from medfoundry.bench.quality import raw_pixel_features
+    from medfoundry.eval.eval_images import eval_transform_from_config
+    from medfoundry.eval.labelled_set import load_labelled_set
     from medfoundry.eval.load import load_backbone
-    from medfoundry.eval.tasks import evaluate_backbone
+    from medfoundry.eval.tasks import evaluate_backbone, evaluate_features
 
     run_dir = Path(run_dir)
     loaded = {"pretrained": load_backbone(run_dir, which=which),
               "random_init": load_backbone(run_dir, random_init=True, which=which)}
     out: dict = {"checkpoint": str(loaded["pretrained"].checkpoint), "step": loaded["pretrained"].step,
                  "labels": {}}
+    cfg = loaded["pretrained"].cfg
     for i, column in enumerate(label_columns):
         entry: dict = {}
         for name, lb in loaded.items():
@@ -264,6 +267,11 @@ def compare_backbones(
                                              cache_dir=run_dir / "eval" / "feature_cache")
             entry[name] = res
             entry.update(classes=lset.classes, summary=lset.summary(), n=len(lset))
+        if raw_pixels:
+            lset = load_labelled_set(str(manifest), column, cfg.eval.split_fractions, cfg.eval.split_seed)
+            fs = raw_pixel_features(lset, eval_transform_from_config(cfg, 0))
+            entry["raw_pixels"] = evaluate_features(fs, ("knn",), cfg.eval.knn_k, cfg.eval.knn_temperature,
+                                                    seed=cfg.eval.split_seed, knn_bootstrap=cfg.eval.n_bootstrap)
         out["labels"][column] = entry
     path = run_dir / "eval" / "comparison.json"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -279,26 +287,54 @@ def format_comparison(comparison: dict) -> str:
             "health_mean_pairwise_cosine", "health_class_separation")
     lines = []
     for column, entry in comparison["labels"].items():
+        raw = entry.get("raw_pixels", {})
         lines.append(f"label '{column}' ({entry['summary']})")
-        lines.append(f"  {'metric':<30}{'pretrained':>12}{'random init':>14}")
+        lines.append(f"  {'metric':<30}{'pretrained':>22}{'random init':>22}{'raw pixels':>22}")
         for k in keys:
             if k in entry["pretrained"]:
-                a, b = entry["pretrained"][k], entry["random_init"][k]
-                lines.append(f"  {k:<30}{a:>12.4f}{b:>14.4f}")
+                cells = [_with_interval(entry[name], k) for name in ("pretrained", "random_init")]
+                cells.append(_with_interval(raw, k) if k in raw else "")
+                lines.append(f"  {k:<30}" + "".join(f"{c:>22}" for c in cells))
     return "\n".join(lines)
 
 
+def _with_interval(metrics: dict, key: str) -> str:
+    low, high = metrics.get(key + "_ci_low"), metrics.get(key + "_ci_high")
+    value = f"{metrics[key]:.4f}"
+    if low is not None and high is not None and np.isfinite(low) and np.isfinite(high):
+        value += f" [{low:.3f}, {high:.3f}]"
+    return value
+
+
+def headline(comparison: dict, key: str = "knn_top1_k20") -> str:
+    """One sentence: the headline metric of the first label for pretrained vs random init, with intervals,
+    and whether the intervals overlap."""
+    column, entry = next(iter(comparison["labels"].items()))
+    pre, rnd = entry["pretrained"], entry["random_init"]
+    text = (f"headline ({key}, label '{column}', test split): pretrained {_with_interval(pre, key)} vs random init "
+            f"{_with_interval(rnd, key)}")
+    if key + "_ci_low" in pre and key + "_ci_high" in rnd:
+        if pre[key + "_ci_low"] > rnd[key + "_ci_high"]:
+            text += ": pretrained ahead, intervals do not overlap"
+        elif rnd[key + "_ci_low"] > pre[key + "_ci_high"]:
+            text += ": RANDOM INIT ahead, intervals do not overlap"
+        else:
+            text += ": the intervals overlap"
+    return text
+
+
 def run_demo(
-    output_dir: str | Path = "runs/demo_ct_cpu",
-    cache: str | Path = ".cache/demo_ct",
+    output_dir: str | Path = "runs/demo_brain_cpu",
+    cache: str | Path = ".cache/quality",
     overrides: list[str] | None = None,
     fresh: bool = True,
 ) -> Path:
-    """Prepare data, pretrain, evaluate against random init, render attention maps, write the report.
+    """Prepare data, pretrain, evaluate against random init and raw pixels, render attention maps, write the report.
 
     Returns the path of the HTML report. ``fresh`` removes an existing run folder first (the demo
     always shows one complete run); ``overrides`` are ``key.sub=value`` config overrides.
     """
+    from medfoundry.bench.quality_data import prepare_brain_patches
     from medfoundry.config import load_config
     from medfoundry.eval.attention import save_attention_maps
     from medfoundry.eval.load import load_backbone
@@ -308,30 +344,32 @@ def run_demo(
 
     t_start = time.perf_counter()
     output_dir = Path(output_dir)
-    _log("preparing the real demo data (pyradiomics test cases + pydicom-data samples) ...")
-    data = prepare_demo_data(cache)
-    _log(f"{data.n_slices} labelled slices + {data.n_extra} pydicom-data frames under {data.images}")
+    _log("preparing the real demo data (MNI152 template + Harvard-Oxford atlas, split by hemisphere) ...")
+    data = prepare_brain_patches(cache)
+    _log(f"brain patches {data.counts} under {data.root}")
 
     if fresh and output_dir.exists():
         shutil.rmtree(output_dir)
     cfg = load_config(
         resolve_recipe(DEMO_RECIPE),
-        [f"output_dir={output_dir}", f"data.root={data.images}", f"eval.data={data.manifest}", *(overrides or [])],
+        [f"output_dir={output_dir}", f"data.root={data.images('train')}", f"eval.data={data.manifest}",
+         *(overrides or [])],
     )
     _log(f"pretraining {cfg.model.name} for {cfg.train.steps} steps on the CPU (recipe {DEMO_RECIPE}) ...")
     t0 = time.perf_counter()
     run_dir = Path(train(cfg))
     train_seconds = time.perf_counter() - t0
 
-    _log("evaluating the pretrained backbone against the same backbone at random initialisation ...")
+    _log("evaluating the pretrained backbone against the same backbone at random initialisation and raw pixels ...")
     comparison = compare_backbones(run_dir, data.manifest)
     print(format_comparison(comparison), flush=True)
+    _log(headline(comparison))
 
     _log("rendering attention and PCA maps ...")
     picks = _pick_attention_images(data.manifest)
     for name, random_init in (("pretrained", False), ("random_init", True)):
         lb = load_backbone(run_dir, random_init=random_init)
-        save_attention_maps(lb.backbone, picks, run_dir / "attention" / name, lb.cfg, img_size=SLICE_SIZE,
+        save_attention_maps(lb.backbone, picks, run_dir / "attention" / name, lb.cfg, img_size=2 * PATCH_SIZE,
                             title=lb.label)
 
     timing = {"train_seconds": train_seconds, "total_seconds_before_report": time.perf_counter() - t_start,

@@ -94,7 +94,8 @@ def test_fashion_set_is_written_from_the_debian_layout(tmp_path: Path, monkeypat
     (pkg / ".unpacked").write_text("test")  # fetched already: no apt-get call
     qset = qd.prepare_fashion_mnist(tmp_path, n_train=20, n_val=5, n_test=10)
     assert qset.counts == {"train": 20, "val": 5, "test": 10}
-    rows = list(csv.DictReader(open(qset.manifest)))
+    with open(qset.manifest) as fh:
+        rows = list(csv.DictReader(fh))
     assert {r["label"] for r in rows} <= set(qd.FASHION_CLASSES)
     assert len({r["path"] for r in rows if r["split"] != "test"}) == 25  # train and val are disjoint
     assert len(list(qset.images("train").glob("*.png"))) == 20

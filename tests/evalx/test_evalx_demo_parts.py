@@ -65,3 +65,29 @@ def test_evalx_demo_comparison_table() -> None:
                                         "random_init": {"knn_top1_k20": 0.7, "linear_auc": 0.6}}}}
     text = demo.format_comparison(comparison)
     assert "knn_top1_k20" in text and "0.9000" in text and "0.6000" in text
+
+
+def test_evalx_demo_headline_says_whether_the_intervals_overlap() -> None:
+    def entry(pre: tuple[float, float, float], rnd: tuple[float, float, float]) -> dict:
+        def metrics(v: tuple[float, float, float]) -> dict:
+            return {"knn_top1_k20": v[0], "knn_top1_k20_ci_low": v[1], "knn_top1_k20_ci_high": v[2]}
+
+        return {"labels": {"lobe": {"summary": "", "pretrained": metrics(pre), "random_init": metrics(rnd),
+                                    "raw_pixels": metrics(rnd)}}}
+
+    ahead = demo.headline(entry((0.85, 0.84, 0.86), (0.65, 0.64, 0.66)))
+    assert "pretrained ahead, intervals do not overlap" in ahead and "0.8500 [0.840, 0.860]" in ahead
+    assert "intervals overlap" in demo.headline(entry((0.70, 0.66, 0.74), (0.68, 0.64, 0.72)))
+    assert "RANDOM INIT ahead" in demo.headline(entry((0.60, 0.59, 0.61), (0.70, 0.69, 0.71)))
+    table = demo.format_comparison(entry((0.85, 0.84, 0.86), (0.65, 0.64, 0.66)))
+    assert "raw pixels" in table and "0.6500 [0.640, 0.660]" in table
+
+
+def test_evalx_demo_attention_picks_one_test_image_per_class_first(tmp_path: Path) -> None:
+    rows = [("a.png", "frontal", "train"), ("b.png", "frontal", "test"), ("c.png", "frontal", "test"),
+            ("d.png", "temporal", "test"), ("e.png", "occipital", "val")]
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text("path,lobe,split\n" + "".join(f"{p},{lab},{s}\n" for p, lab, s in rows))
+    picks = demo._pick_attention_images(manifest, "lobe", n=3)
+    assert [p.name for p in picks][:2] == ["b.png", "d.png"]
+    assert all(p.parent == tmp_path for p in picks) and len(picks) == 3

@@ -132,7 +132,7 @@ def run_quality(spec: QualitySpec, log=print) -> dict:
     for seed in spec.seeds:
         run_dir = out_root / f"seed{seed}"
         overrides = [f"output_dir={run_dir}", f"data.root={qset.images('train')}", f"train.seed={seed}",
-                     *spec.overrides]
+                     f"eval.data={qset.manifest}", f"eval.label_column={qset.label_column}", *spec.overrides]
         if spec.steps:
             overrides.append(f"train.steps={spec.steps}")
         cfg = load_config(resolve_recipe(recipe), overrides)

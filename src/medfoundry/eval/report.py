@@ -219,19 +219,24 @@ def _comparison_html(comparison: dict) -> str:
     parts = [f"<p>Checkpoint <code>{html.escape(str(comparison.get('checkpoint', '')))}</code> "
              f"(step {comparison.get('step')}) against the same backbone at its random initialisation "
              "(the run's step-0 weights). kNN and linear probe fit on the train split and report the test "
-             "split; linear-probe values carry 95% bootstrap intervals.</p>"]
+             "split; kNN and linear-probe values carry 95% bootstrap intervals over the test images; raw pixels "
+             "are the evaluation-resized images themselves, flattened.</p>"]
     for column, entry in comparison.get("labels", {}).items():
         pre, rnd = entry.get("pretrained", {}), entry.get("random_init", {})
         parts.append(f"<h3>label <code>{html.escape(column)}</code></h3><p class='muted'>"
                      f"{html.escape(str(entry.get('summary', '')))}</p>")
-        parts.append("<table><tr><th>metric</th><th>pretrained</th><th>random init</th></tr>")
+        raw = entry.get("raw_pixels") or {}
+        raw_head = "<th>raw pixels</th>" if raw else ""
+        parts.append(f"<table><tr><th>metric</th><th>pretrained</th><th>random init</th>{raw_head}</tr>")
         for key in _HEADLINE:
             if key not in pre:
                 continue
             a, b = _num(pre.get(key)), _num(rnd.get(key))
             better = (a < b) if key in _LOWER_IS_BETTER else (a > b)
             cls = " class='better'" if math.isfinite(a) and math.isfinite(b) and better else ""
-            parts.append(f"<tr><td>{key}</td><td{cls}>{_with_ci(pre, key)}</td><td>{_with_ci(rnd, key)}</td></tr>")
+            raw_cell = f"<td>{_with_ci(raw, key) if key in raw else ''}</td>" if raw else ""
+            parts.append(f"<tr><td>{key}</td><td{cls}>{_with_ci(pre, key)}</td><td>{_with_ci(rnd, key)}</td>"
+                         f"{raw_cell}</tr>")
         parts.append("</table>")
     return "\n".join(parts)
 

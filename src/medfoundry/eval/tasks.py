@@ -194,9 +194,9 @@ def evaluate_backbone(
                                          feature, ec.batch_size, cache_dir=cache)
         if aggregate == "series":
             fs = fs.aggregate_series()
-        results.update(evaluate_features(fs, feature_tasks, knn_k or ec.knn_k, ec.knn_temperature,
-                                         ec.n_bootstrap if n_bootstrap is None else n_bootstrap,
-                                         seed=ec.split_seed, query_split=query_split))
+        boot = ec.n_bootstrap if n_bootstrap is None else n_bootstrap
+        results.update(evaluate_features(fs, feature_tasks, knn_k or ec.knn_k, ec.knn_temperature, boot,
+                                         seed=ec.split_seed, query_split=query_split, knn_bootstrap=boot))
     if "retrieval" in tasks:
         overrides = {k: v for k, v in (retrieval or {}).items() if v not in (None, "")}
         rcfg = dataclasses.replace(cfg, eval=dataclasses.replace(ec, **overrides)) if overrides else cfg
