@@ -4,7 +4,8 @@ Each combination (arm) trains into SWEEP_DIR/arm_XX_key-value...; locally the ar
 process, with ``--submitit`` as a SLURM job array (put SLURM settings such as ``nodes=1 gpus_per_node=4
 time=2:00:00`` before the recipe). Then SWEEP_DIR/results.csv and results.md list each arm's overrides, final
 and best loss and evaluation metrics, wall-clock hours of the training loop (one-time setup such as imports is
-kept apart, as setup_s in each arm's sweep_arm.json), GPU-hours and cost. Exit code 1 if an arm failed.
+kept apart, as setup_s in each arm's sweep_arm.json), GPU-hours and cost. Exit code 1 if an arm failed or was
+interrupted by a signal (run the same command again to resume it).
 """
 
 from __future__ import annotations
