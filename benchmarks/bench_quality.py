@@ -14,7 +14,6 @@ effective prototype count above 10 % of the attainable maximum through the run.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 
@@ -30,16 +29,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = parser.parse_args(argv)
 
-    from medfoundry.bench.quality import QualitySpec, format_quality, run_quality
+    from medfoundry.bench.quality import QualitySpec, report_quality
 
     spec = QualitySpec(dataset=args.dataset, recipe=args.recipe, overrides=args.overrides,
                        seeds=tuple(int(s) for s in args.seeds.split(",")), steps=args.steps, cache=args.cache,
                        output_dir=args.output_dir)
-    result = run_quality(spec)
-    print(format_quality(result), flush=True)
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(result, fh, indent=2)
+    report_quality(spec, args.json)
     return 0
 
 

@@ -212,12 +212,11 @@ def prepare_demo_data(cache: str | Path = ".cache/demo_ct", size: int = SLICE_SI
         extra = export_pydicom_samples(images / "pydicom_data", max_side=size)
     except (ImportError, FileNotFoundError) as err:
         _log(f"pydicom-data samples skipped ({err})")
-    tmp = manifest.with_suffix(".tmp")
-    with open(tmp, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    tmp.replace(manifest)
+    import pandas as pd
+
+    from medfoundry.data.manifest import write_table
+
+    write_table(pd.DataFrame(rows), manifest)
     done_flag.write_text(json.dumps({"size": size, "seed": seed, "n_slices": len(rows), "n_extra": len(extra)}))
     return DemoData(cache, images, manifest, len(rows), len(extra))
 

@@ -197,3 +197,13 @@ def format_quality(result: dict) -> str:
     lines.append(f"kNN top-1 (test) pretrained minus random init: {_mean_std(gap)} (per seed: "
                  + ", ".join(f"{g:+.3f}" for g in gap) + ")")
     return "\n".join(lines)
+
+
+def report_quality(spec: QualitySpec, json_path: str | None = None) -> dict:
+    """:func:`run_quality`, then print :func:`format_quality` and (``json_path``) write the results as JSON;
+    what ``medfoundry bench --mode quality`` and ``benchmarks/bench_quality.py`` run."""
+    result = run_quality(spec)
+    print(format_quality(result), flush=True)
+    if json_path:
+        Path(json_path).write_text(json.dumps(result, indent=2))
+    return result

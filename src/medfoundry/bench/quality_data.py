@@ -21,7 +21,6 @@ into the cache; nothing is written into the repository.
 
 from __future__ import annotations
 
-import csv
 import gzip
 import json
 import shutil
@@ -119,13 +118,12 @@ def _write_png(path: Path, arr01: np.ndarray) -> None:
 
 
 def _write_manifest(root: Path, rows: list[dict], info: dict) -> Path:
+    import pandas as pd
+
+    from medfoundry.data.manifest import write_table
+
     manifest = root / "manifest.csv"
-    tmp = manifest.with_suffix(".tmp")
-    with open(tmp, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    tmp.replace(manifest)
+    write_table(pd.DataFrame(rows), manifest)
     (root / "prepared.json").write_text(json.dumps(info, indent=2))
     return manifest
 

@@ -115,9 +115,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run_quality(args: argparse.Namespace) -> int:
-    import json
-
-    from medfoundry.bench.quality import QualitySpec, format_quality, run_quality
+    from medfoundry.bench.quality import QualitySpec, report_quality
 
     try:
         seeds = tuple(int(s) for s in args.seeds.split(",") if s.strip())
@@ -125,9 +123,5 @@ def _run_quality(args: argparse.Namespace) -> int:
         raise SystemExit(f"--seeds {args.seeds!r}: give comma-separated integers, e.g. --seeds 0,1,2") from None
     spec = QualitySpec(dataset=args.dataset, recipe=args.recipe, overrides=list(args.overrides), seeds=seeds,
                        steps=args.train_steps, cache=args.cache, output_dir=args.output_dir)
-    result = run_quality(spec)
-    print(format_quality(result), flush=True)
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(result, fh, indent=2)
+    report_quality(spec, args.json)
     return 0
