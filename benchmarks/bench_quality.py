@@ -25,6 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=0, help="pretraining steps (0: the recipe's)")
     parser.add_argument("--cache", default=".cache/quality")
     parser.add_argument("--output-dir", default="runs/quality")
+    parser.add_argument("--resume", action="store_true", help="resume existing run folders instead of replacing them")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = parser.parse_args(argv)
@@ -33,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
 
     spec = QualitySpec(dataset=args.dataset, recipe=args.recipe, overrides=args.overrides,
                        seeds=tuple(int(s) for s in args.seeds.split(",")), steps=args.steps, cache=args.cache,
-                       output_dir=args.output_dir)
+                       output_dir=args.output_dir, resume=args.resume)
     report_quality(spec, args.json)
     return 0
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +49,16 @@ def test_run_quality_compares_pretrained_random_init_raw_pixels_and_majority(tmp
     table = q.format_quality(result)
     assert "| knn_top1_k20 |" in table and "± " in table and "raw pixels" in table
     assert (tmp_path / "runs" / "tiny" / "quality.json").is_file()
+    # a second run with other settings trains afresh instead of re-evaluating the finished checkpoints
+    again = q.run_quality(dataclasses.replace(spec, seeds=(0,), overrides=[*spec.overrides, "dino.head.out_dim=32"]),
+                          log=lambda m: None)
+    import torch
+
+    ckpt = sorted((tmp_path / "runs" / "tiny" / "seed0" / "checkpoints").glob("step_*.pt"))[-1]
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)["method"]
+    prototypes = [v for k, v in state.items() if k.startswith("teacher.dino_head.") and "last_layer" in k]
+    assert prototypes and all(v.shape[0] == 32 for v in prototypes)
+    assert again["seeds"][0]["steps"] == 3
 
 
 def test_raw_pixel_pca_is_fitted_on_the_training_split_only(tmp_path: Path) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -46,6 +47,7 @@ class QualitySpec:
     output_dir: str = "runs/quality"
     n_bootstrap: int = 0  # linear-probe bootstrap resamples (0 = no CIs; the seed spread is reported instead)
     tasks: Sequence[str] = ("knn", "linear")  # "knn" alone for a quick screen
+    resume: bool = False  # keep existing run folders and resume them (default: start each seed afresh)
 
 
 def raw_pixel_features(lset, transform, batch_size: int = 256, pca_dims: int = 0):
@@ -136,6 +138,8 @@ def run_quality(spec: QualitySpec, log=print) -> dict:
         if spec.steps:
             overrides.append(f"train.steps={spec.steps}")
         cfg = load_config(resolve_recipe(recipe), overrides)
+        if run_dir.exists() and not spec.resume:  # a finished run of other settings would be evaluated again
+            shutil.rmtree(run_dir)
         log(f"[quality] seed {seed}: pretraining {cfg.model.name} for {cfg.train.steps} steps (recipe {recipe}) ...")
         t0 = time.perf_counter()
         train(cfg)

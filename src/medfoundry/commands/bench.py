@@ -24,6 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--train-steps", type=int, default=0, help="quality: pretraining steps (0: the recipe's)")
     parser.add_argument("--cache", default=".cache/quality", help="quality: where the real data is fetched to")
     parser.add_argument("--output-dir", default="runs/quality", help="quality: where the runs are written")
+    parser.add_argument("--resume", action="store_true",
+                        help="quality: resume existing run folders (after an interruption) instead of replacing them")
     parser.add_argument("--model", default="vit_tiny_patch8", help="registered backbone (see `medfoundry models`)")
     parser.add_argument("--batch", type=int, default=8, help="images per step")
     parser.add_argument("--n-global", type=int, default=2, help="global crops per image")
@@ -122,6 +124,6 @@ def _run_quality(args: argparse.Namespace) -> int:
     except ValueError:
         raise SystemExit(f"--seeds {args.seeds!r}: give comma-separated integers, e.g. --seeds 0,1,2") from None
     spec = QualitySpec(dataset=args.dataset, recipe=args.recipe, overrides=list(args.overrides), seeds=seeds,
-                       steps=args.train_steps, cache=args.cache, output_dir=args.output_dir)
+                       steps=args.train_steps, cache=args.cache, output_dir=args.output_dir, resume=args.resume)
     report_quality(spec, args.json)
     return 0
