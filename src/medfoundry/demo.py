@@ -248,7 +248,6 @@ def compare_backbones(
     """
     from medfoundry.bench.quality import raw_pixel_features
     from medfoundry.eval.eval_images import eval_transform_from_config
-    from medfoundry.eval.labelled_set import load_labelled_set
     from medfoundry.eval.load import load_backbone
     from medfoundry.eval.tasks import evaluate_backbone, evaluate_features
 
@@ -266,8 +265,7 @@ def compare_backbones(
                                              cache_dir=run_dir / "eval" / "feature_cache")
             entry[name] = res
             entry.update(classes=lset.classes, summary=lset.summary(), n=len(lset))
-        if raw_pixels:
-            lset = load_labelled_set(str(manifest), column, cfg.eval.split_fractions, cfg.eval.split_seed)
+        if raw_pixels:  # the labelled set the backbones were just evaluated on
             fs = raw_pixel_features(lset, eval_transform_from_config(cfg, 0))
             entry["raw_pixels"] = evaluate_features(fs, ("knn",), cfg.eval.knn_k, cfg.eval.knn_temperature,
                                                     seed=cfg.eval.split_seed, knn_bootstrap=cfg.eval.n_bootstrap)

@@ -63,13 +63,23 @@ def raw_pixel_features(lset, transform, batch_size: int = 256, pca_dims: int = 0
 
     loader = torch.utils.data.DataLoader(EvalImages(lset.items, transform), batch_size=batch_size, num_workers=0)
     feats = np.concatenate([b.flatten(1).float().numpy() for b in loader]).astype(np.float32)
-    if pca_dims and pca_dims < feats.shape[1]:
-        train = feats[lset.splits == "train"]
-        mean = train.mean(axis=0)
-        _, _, vt = np.linalg.svd(train - mean, full_matrices=False)
-        feats = ((feats - mean) @ vt[:pca_dims].T).astype(np.float32)
-    return FeatureSet(feats, lset.labels, lset.splits, lset.classes, [it.path for it in lset.items],
-                      [it.series for it in lset.items], {"feature": "raw_pixels", **transform.settings()})
+    fs = FeatureSet(feats, lset.labels, lset.splits, lset.classes, [it.path for it in lset.items],
+                    [it.series for it in lset.items], {"feature": "raw_pixels", **transform.settings()})
+    return train_pca(fs, pca_dims) if pca_dims else fs
+
+
+def train_pca(fs, dims: int):
+    """``fs`` with its features projected on their ``dims`` leading principal components, fitted on the
+    *training* split only (the other splits are projected, never fitted); unchanged if ``dims`` >= the width."""
+    import dataclasses
+
+    if dims >= fs.feats.shape[1]:
+        return fs
+    train = fs.feats[fs.splits == "train"]
+    mean = train.mean(axis=0)
+    _, _, vt = np.linalg.svd(train - mean, full_matrices=False)
+    return dataclasses.replace(fs, feats=((fs.feats - mean) @ vt[:dims].T).astype(np.float32),
+                               meta={**fs.meta, "pca_dims": dims})
 
 
 def majority_metrics(lset) -> dict[str, float]:
@@ -151,10 +161,10 @@ def run_quality(spec: QualitySpec, log=print) -> dict:
             fs = compute_feature_set(lb.backbone, lset, transform, lb.cfg.eval.feature, lb.cfg.eval.batch_size)
             entry[name] = _evaluate(fs, spec.n_bootstrap, seed, spec.tasks)
             if raw is None:  # kNN on the pixels themselves, the linear probe on their 256 leading components
-                raw = _evaluate(raw_pixel_features(lset, transform), spec.n_bootstrap, seed, ("knn",))
+                pixels = raw_pixel_features(lset, transform)  # read once; the probe gets the PCA of it
+                raw = _evaluate(pixels, spec.n_bootstrap, seed, ("knn",))
                 if "linear" in spec.tasks:
-                    raw |= _evaluate(raw_pixel_features(lset, transform, pca_dims=256), spec.n_bootstrap, seed,
-                                     ("linear",))
+                    raw |= _evaluate(train_pca(pixels, 256), spec.n_bootstrap, seed, ("linear",))
         entry["head"] = head_statistics(run_dir)
         per_seed.append(entry)
         log(f"[quality] seed {seed}: {train_s:.0f} s; kNN top-1 test pretrained "
