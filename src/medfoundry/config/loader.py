@@ -19,9 +19,10 @@ import yaml
 
 from medfoundry.config.backbones import check_backbone_names
 from medfoundry.config.schema import RunConfig
+from medfoundry.errors import UserError
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A recipe or override does not fit the schema; the message says what to change."""
 
 

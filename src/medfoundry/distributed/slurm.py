@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from medfoundry.errors import UserError
+
 #: Settings accepted as ``key=value`` before the recipe (``medfoundry launch --slurm nodes=2 ... RECIPE``).
 SLURM_SETTINGS: dict[str, str] = {
     "nodes": "number of nodes (int)",
@@ -48,7 +50,7 @@ _INT_SETTINGS = {"nodes", "gpus_per_node", "tasks_per_node", "cpus_per_task", "n
 PREEMPT_SIGNAL = "USR1@120"
 
 
-class LaunchError(ValueError):
+class LaunchError(UserError, ValueError):
     """A launch setting is malformed or missing; the message says what to change."""
 
 

@@ -28,6 +28,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from medfoundry.errors import UserError
 from medfoundry.models.backbone import Backbone
 from medfoundry.models.convert import is_eva
 from medfoundry.models.lora import merged_copy
@@ -36,7 +37,7 @@ ExportFormat = Literal["hf", "timm", "safetensors"]
 EXPORT_FORMATS = ("hf", "timm", "safetensors")
 
 
-class ExportError(RuntimeError):
+class ExportError(UserError, RuntimeError):
     """The backbone cannot be represented in the requested format, or the reloaded export differs."""
 
 

@@ -12,6 +12,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from medfoundry.safe_load import load_torch_file
+
 _NAME = re.compile(r"^step_(\d{8})\.(pt|dcp)$")
 
 
@@ -105,8 +107,8 @@ def load_checkpoint(path: str | Path) -> dict:
     """Load a medfoundry training checkpoint on the CPU as one dict.
 
     A sharded ``.dcp`` folder is consolidated into full tensors (``dcp_to_torch_save``) and merged
-    with its ``meta.pt``. Uses ``weights_only=False`` because a training checkpoint holds RNG states
-    and the config; only load checkpoints you or your colleagues wrote.
+    with its ``meta.pt``. Read with the restricted unpickler (:func:`medfoundry.safe_load.load_torch_file`):
+    a file that would run code is refused, never loaded.
     """
     path = Path(path)
     if path.is_dir():
@@ -117,10 +119,10 @@ def load_checkpoint(path: str | Path) -> dict:
         with tempfile.TemporaryDirectory() as tmp:
             full = Path(tmp) / "full.pt"
             dcp_to_torch_save(str(path), str(full))
-            state = torch.load(full, map_location="cpu", weights_only=False)
-        state.update(torch.load(path / "meta.pt", map_location="cpu", weights_only=False))
+            state = load_torch_file(full, "consolidated checkpoint")
+        state.update(load_torch_file(path / "meta.pt", "checkpoint metadata"))
         return state
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return load_torch_file(path, "checkpoint")
 
 
 def consolidate_checkpoint(path: str | Path, out: str | Path) -> Path:

@@ -21,7 +21,9 @@ from medfoundry.config.loader import save_config, to_dict
 from medfoundry.config.schema import RunConfig
 from medfoundry.distributed.parallelize import is_sharded, parallelize, unwrap
 from medfoundry.distributed.setup import DistInfo, init_distributed
+from medfoundry.errors import UserError
 from medfoundry.methods import get_method_entry
+from medfoundry.safe_load import load_torch_file
 from medfoundry.train.checkpoint import (
     capture_rng,
     latest_checkpoint,
@@ -40,7 +42,7 @@ class NonFiniteLossError(RuntimeError):
     """Raised after ``train.max_nonfinite_steps`` non-finite losses in a row."""
 
 
-class BadDataError(RuntimeError):
+class BadDataError(UserError, RuntimeError):
     """Raised when the share of unreadable files passes ``data.max_bad_fraction``."""
 
 
@@ -190,7 +192,7 @@ def _restore(path: Path, method: nn.Module, optimizer) -> dict:
         # parameters that never had a gradient (e.g. a frozen prototype layer) have no optimizer state yet
         dcp.load({"optimizer": osd}, checkpoint_id=str(path), planner=DefaultLoadPlanner(allow_partial_load=True))
         set_state_dict(method, optimizer, model_state_dict=msd, optim_state_dict=osd)
-        return torch.load(path / "meta.pt", map_location="cpu", weights_only=False)
+        return load_torch_file(path / "meta.pt", "checkpoint metadata")
     if is_sharded(method):
         raise RuntimeError(
             f"{path} is a single-file (DDP/one-process) checkpoint; an FSDP run resumes only from sharded "

@@ -15,8 +15,10 @@ from typing import Any
 
 import numpy as np
 
+from medfoundry.errors import UserError
 
-class ReaderError(RuntimeError):
+
+class ReaderError(UserError, RuntimeError):
     """A file could not be read; the message names the file, the cause and, where one exists, the fix."""
 
 

@@ -18,10 +18,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from medfoundry.errors import UserError
 from medfoundry.models.backbone import Backbone
 
 
-class PretrainedLoadError(RuntimeError):
+class PretrainedLoadError(UserError, RuntimeError):
     """A checkpoint cannot be loaded into the backbone; the message says which key and why."""
 
 
