@@ -25,6 +25,18 @@ def _one_torch_thread():
     torch.set_num_threads(before)
 
 
+@pytest.fixture(autouse=True)
+def _restore_preemption_handlers():
+    """A training loop stopped by a signal ignores further pre-emption signals; give each test the handlers back."""
+    import signal
+
+    sigs = [s for s in (signal.SIGTERM, getattr(signal, "SIGUSR1", None)) if s is not None]
+    before = {s: signal.getsignal(s) for s in sigs}
+    yield
+    for s, handler in before.items():
+        signal.signal(s, handler)
+
+
 @pytest.fixture()
 def free_port() -> int:
     """A free TCP port on the loopback interface (for gloo process groups)."""

@@ -18,3 +18,7 @@ class UnsafeFileError(UserError):
 
 class CorruptFileError(UserError):
     """A file that is truncated, empty, not in the expected format, or fails its recorded checksum."""
+
+
+class UnreadableDataError(UserError, RuntimeError):
+    """Every sample tried in a row failed to load; the message lists the distinct files and their reasons."""

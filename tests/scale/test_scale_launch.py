@@ -126,3 +126,27 @@ def test_submit_through_submitit_with_fake_sbatch(tmp_path: Path, fake_slurm: Pa
     text = (run_dir / "launch" / "submit.sbatch").read_text()
     assert "#SBATCH --ntasks-per-node=2" in text and "-m medfoundry train" in text
     assert '"job_id": "4242"' in (run_dir / "launch" / "job.json").read_text()
+
+
+@pytest.mark.parametrize(("task_exit", "requeued"), [(75, True), (0, False), (1, False)])
+def test_sbatch_script_requeues_a_preempted_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, task_exit: int,
+                                                requeued: bool) -> None:
+    """The written script itself, run by bash with stand-in srun/scontrol: exit 75 (pre-empted) requeues the job."""
+    from medfoundry.train.preemption import PREEMPTED_EXIT_CODE
+
+    assert PREEMPTED_EXIT_CODE == 75
+    rc, run_dir = _dry_run(tmp_path, monkeypatch)
+    assert rc == 0
+    script = run_dir / "launch" / "submit.sbatch"
+    assert "#SBATCH --requeue" in script.read_text()
+    bin_dir, calls = tmp_path / "bin", tmp_path / "scontrol_calls.txt"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text(f"#!/bin/sh\nexit {task_exit}\n")
+    (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
+    for exe in ("srun", "scontrol"):
+        (bin_dir / exe).chmod(0o755)
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "node1"}
+    proc = subprocess.run([shutil.which("bash"), str(script)], capture_output=True, text=True, env=env)
+    assert proc.returncode == task_exit
+    recorded = calls.read_text() if calls.exists() else ""
+    assert ("requeue 4242" in recorded) == requeued, recorded

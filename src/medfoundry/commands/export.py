@@ -52,8 +52,9 @@ def run(args: argparse.Namespace) -> int:
             fmt = f"medfoundry:{args.which}"
         loaded = None
         if source.is_file() and source.suffix != ".safetensors":
-            loaded = read_weights(source, fmt if fmt != "auto" else "medfoundry")
-        backbone, _ = load_backbone(source, which=args.which, fmt=fmt, model=model, preloaded=loaded)
+            loaded = read_weights(source, fmt if fmt != "auto" else "medfoundry", "weights to export")
+        backbone, _ = load_backbone(source, which=args.which, fmt=fmt, model=model, preloaded=loaded,
+                                    what="weights to export")
         mean, std, extra = _preprocessing(loaded)
         extra["source"] = str(source)
         result = export_backbone(backbone, args.to, args.out, check=not args.no_check, mean=mean, std=std,

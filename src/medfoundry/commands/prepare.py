@@ -28,8 +28,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         fractions = parse_fractions(args.split)
     except ValueError as err:
-        print(f"medfoundry prepare: --split: {err}", file=sys.stderr)
+        print(f"medfoundry prepare: error: --split: {err}", file=sys.stderr)
         return 2
+    args.error_log_dir = args.out  # the CLI logs a user error's traceback there once the folder exists
     opts = PrepareOptions(
         tile_mpp=args.tile_mpp,
         tile_size=args.tile_size,
@@ -42,11 +43,7 @@ def run(args: argparse.Namespace) -> int:
         force=args.force,
         progress=not args.no_progress,
     )
-    try:
-        report = prepare(args.src, args.out, opts)
-    except FileNotFoundError as err:
-        print(f"medfoundry prepare: {err}", file=sys.stderr)
-        return 2
+    report = prepare(args.src, args.out, opts)  # a missing SRC or a bad manifest: the CLI reports it (exit 2)
     print(report.summary())
     if report.interrupted:
         return 130

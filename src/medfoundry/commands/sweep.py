@@ -95,7 +95,12 @@ def _run(args: argparse.Namespace) -> int:
     else:
         if args.dry_run:
             return 0
-        run_local(plan, rerun=args.rerun)
+        records = run_local(plan, rerun=args.rerun)
+        if any(r.get("status") == "interrupted" for r in records):
+            from medfoundry.train.preemption import PREEMPTED_EXIT_CODE
+
+            _write(plan, args)
+            return PREEMPTED_EXIT_CODE  # pre-empted: the same command resumes the interrupted arm
     return _write(plan, args)
 
 

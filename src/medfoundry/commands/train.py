@@ -1,4 +1,9 @@
-"""Train (or resume) a run from a recipe: medfoundry train RECIPE [key.sub=value ...]."""
+"""Train (or resume) a run from a recipe: medfoundry train RECIPE [key.sub=value ...].
+
+Exit codes: 0 finished, 2 user error (config, files), 3 the run stopped itself as unhealthy (non-finite
+losses, too many unreadable files, collapse), 75 stopped by a pre-emption signal after checkpointing on every
+rank (run the same command again to resume; ``medfoundry launch --slurm`` requeues on it).
+"""
 
 from __future__ import annotations
 
@@ -11,14 +16,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from medfoundry.config import load_config
+    from medfoundry.config import check_paths, load_config
     from medfoundry.eval.monitors import RepresentationHealthError
     from medfoundry.recipes import resolve_recipe
     from medfoundry.train.loop import BadDataError, NonFiniteLossError, train
+    from medfoundry.train.preemption import PREEMPTED_EXIT_CODE
 
     cfg = load_config(resolve_recipe(args.recipe), args.overrides)
+    args.error_log_dir = cfg.output_dir  # where the CLI logs the traceback of a user error, if the folder exists
+    check_paths(cfg)  # missing data, weights or teacher: exit 2 before the run folder is written
+    stopped: list[int] = []
     try:
-        run_dir = train(cfg)
+        run_dir = train(cfg, on_signal_stop=stopped.append)
     except (NonFiniteLossError, BadDataError, RepresentationHealthError) as err:
         import sys
 
@@ -32,4 +41,7 @@ def run(args: argparse.Namespace) -> int:
 
     if os.environ.get("RANK", "0") == "0":
         print(f"run folder: {run_dir}")
-    return 0
+        if stopped:
+            print(f"stopped by a pre-emption signal after step {stopped[-1]}; checkpoint written; "
+                  f"exit code {PREEMPTED_EXIT_CODE}: run the same command again to resume")
+    return PREEMPTED_EXIT_CODE if stopped else 0

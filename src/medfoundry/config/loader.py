@@ -3,7 +3,9 @@
 The dataclass tree in :mod:`medfoundry.config.schema` is the single source of truth: a recipe is
 one flat YAML document validated against it (no stacking of files), and command-line overrides are
 applied on top. Unknown keys and wrong types raise :class:`ConfigError`, whose message names the
-source, the dotted key, the offending value and the nearest valid key.
+source, the dotted key, the offending value and the nearest valid key. After loading, every value is
+checked (:mod:`medfoundry.config.checks`: finite numbers, ranges, registered names); whether files exist
+is checked when a run starts (:func:`medfoundry.config.paths.check_paths`).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 
-from medfoundry.config.backbones import check_backbone_names
+from medfoundry.config.checks import check_cross_fields, check_names, check_values
 from medfoundry.config.schema import RunConfig
 from medfoundry.errors import UserError
 
@@ -33,6 +35,7 @@ def load_config(recipe: str | Path | None = None, overrides: list[str] | tuple[s
     ``[0.5, 1.0]`` and ``null`` work) and then coerced to the field's declared type.
     """
     cfg = RunConfig()
+    origins: dict[str, str] = {}  # dotted key -> the recipe or override that set it, for error messages
     if recipe is not None:
         path = Path(recipe)
         if not path.is_file():
@@ -43,11 +46,11 @@ def load_config(recipe: str | Path | None = None, overrides: list[str] | tuple[s
             raise ConfigError(f"{path}: not valid YAML: {err}") from err
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: a recipe must be a mapping of config sections, got {type(data).__name__}")
-        apply_mapping(cfg, data, source=str(path))
+        apply_mapping(cfg, data, source=str(path), origins=origins)
     for item in overrides:
         key, value = parse_override(item)
-        apply_override(cfg, key, value, source=f"override '{item}'")
-    validate(cfg)
+        apply_override(cfg, key, value, source=f"override '{item}'", origins=origins)
+    validate(cfg, origins)
     return cfg
 
 
@@ -72,7 +75,7 @@ def parse_override(item: str) -> tuple[str, Any]:
     return key, value
 
 
-def apply_override(cfg: Any, dotted: str, value: Any, source: str) -> None:
+def apply_override(cfg: Any, dotted: str, value: Any, source: str, origins: dict[str, str] | None = None) -> None:
     """Set one dotted key; an unknown key is reported in full with the nearest valid key."""
     parts = dotted.split(".")
     node = cfg
@@ -83,7 +86,8 @@ def apply_override(cfg: Any, dotted: str, value: Any, source: str) -> None:
                 f"{source}: unknown key '{dotted}' (value {value!r}); nearest valid key: '{_nearest(dotted)}'"
             )
         node = child
-    apply_mapping(node, {parts[-1]: value}, source, prefix=".".join(parts[:-1]) + "." if parts[:-1] else "")
+    apply_mapping(node, {parts[-1]: value}, source, prefix=".".join(parts[:-1]) + "." if parts[:-1] else "",
+                  origins=origins)
 
 
 def all_keys(cls: type = RunConfig, prefix: str = "") -> list[str]:
@@ -106,8 +110,8 @@ def _nearest(key: str) -> str:
     return ""
 
 
-def apply_mapping(obj: Any, data: dict, source: str, prefix: str = "") -> None:
-    """Set fields of dataclass ``obj`` from ``data`` recursively, strictly typed."""
+def apply_mapping(obj: Any, data: dict, source: str, prefix: str = "", origins: dict[str, str] | None = None) -> None:
+    """Set fields of dataclass ``obj`` from ``data`` recursively, strictly typed; ``origins[key] = source``."""
     hints = _resolved_hints(type(obj))
     names = {f.name for f in dataclasses.fields(obj)}
     for key, value in data.items():
@@ -123,9 +127,11 @@ def apply_mapping(obj: Any, data: dict, source: str, prefix: str = "") -> None:
                 raise ConfigError(
                     f"{source}: '{dotted}' is a section; give a mapping of its keys, not {value!r}"
                 )
-            apply_mapping(current, value, source, dotted + ".")
+            apply_mapping(current, value, source, dotted + ".", origins)
         else:
             setattr(obj, key, coerce(value, ftype, dotted, source))
+            if origins is not None:
+                origins[dotted] = source
 
 
 def coerce(value: Any, ftype: Any, key: str, source: str) -> Any:
@@ -192,24 +198,20 @@ def coerce(value: Any, ftype: Any, key: str, source: str) -> Any:
     raise ConfigError(f"{source}: '{key}' has an unsupported schema type {ftype!r}")
 
 
-def validate(cfg: RunConfig) -> None:
-    """Cross-field checks that a single field's type cannot express, and registered backbone names."""
-    for section in (cfg.crops,):
-        for name in ("global_scale", "local_scale"):
-            lo_hi = getattr(section, name)
-            if len(lo_hi) != 2 or not (0 < lo_hi[0] <= lo_hi[1] <= 1):
-                raise ConfigError(f"'crops.{name}' = {lo_hi} must be [low, high] with 0 < low <= high <= 1")
-    if cfg.train.steps < 0:
-        raise ConfigError(f"'train.steps' = {cfg.train.steps} must be >= 0")
-    if cfg.train.batch_size < 1:
-        raise ConfigError(f"'train.batch_size' = {cfg.train.batch_size} must be >= 1")
+def validate(cfg: RunConfig, origins: dict[str, str] | None = None) -> None:
+    """Every value check that needs no file: ranges and finiteness, cross-field rules, registered names.
+
+    ``origins`` (dotted key -> recipe or override) lets a message say where a bad value came from.
+    """
+    check_values(cfg, origins)
+    check_cross_fields(cfg)
     if cfg.method == "clip":
         from medfoundry.config.clip import check_clip_config
 
         check_clip_config(cfg.clip)
     if cfg.dino.gram_weight > 0 and cfg.dino.gram_mode == "anchor" and not cfg.dino.gram_anchor:
         raise ConfigError("'dino.gram_mode' = 'anchor' needs 'dino.gram_anchor' (a checkpoint path)")
-    check_backbone_names(cfg)
+    check_names(cfg)
 
 
 def to_dict(cfg: Any) -> dict:

@@ -131,6 +131,7 @@ class TrainConfig:
     max_nonfinite_steps: int = 5  # stop after this many non-finite losses in a row
     progress: bool = True  # show a progress bar
     tensorboard: bool = True  # write TensorBoard event files
+    allow_config_change: bool = False  # resume although config.yaml differs in keys that change the run
 
 
 @dataclass

@@ -13,8 +13,10 @@ Each item's data are written to a temporary file and renamed into place, and its
 after that, so a run killed at any moment leaves only complete items (and stray ``*.tmp`` files,
 removed by the next run). Re-running skips items whose record exists and whose source files are
 unchanged (same names, sizes and modification times, same tile options); ``force=True`` redoes them.
-Anything unreadable (corrupt file, wrong dimensions, non-image file, unreadable slide, ...) is
-skipped and listed with its reason; the run still finishes and writes the good items.
+Anything unreadable (corrupt file, wrong dimensions, NaN or infinite pixels, non-image file,
+unreadable slide, ...) is skipped and listed with its reason; the run still finishes and writes the good
+items. What is converted with a caveat is listed as a note (a 4-D NIfTI file: only its first frame is
+kept, and the note says how many frames were dropped).
 
 ``SRC`` is a folder (searched recursively), a single file, or a CSV/Parquet manifest whose rows name
 the files (their ``patient_id``, ``split``, ``label``, ``report`` and ``mask`` columns are kept).
@@ -37,6 +39,7 @@ import numpy as np
 from medfoundry.data.entries import read_array_volume, regions_of_mask
 from medfoundry.data.manifest import DEFAULT_SPLITS, check_patient_splits, read_manifest, split_of, write_table
 from medfoundry.data.readers import ReaderError, detect_format, open_slide
+from medfoundry.data.readers.base import check_finite
 from medfoundry.data.readers.dicom import DicomSeries, DicomSlice, is_dicom_file, scan_dicom_files
 from medfoundry.data.readers.slices import read_stored
 
@@ -84,6 +87,7 @@ class PrepareReport:
     written: list[str] = field(default_factory=list)  # sources converted in this run
     already_done: list[str] = field(default_factory=list)  # sources skipped because they were finished
     failed: list[tuple[str, str]] = field(default_factory=list)  # (path, reason) of what could not be used
+    notes: list[tuple[str, str]] = field(default_factory=list)  # (path, note) of what was converted with a caveat
     interrupted: bool = False
 
     def summary(self) -> str:
@@ -93,6 +97,7 @@ class PrepareReport:
             + (" (interrupted: re-run to finish)" if self.interrupted else "")
         ]
         lines += [f"  skipped {path}: {reason}" for path, reason in self.failed]
+        lines += [f"  note {path}: {note}" for path, note in self.notes]
         return "\n".join(lines)
 
 
@@ -149,8 +154,12 @@ def discover(src: str | Path) -> tuple[list[Item], list[tuple[str, str]]]:
 
 
 def _discover_manifest(path: Path) -> tuple[list[Item], list[tuple[str, str]]]:
-    df = read_manifest(path)
-    check_patient_splits(df)
+    try:
+        df = read_manifest(path)
+        check_patient_splits(df)
+    except ValueError as err:  # no 'path' column, unknown suffix, unparsable table, a patient in two splits
+        raise ReaderError(f"manifest {path}: {err} (a manifest has a 'path' column naming one image file or "
+                          "DICOM folder per row; 'split', if given, is the same for all rows of a patient)") from err
     items, failed = [], []
     keep = ("patient_id", "series_id", "split", "label", "report", "mask")
     for rec in df.to_dict("records"):
@@ -229,14 +238,28 @@ def _convert_volume(item: Item, items_dir: Path) -> dict:
     else:
         vol = read_array_volume(item.files[0])
         extra = {}
+    check_finite(vol.array, item.source)
+    note = dropped_frames_note(vol.meta)
+    if note:
+        extra["note"] = note
     stored, slope, intercept = encode_volume(vol.array, vol.units)
     record = {"units": vol.units, "spacing_z": vol.spacing[0], "spacing_y": vol.spacing[1],
               "spacing_x": vol.spacing[2], **extra}
     return _finish_array(item, items_dir, stored, slope, intercept, record, vol_shape=vol.array.shape)
 
 
+def dropped_frames_note(meta: dict) -> str:
+    """The report note for a 4-D volume of which one frame is kept ("" for a 3-D one)."""
+    frames, frame = int(meta.get("frames", 1)), int(meta.get("frame", 0))
+    if frames <= 1:
+        return ""
+    return (f"4-D volume with {frames} frames: kept frame {frame} only, dropped the other {frames - 1} "
+            "(to use them, split the file into 3-D volumes first, e.g. nibabel.funcs.four_to_three)")
+
+
 def _convert_slice(item: Item, items_dir: Path) -> dict:
     stored, mapping = read_stored(item.files[0])
+    check_finite(stored, item.source)
     if stored.ndim not in (2, 3) or min(stored.shape[:2]) < 2 or (stored.ndim == 3 and stored.shape[2] > 4):
         raise ReaderError(f"{item.source}: wrong dimensions {stored.shape}; expected a 2-D grey or RGB image")
     if stored.ndim == 3 and stored.shape[2] == 4:
@@ -369,6 +392,8 @@ def prepare(src: str | Path, out: str | Path, options: PrepareOptions | None = N
             if old and not opts.force and old.get("fingerprint") == fingerprint:
                 records[item.item_id] = _with_split(old, item, opts)
                 report.already_done.append(item.source)
+                if old.get("note"):
+                    report.notes.append((item.source, old["note"]))
                 continue
             try:
                 record = convert_item(item, items_dir, opts)
@@ -377,6 +402,8 @@ def prepare(src: str | Path, out: str | Path, options: PrepareOptions | None = N
                 continue
             record["fingerprint"] = fingerprint
             _write_record(record_path, record)
+            if record.get("note"):
+                report.notes.append((item.source, record["note"]))
             records[item.item_id] = _with_split(record, item, opts)
             report.written.append(item.source)
     except KeyboardInterrupt:
@@ -397,6 +424,7 @@ def _write_outputs(out: Path, records: dict[str, dict], report: PrepareReport) -
         "written": report.written,
         "already_done": report.already_done,
         "failed": [{"path": p, "reason": r} for p, r in report.failed],
+        "notes": [{"path": p, "note": n} for p, n in report.notes],
         "items": len(rows),
         "interrupted": report.interrupted,
     }

@@ -12,6 +12,7 @@ the loop stops once the share of distinct bad files passes ``data.max_bad_fracti
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TypeVar
@@ -22,6 +23,7 @@ from torch.utils.data import Dataset, Sampler
 
 from medfoundry.data.masking import MaskSampler
 from medfoundry.data.sources import ImageSource
+from medfoundry.errors import UnreadableDataError
 
 _MIX = 0x9E3779B97F4A7C15
 T = TypeVar("T")
@@ -67,18 +69,47 @@ def load_with_substitutes(load: Callable[[int], T], describe: Callable[[int], st
                           max_substitutes: int = 16) -> tuple[int, T, list[tuple[str, str]]]:
     """``load(index)``, or the next readable item when it fails: ``(index used, value, [(name, reason)...])``.
 
-    Any exception of the reader counts as an unreadable item; after ``max_substitutes`` failures in a
-    row the error names the files.
+    Any exception of the reader counts as an unreadable item. At most ``max_substitutes`` further items are
+    tried, and never one twice (a source of three items that all fail stops after three tries); when all of
+    them fail, :class:`~medfoundry.errors.UnreadableDataError` lists the distinct files with their reasons.
     """
     bad: list[tuple[str, str]] = []
-    for attempt in range(max_substitutes + 1):
+    for attempt in range(min(max_substitutes + 1, n)):
         j = (index + attempt) % n
         try:
             return j, load(j), bad
         except Exception as err:  # noqa: BLE001 - any reader failure is a bad sample
             bad.append((describe(j), f"{type(err).__name__}: {err}"))
-    names = ", ".join(p for p, _ in bad[:5])
-    raise RuntimeError(f"{len(bad)} consecutive unreadable samples, e.g. {names}")
+    raise UnreadableDataError(unreadable_message(bad, n))
+
+
+_PART_SUFFIX = re.compile(r" \[[^\]]*\]$")  # " [slice 3]", " [tile x=0 y=0 ...]": a part of one file
+
+
+def unreadable_message(bad: list[tuple[str, str]], n: int, shown: int = 5) -> str:
+    """The error for samples that all failed: how many, then up to ``shown`` distinct files, each with its reason.
+
+    Slices or tiles of one file (``vol.nii.gz [slice 3]``) count as that file, so a corrupt volume is named
+    once with the number of its parts that failed, not once per slice.
+    """
+    files: dict[str, tuple[str, int]] = {}
+    for name, reason in bad:
+        key = _PART_SUFFIX.sub("", name)
+        first, count = files.get(key, (reason, 0))
+        files[key] = (first, count + 1)
+    head = (f"all {n} samples of the data source are unreadable" if len(bad) >= n
+            else f"{len(bad)} consecutive samples (of {n}) are unreadable")
+    lines = [f"{name}{f' ({count} samples)' if count > 1 else ''}: {_short(reason)}"
+             for name, (reason, count) in list(files.items())[:shown]]
+    more = f"\n  ... and {len(files) - shown} more files" if len(files) > shown else ""
+    return (f"{head} ({len(files)} distinct file{'s' if len(files) != 1 else ''}):\n  " + "\n  ".join(lines)
+            + more + "\nFix or remove them (`medfoundry prepare` lists every unreadable file with its reason).")
+
+
+def _short(reason: str, limit: int = 300) -> str:
+    """The first line of a reader's error, cut to ``limit`` characters."""
+    first = reason.strip().splitlines()[0] if reason.strip() else reason
+    return first if len(first) <= limit else first[: limit - 3] + "..."
 
 
 class SeededViews(Dataset):

@@ -49,6 +49,17 @@ _INT_SETTINGS = {"nodes", "gpus_per_node", "tasks_per_node", "cpus_per_task", "n
 #: Signal sent before the time limit: the training loop checkpoints on SIGUSR1 and stops cleanly.
 PREEMPT_SIGNAL = "USR1@120"
 
+#: Shell lines after ``srun``: a run that exits with the pre-emption code (checkpoint written on every rank,
+#: :data:`medfoundry.train.preemption.PREEMPTED_EXIT_CODE`) is requeued; the requeued job resumes it.
+REQUEUE_TEARDOWN = [
+    "status=$?",
+    'if [ "$status" -eq 75 ] && [ -n "${SLURM_JOB_ID:-}" ]; then',
+    '  echo "medfoundry: pre-empted after a checkpoint (exit 75); requeueing job $SLURM_JOB_ID" >&2',
+    '  scontrol requeue "$SLURM_JOB_ID"',
+    "fi",
+    'exit "$status"',
+]
+
 
 class LaunchError(UserError, ValueError):
     """A launch setting is malformed or missing; the message says what to change."""
@@ -188,6 +199,7 @@ class SlurmSpec:
             "ntasks_per_node": self.ntasks_per_node,
             "time": parse_time_minutes(self.time),
             "setup": self.setup_lines(),
+            "teardown": list(REQUEUE_TEARDOWN),
             "stderr_to_stdout": False,
         }
         if self.gpus_per_node and "gres" not in self.extra:
@@ -196,7 +208,7 @@ class SlurmSpec:
             value = getattr(self, name)
             if value not in (None, ""):
                 params[name] = value
-        additional: dict[str, Any] = {"signal": PREEMPT_SIGNAL}
+        additional: dict[str, Any] = {"signal": PREEMPT_SIGNAL, "requeue": True}
         if chdir is not None:
             additional["chdir"] = str(chdir)
         additional.update(self.extra)

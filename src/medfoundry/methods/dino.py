@@ -49,7 +49,8 @@ class DINOMethod(Method):
             from medfoundry.models.pretrained import load_pretrained_backbone
 
             self.load_reports.append(load_pretrained_backbone(backbone, model_cfg.pretrained,
-                                                              model_cfg.pretrained_format, channel_mode=channel_mode))
+                                                              model_cfg.pretrained_format, channel_mode=channel_mode,
+                                                              what="model.pretrained"))
         if adapt_cfg is not None:
             from medfoundry.models.lora import adapt_backbone
 
@@ -75,7 +76,8 @@ class DINOMethod(Method):
 
             anchor = create_backbone(_replace(model_cfg, drop_path_rate=0.0, grad_checkpointing=False))
             self.load_reports.append(
-                load_pretrained_backbone(anchor, cfg.gram_anchor, "auto", channel_mode=channel_mode))
+                load_pretrained_backbone(anchor, cfg.gram_anchor, "auto", channel_mode=channel_mode,
+                                         what="dino.gram_anchor"))
             anchor.requires_grad_(False)
             anchor.eval()
             self.gram_anchor = anchor

@@ -20,6 +20,8 @@ as in ``dino``. The loader is the DINO multi-crop loader.
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -47,7 +49,7 @@ class DistillMethod(Method):
     def __init__(self, cfg: RunConfig) -> None:
         super().__init__()
         from medfoundry.models.lora import adapt_backbone
-        from medfoundry.models.pretrained import load_pretrained_backbone
+        from medfoundry.models.pretrained import load_pretrained_backbone, read_weights, resolve_source
 
         d = cfg.distill
         if not d.teacher_name or not d.teacher_checkpoint:
@@ -63,22 +65,26 @@ class DistillMethod(Method):
         student = create_backbone(cfg.model)
         if cfg.model.pretrained:
             self.load_reports.append(
-                load_pretrained_backbone(student, cfg.model.pretrained, cfg.model.pretrained_format, channel_mode=mode)
+                load_pretrained_backbone(student, cfg.model.pretrained, cfg.model.pretrained_format, channel_mode=mode,
+                                         what="model.pretrained")
             )
         adapt_backbone(student, cfg.adapt)
 
         t_model = ModelConfig(name=d.teacher_name, img_size=d.teacher_img_size or cfg.model.img_size,
                               in_chans=cfg.model.in_chans)
         teacher = create_backbone(t_model)
-        self.load_reports.append(load_pretrained_backbone(teacher, d.teacher_checkpoint, d.teacher_format,
-                                                          channel_mode=mode))
+        # read once (the restricted reader refuses a file that would run code); backbone and head come from it
+        t_source = resolve_source(d.teacher_checkpoint)
+        t_weights = read_weights(t_source, d.teacher_format, "distill.teacher_checkpoint")
+        self.load_reports.append(load_pretrained_backbone(teacher, t_source, d.teacher_format, channel_mode=mode,
+                                                          preloaded=t_weights, what="distill.teacher_checkpoint"))
         teacher.requires_grad_(False)
 
         self.student = nn.ModuleDict({"backbone": student})
         self.teacher = nn.ModuleDict({"backbone": teacher})
         ds, dt = student.embed_dim, teacher.embed_dim
         if d.dino_weight > 0:
-            head_cfg, head_sd = _teacher_head(d.teacher_checkpoint, d.teacher_format, cfg.dino.head)
+            head_cfg, head_sd = _teacher_head(t_source, t_weights[0], d.teacher_format, cfg.dino.head)
             t_head = DINOHead(dt, head_cfg)
             t_head.load_state_dict(head_sd)
             self.teacher["dino_head"] = t_head
@@ -187,13 +193,10 @@ def _projector(d_in: int, d_out: int) -> nn.Linear:
     return proj
 
 
-def _teacher_head(path: str, fmt: str, fallback: HeadConfig) -> tuple[HeadConfig, dict[str, Tensor]]:
-    """The teacher's DINO head (config and weights) from a medfoundry checkpoint or run folder."""
+def _teacher_head(source: Path, obj: Any, fmt: str, fallback: HeadConfig) -> tuple[HeadConfig, dict[str, Tensor]]:
+    """The teacher's DINO head (config and weights) from the medfoundry checkpoint ``obj`` read from ``source``."""
     from medfoundry.models.convert import PretrainedLoadError, medfoundry_ckpt
-    from medfoundry.models.pretrained import read_weights, resolve_source
 
-    source = resolve_source(path)
-    obj, _, _ = read_weights(source, "medfoundry")
     which = fmt.split(":", 1)[1] if fmt.startswith("medfoundry:") else "auto"
     if not medfoundry_ckpt.is_training_checkpoint(obj):
         raise PretrainedLoadError(

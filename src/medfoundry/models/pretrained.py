@@ -26,7 +26,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from medfoundry.models.backbone import Backbone
@@ -113,43 +112,48 @@ def resolve_source(path: str | Path) -> Path:
     return p
 
 
-def read_weights(path: Path, fmt: str = "auto") -> tuple[Any, dict | None, list[str]]:
-    """Load the object stored at ``path``: ``(state dict or checkpoint, HF config or None, notes)``."""
-    notes: list[str] = []
+def read_weights(path: Path, fmt: str = "auto", what: str = "pretrained weights") -> tuple[Any, dict | None, list[str]]:
+    """Load the object stored at ``path``: ``(state dict or checkpoint, HF config or None, notes)``.
+
+    Every ``torch.save`` file (of any ``fmt``; the argument is kept for callers) is read with the restricted
+    unpickler of :func:`medfoundry.safe_load.load_torch_file`: a file whose unpickling would call anything
+    outside the allow-list raises :class:`~medfoundry.errors.UnsafeFileError` naming ``what`` and the fix,
+    never a silent unsafe fallback. safetensors files hold tensors only and are read as they are.
+
+    Raises:
+        UnsafeFileError: the file would run code when unpickled (and trust was not requested).
+        CorruptFileError: the file is truncated or not a torch file.
+        PretrainedLoadError: the file holds something other than a dict.
+    """
+    from medfoundry.safe_load import load_torch_file
+
     if path.is_dir() and (path / "meta.pt").is_file():
         from medfoundry.train.checkpoint import load_checkpoint
 
-        notes.append("consolidated a sharded (FSDP) checkpoint; load only trusted files")
-        return load_checkpoint(path), None, notes
+        return load_checkpoint(path), None, ["consolidated a sharded (FSDP) checkpoint"]
     if path.is_dir():
         from medfoundry.models.convert.hf import read_folder
 
-        sd, config = read_folder(path)
-        return sd, config, notes
+        sd, config = read_folder(path, what)
+        return sd, config, []
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        sd = load_file(str(path))
-        hf_cfg = path.parent / "config.json"
-        config = None
-        if hf_cfg.is_file():
-            from medfoundry.models.convert.hf import is_hf_folder
-
-            if is_hf_folder(path.parent):
-                config = json.loads(hf_cfg.read_text())
-        return sd, config, notes
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - pickled extras (RNG states) in training checkpoints
-        if fmt not in ("auto", "medfoundry", "medfoundry:teacher", "medfoundry:student"):
-            raise PretrainedLoadError(f"{path}: cannot read with weights_only=True: {err}") from err
-        from medfoundry.train.checkpoint import load_checkpoint
-
-        obj = load_checkpoint(path)
-        notes.append("read with weights_only=False (training checkpoint with RNG states); load only trusted files")
+        return _read_safetensors(path)
+    obj = load_torch_file(path, what)
     if not isinstance(obj, dict):
-        raise PretrainedLoadError(f"{path}: expected a state dict or checkpoint dict, got {type(obj).__name__}")
-    return obj, None, notes
+        raise PretrainedLoadError(f"{what} {path}: expected a state dict or checkpoint dict, got {type(obj).__name__}")
+    return obj, None, []
+
+
+def _read_safetensors(path: Path) -> tuple[dict, dict | None, list[str]]:
+    """A ``.safetensors`` file, with the HF ``config.json`` next to it when the folder is an HF model folder."""
+    from safetensors.torch import load_file
+
+    from medfoundry.models.convert.hf import is_hf_folder
+
+    sd = load_file(str(path))
+    hf_cfg = path.parent / "config.json"
+    config = json.loads(hf_cfg.read_text()) if hf_cfg.is_file() and is_hf_folder(path.parent) else None
+    return sd, config, []
 
 
 def detect_format(obj: Any, config: dict | None = None) -> str:
@@ -267,6 +271,7 @@ def load_pretrained_backbone(
     verbose: bool = True,
     record_to: str | Path | None = None,
     preloaded: tuple[Any, dict | None, list[str]] | None = None,
+    what: str = "pretrained weights",
 ) -> LoadReport:
     """Load the weights at ``path`` into ``backbone`` in place and report every key.
 
@@ -281,14 +286,17 @@ def load_pretrained_backbone(
         record_to: also write the report as JSON to this path.
         preloaded: the result of :func:`read_weights` for ``path`` when the caller already read it
             (avoids reading a multi-GB training checkpoint twice).
+        what: what the weights are for, named in errors (the config key, e.g. ``dino.gram_anchor``).
 
     Raises:
-        PretrainedLoadError: the file is missing or unreadable, or a key cannot be placed.
+        PretrainedLoadError: the file is missing or a key cannot be placed.
+        UnsafeFileError: the file would run code when unpickled (see :func:`read_weights`).
+        CorruptFileError: the file is truncated or not a torch file.
     """
     if fmt not in FORMATS:
         raise PretrainedLoadError(f"unknown pretrained format {fmt!r}; one of {list(FORMATS)}")
     source = resolve_source(path)
-    obj, config, read_notes = preloaded if preloaded is not None else read_weights(source, fmt)
+    obj, config, read_notes = preloaded if preloaded is not None else read_weights(source, fmt, what)
     resolved = detect_format(obj, config) if fmt == "auto" else fmt
     conv = convert_any(obj, backbone, resolved, config)
     report = LoadReport(str(source), resolved, backbone.name or type(backbone.vit).__name__,
@@ -360,12 +368,13 @@ def load_backbone(
     channel_mode: ChannelMode = "average",
     verbose: bool = True,
     preloaded: tuple[Any, dict | None, list[str]] | None = None,
+    what: str = "pretrained weights",
 ) -> tuple[Backbone, LoadReport]:
     """Build a backbone and load weights into it; for export and teachers.
 
     For medfoundry checkpoints the architecture comes from the checkpoint's own config (``which``
     picks the tower: ``auto``, ``teacher`` or ``student``); for other formats pass ``model`` (a
-    ``ModelConfig``) naming the registered architecture. ``preloaded`` is as in
+    ``ModelConfig``) naming the registered architecture. ``preloaded`` and ``what`` are as in
     :func:`load_pretrained_backbone`.
     """
     from medfoundry.config.schema import ModelConfig
@@ -378,7 +387,7 @@ def load_backbone(
             model = _model_from_export(source)
         else:
             if preloaded is None:
-                preloaded = read_weights(source, "medfoundry")
+                preloaded = read_weights(source, "medfoundry", what)
             obj = preloaded[0]
             if not medfoundry_ckpt.is_training_checkpoint(obj):
                 raise PretrainedLoadError(f"{source}: not a medfoundry checkpoint; name the architecture (model=...)")
@@ -394,7 +403,7 @@ def load_backbone(
     if fmt == "auto" and which not in ("auto", "", None):
         fmt = f"medfoundry:{which}"
     report = load_pretrained_backbone(backbone, source, fmt, channel_mode=channel_mode, verbose=verbose,
-                                      preloaded=preloaded)
+                                      preloaded=preloaded, what=what)
     return backbone, report
 
 

@@ -1,4 +1,4 @@
-"""Atomic, rotating training checkpoints and RNG-state capture for exact resume."""
+"""Atomic, rotating, checksummed training checkpoints and RNG-state capture for exact resume."""
 
 from __future__ import annotations
 
@@ -12,7 +12,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from medfoundry.errors import UserError
 from medfoundry.safe_load import load_torch_file
+from medfoundry.train.checkpoint_integrity import record_file, record_folder, sidecar_path
+
+
+class CheckpointWriteError(UserError):
+    """A checkpoint could not be written (disk full, permissions); earlier checkpoints are intact."""
+
 
 _NAME = re.compile(r"^step_(\d{8})\.(pt|dcp)$")
 
@@ -40,22 +47,34 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 def atomic_torch_save(obj: Any, path: str | Path) -> Path:
     """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``.
 
-    A crash at any moment leaves either the previous file or the new one, never a truncated one.
+    A crash at any moment leaves either the previous file or the new one, never a truncated one. A write
+    that fails (disk full, file-size limit) removes its temporary file and raises
+    :class:`CheckpointWriteError` naming the file; what was written before stays intact.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        torch.save(obj, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as fh:
+            torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException as err:
+        tmp.unlink(missing_ok=True)
+        if isinstance(err, (OSError, RuntimeError)):
+            raise CheckpointWriteError(
+                f"could not write {path}: {err}. Nothing already saved was touched; free disk space (or fix "
+                "the folder's permissions) and rerun the same command to resume from the last checkpoint."
+            ) from err
+        raise
     return path
 
 
 def save_checkpoint(run_dir: str | Path, step: int, state: dict, keep_last: int) -> Path:
-    """Write ``state`` as the single-file checkpoint of ``step`` and keep only the newest ``keep_last``."""
+    """Write ``state`` as the checkpoint of ``step`` plus its checksum record; keep the newest ``keep_last``."""
     path = atomic_torch_save(state, checkpoint_dir(run_dir) / f"step_{step:08d}.pt")
+    record_file(path)
     prune_checkpoints(run_dir, keep_last)
     return path
 
@@ -68,6 +87,7 @@ def prune_checkpoints(run_dir: str | Path, keep_last: int) -> None:
             shutil.rmtree(old, ignore_errors=True)
         else:
             old.unlink(missing_ok=True)
+            sidecar_path(old).unlink(missing_ok=True)
 
 
 def save_sharded_checkpoint(run_dir: str | Path, step: int, tensors: dict, meta: dict, keep_last: int,
@@ -92,6 +112,7 @@ def save_sharded_checkpoint(run_dir: str | Path, step: int, tensors: dict, meta:
     dcp.save(tensors, checkpoint_id=str(tmp))
     if is_main:
         atomic_torch_save(meta, tmp / "meta.pt")
+        record_folder(tmp)  # after every rank's shards are complete (barrier above), before the rename
     if dist.is_initialized():
         dist.barrier()
     if is_main:

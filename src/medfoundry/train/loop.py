@@ -7,9 +7,7 @@ metric logging and atomic checkpoints. Everything method-specific lives in the m
 
 from __future__ import annotations
 
-import contextlib
 import math
-import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -18,6 +16,7 @@ import torch
 from torch import nn
 
 from medfoundry.config.loader import save_config, to_dict
+from medfoundry.config.paths import check_paths
 from medfoundry.config.schema import RunConfig
 from medfoundry.distributed.parallelize import is_sharded, parallelize, unwrap
 from medfoundry.distributed.setup import DistInfo, init_distributed
@@ -26,15 +25,19 @@ from medfoundry.methods import get_method_entry
 from medfoundry.safe_load import load_torch_file
 from medfoundry.train.checkpoint import (
     capture_rng,
+    checkpoint_dir,
     latest_checkpoint,
     load_checkpoint,
     restore_rng,
     save_checkpoint,
     save_sharded_checkpoint,
 )
+from medfoundry.train.checkpoint_integrity import remove_stale_temporaries
 from medfoundry.train.hooks import build_hooks
 from medfoundry.train.optim import apply_schedules, build_optimizer
 from medfoundry.train.precision import autocast, resolve_device, resolve_precision
+from medfoundry.train.preemption import PREEMPTED_EXIT_CODE, StopFlag, agree_step
+from medfoundry.train.resume import check_resume_config, select_checkpoint
 from medfoundry.train.run_logger import RunLogger
 
 
@@ -49,18 +52,27 @@ class BadDataError(UserError, RuntimeError):
 def train(cfg: RunConfig, on_signal_stop: Callable[[int], None] | None = None) -> Path:
     """Run (or resume) training as configured; returns the run folder.
 
-    SIGTERM/SIGUSR1 (pre-emption) make the loop write a checkpoint at the end of the current step and return
-    early; ``on_signal_stop``, when given, is then called with that step, so a caller can tell a stopped run
-    from a finished one (running the same config again resumes it from that checkpoint).
+    SIGTERM/SIGUSR1 (pre-emption) on any rank make every rank write the checkpoint at the end of the same
+    step and return early (:mod:`medfoundry.train.preemption`); ``on_signal_stop``, when given, is then called
+    with that step, so a caller can tell a stopped run from a finished one (running the same config again
+    resumes it from that checkpoint). Before anything is written, a folder holding another config's run is
+    refused (:func:`~medfoundry.train.resume.check_resume_config`), stale temporary files of an interrupted
+    save are removed and the newest checkpoint that verifies is chosen (a bad one is moved aside and named).
     """
+    check_paths(cfg)  # missing data, weights, teacher or anchor: a named error before any process group or file
     info = init_distributed(cfg.dist.backend)
     device = resolve_device(cfg.train.device)
     precision = resolve_precision(cfg.train.precision, device)
     run_dir = Path(cfg.output_dir)
+    check_resume_config(run_dir, cfg)  # every rank: read-only, raises before anything is written
+    notes: list[str] = []
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
+        for stale in [*remove_stale_temporaries(checkpoint_dir(run_dir)), *remove_stale_temporaries(run_dir)]:
+            notes.append(f"removed a temporary file left by an interrupted save: {stale}")
         save_config(cfg, run_dir / "config.yaml")
     _barrier(info)
+    ckpt_path = _choose_checkpoint(run_dir, info, notes)
 
     torch.manual_seed(cfg.train.seed)
     entry = get_method_entry(cfg.method)
@@ -71,7 +83,6 @@ def train(cfg: RunConfig, on_signal_stop: Callable[[int], None] | None = None) -
     horizon = cfg.train.schedule_steps or cfg.train.steps
 
     start_step, nonfinite, bad_files = 0, 0, {}
-    ckpt_path = latest_checkpoint(run_dir)
     if ckpt_path is not None:
         meta = _restore(ckpt_path, method, optimizer)
         rng = meta["rng"]
@@ -82,10 +93,12 @@ def train(cfg: RunConfig, on_signal_stop: Callable[[int], None] | None = None) -
     loader = entry.build_loader(cfg, method, start_step, info.rank, info.world_size)
     logger = RunLogger(run_dir, info.is_main, start_step, cfg.train.steps, cfg.train.tensorboard,
                        cfg.train.progress)
+    for note in notes:
+        logger.write(note)
     if ckpt_path is not None:
         logger.write(f"resumed from {ckpt_path} at step {start_step}")
     hooks = build_hooks(cfg)
-    stop = _StopFlag()
+    stop = StopFlag()
     params = [p for p in method.parameters() if p.requires_grad]
     data_iter = iter(loader)
     step = start_step
@@ -99,10 +112,16 @@ def train(cfg: RunConfig, on_signal_stop: Callable[[int], None] | None = None) -
             with autocast(precision, device):
                 out = model(batch, step)
             loss = out["loss"]
-            if not _all_finite(loss, device):
+            finite, stop_now = agree_step(loss, stop.requested, device)  # the step's one host sync
+            stop.requested = stop.requested or stop_now  # a stop agreed from another rank's signal counts here too
+            if not finite:
                 optimizer.zero_grad(set_to_none=True)
                 nonfinite += 1
                 logger.write(f"warning: non-finite loss at step {step + 1}; step skipped ({nonfinite} in a row)")
+                if stop_now:
+                    _save(run_dir, step + 1, method, optimizer, cfg, info, nonfinite, bad_files)
+                    stopped_at = step + 1
+                    break
                 if nonfinite >= cfg.train.max_nonfinite_steps:
                     last = latest_checkpoint(run_dir)
                     raise NonFiniteLossError(
@@ -133,10 +152,9 @@ def train(cfg: RunConfig, on_signal_stop: Callable[[int], None] | None = None) -
             if done % cfg.train.log_every == 0 or done == cfg.train.steps or evaluated:
                 logger.log(done, metrics)
             logger.advance(1, float(loss.detach()))
-            if done % cfg.train.checkpoint_every == 0 or done == cfg.train.steps or stop.requested:
+            if done % cfg.train.checkpoint_every == 0 or done == cfg.train.steps or stop_now:
                 _save(run_dir, done, method, optimizer, cfg, info, nonfinite, bad_files)
-            if stop.requested:
-                logger.write(f"stopped by signal after step {done}; checkpoint written, resume with the same command")
+            if stop_now:
                 stopped_at = done
                 break
     except Exception as err:
@@ -146,10 +164,28 @@ def train(cfg: RunConfig, on_signal_stop: Callable[[int], None] | None = None) -
         raise
     finally:
         stop.restore()
+        if stopped_at is not None:
+            logger.write(f"stopped by a pre-emption signal after step {stopped_at}; checkpoint written on every "
+                         f"rank, exit code {PREEMPTED_EXIT_CODE}; resume with the same command")
         logger.close()
     if stopped_at is not None and on_signal_stop is not None:
         on_signal_stop(stopped_at)
     return run_dir
+
+
+def _choose_checkpoint(run_dir: Path, info: DistInfo, notes: list[str]) -> Path | None:
+    """The newest good checkpoint, chosen on the main rank (bad ones reported, moved aside), told to all ranks."""
+    chosen: list = [None]
+    if info.is_main:
+        def report(message: str) -> None:
+            notes.append(message)
+            with open(run_dir / "error.log", "a") as fh:
+                fh.write(message + "\n")
+
+        chosen[0] = select_checkpoint(run_dir, report)
+    if info.enabled and torch.distributed.is_initialized():
+        torch.distributed.broadcast_object_list(chosen, src=0)
+    return chosen[0]
 
 
 def _save(run_dir: Path, step: int, method: nn.Module, optimizer, cfg: RunConfig, info: DistInfo,
@@ -238,13 +274,6 @@ def _batch_images(batch: dict) -> int:
     return 0
 
 
-def _all_finite(loss: torch.Tensor, device: torch.device) -> bool:
-    flag = torch.tensor([float(torch.isfinite(loss.detach()).all())], device=device)
-    if torch.distributed.is_initialized():
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
-    return bool(flag.item() > 0)
-
-
 def _clip(params: list[torch.Tensor], max_norm: float) -> float:
     grads = [p for p in params if p.grad is not None]
     if not grads:
@@ -266,23 +295,3 @@ def _reduce_metrics(out: dict, device: torch.device) -> dict[str, float]:
 def _barrier(info: DistInfo) -> None:
     if info.enabled and torch.distributed.is_initialized():
         torch.distributed.barrier()
-
-
-class _StopFlag:
-    """SIGTERM/SIGUSR1 (SLURM pre-emption) ask for a checkpoint at the end of the current step."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous = {}
-        for sig in (signal.SIGTERM, getattr(signal, "SIGUSR1", None)):
-            if sig is None:
-                continue
-            with contextlib.suppress(ValueError):  # not the main thread
-                self._previous[sig] = signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame) -> None:
-        self.requested = True
-
-    def restore(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)

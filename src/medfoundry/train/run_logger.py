@@ -1,10 +1,17 @@
-"""Metric output of a run: ``metrics.jsonl`` (one JSON object per logged step), TensorBoard, progress bar."""
+"""Metric output of a run: ``metrics.jsonl`` (one JSON object per logged step), TensorBoard, progress bar.
+
+On resume every per-step record file of the run (:data:`STEP_RECORDS`) drops the lines past the resumed
+step, so steps redone after a crash are not recorded twice.
+"""
 
 from __future__ import annotations
 
 import json
 import math
 from pathlib import Path
+
+#: Per-step JSON-lines files of a run folder (relative paths) that a resume truncates to the resumed step.
+STEP_RECORDS = ("metrics.jsonl", "eval/history.jsonl", "eval/clip_history.jsonl", "monitors.jsonl")
 
 
 class RunLogger:
@@ -18,7 +25,8 @@ class RunLogger:
         self.bar = None
         if not enabled:
             return
-        _truncate_after(self.path, start_step)
+        for name in STEP_RECORDS:
+            _truncate_after(Path(run_dir) / name, start_step)
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -90,7 +98,7 @@ def _truncate_after(path: Path, step: int) -> None:
                 kept.append(line)
         except json.JSONDecodeError:
             continue
-    tmp = path.with_suffix(".jsonl.tmp")
+    tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text("".join(line + "\n" for line in kept))
     tmp.replace(path)
 

@@ -48,6 +48,24 @@ class Volume:
         return int(self.array.shape[0])
 
 
+def check_finite(array: np.ndarray, where: str) -> None:
+    """Raise :class:`ReaderError` when a float image holds NaN or infinite values (integer images cannot).
+
+    Such pixels would turn every loss they reach into NaN; the message counts them and says how to fix the file.
+    """
+    if not np.issubdtype(array.dtype, np.floating):
+        return
+    finite = np.isfinite(array)
+    if finite.all():
+        return
+    nan = int(np.isnan(array).sum())
+    inf = int(array.size - finite.sum()) - nan
+    raise ReaderError(
+        f"{where}: {nan} NaN and {inf} infinite pixel values of {array.size} ({(nan + inf) / array.size:.2%}); "
+        "replace them in the file (e.g. numpy.nan_to_num with the background value) before using it"
+    )
+
+
 def axis_codes(affine: np.ndarray) -> str:
     """For each voxel axis (x, y, z), the LPS letter of the patient direction it increases towards."""
     letters = (("R", "L"), ("A", "P"), ("I", "S"))  # (negative, positive) of LPS world x, y, z

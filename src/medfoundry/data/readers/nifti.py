@@ -3,7 +3,9 @@
 Volumes are reoriented (axis flips and permutations only, no resampling) so that their voxel axes
 run towards the patient's left, posterior and superior (LPS, see :mod:`.base`): an array read from
 NIfTI then lies the same way as one read from the equivalent axial DICOM series. The scaling in the
-NIfTI header (``scl_slope``/``scl_inter``) is applied; 4-D files give one frame (``frame=``).
+NIfTI header (``scl_slope``/``scl_inter``) is applied; 4-D files give one frame (``frame=``, recorded with
+the number of frames in ``Volume.meta`` so that ``medfoundry prepare`` can report the dropped ones). NaN or
+infinite voxels raise :class:`ReaderError` (see :func:`.base.check_finite`).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from medfoundry.data.readers.base import (
     ReaderError,
     Volume,
     axis_codes,
+    check_finite,
     reorient_to_lps,
     spacing_from_affine,
     xyz_to_zyx,
@@ -38,6 +41,7 @@ def _finish(data_xyz: np.ndarray, affine_lps: np.ndarray, path: str, meta: dict)
         raise ReaderError(f"{path}: wrong dimensions {data_xyz.shape}; expected a 3-D volume")
     if min(data_xyz.shape) < 1:
         raise ReaderError(f"{path}: empty volume {data_xyz.shape}")
+    check_finite(data_xyz, path)
     meta = dict(meta)
     meta["orientation_on_disk"] = axis_codes(affine_lps)
     data_xyz, affine = reorient_to_lps(data_xyz, affine_lps)
@@ -52,13 +56,15 @@ def _finish(data_xyz: np.ndarray, affine_lps: np.ndarray, path: str, meta: dict)
 
 
 def read_nifti(path: str | Path, frame: int = 0) -> Volume:
-    """A NIfTI volume in LPS voxel order, values with the header scaling applied (float32)."""
+    """A NIfTI volume in LPS voxel order, values with the header scaling applied (float32).
+
+    A 4-D file gives its frame ``frame``; ``meta["frames"]`` says how many it has.
+    """
     import nibabel as nib
 
     path = str(path)
     try:
         img = nib.load(path)
-        data = np.asarray(img.dataobj[..., frame] if len(img.shape) == 4 else img.dataobj, dtype=np.float32)
     except FileNotFoundError as err:
         raise ReaderError(f"{path}: no such file") from err
     except Exception as err:  # nibabel raises many types on corrupt input
@@ -66,7 +72,14 @@ def read_nifti(path: str | Path, frame: int = 0) -> Volume:
     shape = img.shape
     if len(shape) not in (3, 4):
         raise ReaderError(f"{path}: wrong dimensions {shape}; expected a 3-D volume (or 4-D with frame=)")
-    meta = {"frames": int(shape[3]) if len(shape) == 4 else 1, "format": "nifti"}
+    frames = int(shape[3]) if len(shape) == 4 else 1
+    if not 0 <= frame < frames:
+        raise ReaderError(f"{path}: frame {frame} requested but the file has {frames} frame(s)")
+    try:
+        data = np.asarray(img.dataobj[..., frame] if len(shape) == 4 else img.dataobj, dtype=np.float32)
+    except Exception as err:  # truncated data block, bad compression ...
+        raise ReaderError(f"{path}: corrupt or unreadable NIfTI ({type(err).__name__}: {err})") from err
+    meta = {"frames": frames, "frame": frame, "format": "nifti"}
     return _finish(data, _RAS_TO_LPS @ img.affine, path, meta)
 
 

@@ -53,8 +53,12 @@ def is_hf_folder(path: Path) -> bool:
         return False
 
 
-def read_folder(path: Path) -> tuple[dict[str, Tensor], dict]:
-    """The state dict and config of a ``save_pretrained`` folder (single or sharded files)."""
+def read_folder(path: Path, what: str = "pretrained weights") -> tuple[dict[str, Tensor], dict]:
+    """The state dict and config of a ``save_pretrained`` folder (single or sharded files).
+
+    safetensors files hold tensors only; a ``pytorch_model.bin`` is a pickle and goes through the restricted
+    reader (:func:`medfoundry.safe_load.load_torch_file`), which refuses one that would run code.
+    """
     path = Path(path)
     config = json.loads((path / "config.json").read_text())
     files: list[Path]
@@ -74,7 +78,9 @@ def read_folder(path: Path) -> tuple[dict[str, Tensor], dict]:
 
             sd.update(load_file(str(f)))
         else:
-            sd.update(torch.load(f, map_location="cpu", weights_only=True))
+            from medfoundry.safe_load import load_torch_file
+
+            sd.update(load_torch_file(f, f"{what} (HuggingFace folder)"))
     return sd, config
 
 

@@ -92,20 +92,34 @@ def openai_text_hparams(text_sd: dict[str, Tensor]) -> dict[str, int]:
     }
 
 
-def load_clip_checkpoint(path: str | Path) -> dict[str, Tensor]:
-    """A CLIP state dict from a file: a ``torch.save``d dict (CheXzero, open_clip) or an OpenAI JIT archive."""
+def load_clip_checkpoint(path: str | Path, what: str = "clip.text.pretrained") -> dict[str, Tensor]:
+    """A CLIP state dict from a file: a ``torch.save``d dict (CheXzero, open_clip), a ``.safetensors`` file, or
+    an OpenAI TorchScript archive.
+
+    Pickles go through the restricted reader (:func:`medfoundry.safe_load.load_torch_file`). A TorchScript
+    archive (OpenAI's released ``ViT-B-32.pt``) is not plain data: ``torch.jit.load`` compiles the code stored
+    in it and runs its ``__setstate__`` methods, which can create and write files, so it is loaded only with
+    the explicit trust opt-in (``--trust-pickle`` / ``MEDFOUNDRY_TRUST_PICKLE=1``); the refusal says how to
+    convert it once into a safetensors file instead.
+    """
+    from medfoundry.safe_load import is_torchscript_archive, load_torch_file, load_torchscript
+
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"clip.text.pretrained: {path} not found (no weights are downloaded at run time)")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # noqa: BLE001 - OpenAI's released .pt files are TorchScript archives
-        obj = torch.jit.load(str(path), map_location="cpu").state_dict()
+        raise FileNotFoundError(f"{what}: {path} not found (no weights are downloaded at run time)")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        obj = load_file(str(path))
+    elif is_torchscript_archive(path):
+        obj = load_torchscript(path, f"{what} (OpenAI CLIP TorchScript archive)").state_dict()
+    else:
+        obj = load_torch_file(path, what)
     for key in ("state_dict", "model", "module"):
         if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
             obj = obj[key]
     if not isinstance(obj, dict):
-        raise ValueError(f"{path}: expected a state dict, got {type(obj).__name__}")
+        raise ValueError(f"{what} {path}: expected a state dict, got {type(obj).__name__}")
     return obj
 
 

@@ -1,0 +1,63 @@
+"""Pre-emption: SIGTERM/SIGUSR1 ask every rank to checkpoint and exit together with a distinct code.
+
+SLURM sends the signal to every task, but not at the same instant, and a user's ``kill`` may reach one
+rank only. The request is therefore agreed across ranks every step (:func:`agree_step`, one small
+all-reduce that also carries the non-finite-loss flag the loop already synchronised on), so all ranks
+see it at the same step, enter the checkpoint's collectives together, and exit with
+:data:`PREEMPTED_EXIT_CODE`. The SLURM script written by ``medfoundry launch --slurm`` requeues the job on
+that code, and the rerun resumes from the checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+
+import torch
+
+#: Exit status of a run stopped by a pre-emption signal after writing its checkpoint (sysexits EX_TEMPFAIL:
+#: "a temporary failure; retry"). Distinct from 0 (finished), 1 (crash), 2 (user error), 3 (run unhealthy).
+PREEMPTED_EXIT_CODE = 75
+
+PREEMPT_SIGNALS = tuple(s for s in (signal.SIGTERM, getattr(signal, "SIGUSR1", None)) if s is not None)
+
+
+class StopFlag:
+    """Records SIGTERM/SIGUSR1 (installed on construction, undone by :meth:`restore`)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.signum: int | None = None
+        self._previous: dict = {}
+        for sig in PREEMPT_SIGNALS:
+            with contextlib.suppress(ValueError):  # not the main thread
+                self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+        self.signum = signum
+
+    def restore(self) -> None:
+        """Put the previous handlers back, unless a stop was requested (then ignore further pre-emption signals).
+
+        After a pre-emption the process is about to exit with :data:`PREEMPTED_EXIT_CODE`; a second signal
+        (SLURM signals every task, a user may press twice) must not kill it with the default action on the
+        way out. Python resets its own handlers to the default during interpreter shutdown but keeps
+        ``SIG_IGN``, so that is what is installed.
+        """
+        for sig, handler in self._previous.items():
+            signal.signal(sig, signal.SIG_IGN if self.requested else handler)
+
+
+def agree_step(loss: torch.Tensor, stop_requested: bool, device: torch.device) -> tuple[bool, bool]:
+    """``(loss finite on every rank, stop requested on any rank)`` with one all-reduce.
+
+    Without a process group it is the local answer. Both flags are reduced as counts (sum), so a single
+    rank's signal or NaN is seen by all.
+    """
+    flags = torch.stack([(~torch.isfinite(loss.detach())).any().float(),
+                         torch.tensor(float(stop_requested), device=loss.device)]).to(device)
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(flags)
+    bad, stop = flags.tolist()
+    return bad == 0, stop > 0
