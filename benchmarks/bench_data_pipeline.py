@@ -94,7 +94,7 @@ def _sources(root: Path):
     """(name, DataConfig) for every reader benchmarked."""
     from pydicom.data import get_testdata_file
 
-    from medfoundry.data.config import DataConfig
+    from medfoundry.config.data import DataConfig
 
     ct = DataConfig(channels=3, slices=3, intensity="window", windows=["lung"], random_window_prob=0.5)
     out = [

@@ -81,9 +81,21 @@ def main(argv: list[str] | None = None) -> int:
         return USER_EXIT_CODE
     with _trust_pickle(bool(getattr(args, "trust_pickle", False))):
         try:
+            register_name_catalogs()
             return int(modules[args.command].run(args) or 0)
         except (UserError, *USER_OS_ERRORS) as err:
             return report_user_error(args, err)
+
+
+def register_name_catalogs() -> None:
+    """Import the registries whose names configs are checked against (backbones, data kinds, eval tasks).
+
+    The config package cannot import them (it sits below them); each registers its catalog in
+    :mod:`medfoundry.config.names` on import, so every command's ``load_config`` refuses an unknown name.
+    """
+    import medfoundry.data.sources  # noqa: F401
+    import medfoundry.eval.registry  # noqa: F401
+    import medfoundry.models.registry  # noqa: F401
 
 
 @contextmanager

@@ -21,25 +21,20 @@ import csv
 import json
 import os
 import shutil
-import subprocess
-import sys
-import tarfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-PYRADIOMICS_VERSION = "3.0.1"
-#: (case, region label, modality) of the pyradiomics test cases used.
-CASES = (
-    ("lung1", "chest_ct", "CT"),
-    ("lung2", "chest_ct", "CT"),
-    ("brain1", "brain_mr", "MR"),
-    ("brain2", "brain_mr", "MR"),
-    ("breast1", "breast_mr", "MR"),
+from medfoundry.bench.offline_data import (
+    CASES,
+    ensure_python_package,
+    fetch_pyradiomics_data,
+    scale_intensity,
+    square_resize,
 )
-CT_WINDOW = (-1150.0, 350.0)  # lung window: level -400 HU, width 1500 HU
+
 SLICE_SIZE = 128
 SPLIT_FRACTIONS = (0.5, 0.2, 0.3)
 DEMO_RECIPE = "quality_brain_cpu"
@@ -49,69 +44,6 @@ PATCH_SIZE = 48
 
 def _log(message: str) -> None:
     print(f"[demo] {message}", flush=True)
-
-
-# ----------------------------------------------------------------------------------------------- fetching
-def _pip(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pip", *args], capture_output=True, text=True)
-
-
-def ensure_python_package(module: str, package: str) -> None:
-    """Import ``module``, installing ``package`` through pip first if it is missing."""
-    import importlib
-
-    try:
-        importlib.import_module(module)
-        return
-    except ImportError:
-        pass
-    _log(f"installing {package} (needed to read the demo data) ...")
-    res = _pip("install", "--quiet", package)
-    if res.returncode != 0:
-        raise RuntimeError(f"`pip install {package}` failed:\n{res.stderr[-2000:]}")
-    importlib.invalidate_caches()
-    importlib.import_module(module)
-
-
-def fetch_pyradiomics_data(cache: str | Path) -> Path:
-    """The ``data`` folder of the pyradiomics 3.0.1 source archive (downloaded with pip once, then cached).
-
-    Only ``data/*.nrrd``, ``data/README.md`` and the licence are extracted. Idempotent.
-    """
-    cache = Path(cache)
-    root = cache / f"pyradiomics-{PYRADIOMICS_VERSION}"
-    data = root / "data"
-    needed = [data / f"{case}_{kind}.nrrd" for case, _, _ in CASES for kind in ("image", "label")]
-    if all(p.is_file() for p in needed):
-        return data
-    cache.mkdir(parents=True, exist_ok=True)
-    archive = cache / f"pyradiomics-{PYRADIOMICS_VERSION}.tar.gz"
-    if not archive.is_file():
-        _log(f"downloading the pyradiomics {PYRADIOMICS_VERSION} source archive from PyPI (34 MB) ...")
-        args = ("download", "--no-deps", "--no-binary", ":all:", "--no-build-isolation", "--quiet",
-                f"pyradiomics=={PYRADIOMICS_VERSION}", "-d", str(cache))
-        res = _pip(*args)
-        if res.returncode != 0:  # preparing the sdist's metadata may need these build helpers
-            _pip("install", "--quiet", "versioneer", "setuptools", "wheel", "numpy")
-            res = _pip(*args)
-        if res.returncode != 0 or not archive.is_file():
-            raise RuntimeError(
-                "could not download the pyradiomics source archive with pip:\n"
-                f"{res.stderr[-2000:]}\nRun by hand: pip download --no-deps --no-binary :all: "
-                f"--no-build-isolation pyradiomics=={PYRADIOMICS_VERSION} -d {cache}"
-            )
-    prefix = f"pyradiomics-{PYRADIOMICS_VERSION}/"
-    wanted = {prefix + "LICENSE.txt", prefix + "data/README.md"} | {str(p.relative_to(cache)) for p in needed}
-    with tarfile.open(archive, "r:gz") as tar:
-        members = [m for m in tar.getmembers() if m.name in wanted and m.isfile()]
-        if hasattr(tarfile, "data_filter"):
-            tar.extractall(cache, members=members, filter="data")
-        else:  # pragma: no cover - Python without extraction filters; members are plain files by name
-            tar.extractall(cache, members=members)
-    missing = [p.name for p in needed if not p.is_file()]
-    if missing:
-        raise RuntimeError(f"{archive} lacks {missing}")
-    return data
 
 
 # ----------------------------------------------------------------------------------------------- preparation
@@ -124,28 +56,6 @@ class DemoData:
     manifest: Path  # labelled slices: path, tumour, region, modality, series, patient, split, slice
     n_slices: int
     n_extra: int
-
-
-def _scale(arr: np.ndarray, modality: str) -> np.ndarray:
-    if modality == "CT":
-        lo, hi = CT_WINDOW
-    else:
-        lo, hi = np.percentile(arr, [0.5, 99.5])
-    return np.clip((arr - lo) / max(float(hi - lo), 1e-6), 0.0, 1.0)
-
-
-def _square_resize(img: np.ndarray, size: int) -> np.ndarray:
-    import torch
-    import torch.nn.functional as F
-
-    h, w = img.shape
-    side = max(h, w)
-    canvas = np.zeros((side, side), dtype=np.float32)
-    top, left = (side - h) // 2, (side - w) // 2
-    canvas[top : top + h, left : left + w] = img
-    t = torch.from_numpy(canvas)[None, None]
-    out = F.interpolate(t, size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0, 0]
-    return out.clamp(0, 1).numpy()
 
 
 def _slice_splits(n: int, positive: np.ndarray, seed: int) -> list[str]:
@@ -185,13 +95,13 @@ def prepare_demo_data(cache: str | Path = ".cache/demo_ct", size: int = SLICE_SI
     for case_index, (case, region, modality) in enumerate(CASES):
         vol = read_nrrd(data / f"{case}_image.nrrd")
         mask = read_nrrd(data / f"{case}_label.nrrd").array > 0
-        scaled = _scale(vol.array, modality)
+        scaled = scale_intensity(vol.array, modality)
         positive = mask.any(axis=(1, 2))
         splits = _slice_splits(vol.depth, positive, seed + case_index)
         for z in range(vol.depth):
             target = slices_dir / f"{case}_{z:03d}.png"
             if not target.is_file():
-                arr = (_square_resize(scaled[z], size) * 65535).round().astype(np.uint16)
+                arr = (square_resize(scaled[z], size) * 65535).round().astype(np.uint16)
                 tmp = target.with_suffix(".tmp.png")
                 Image.fromarray(arr).save(tmp)
                 tmp.replace(target)
@@ -236,17 +146,18 @@ def _pick_attention_images(manifest: Path, label: str = DEMO_LABEL, n: int = 6) 
 
 def compare_backbones(
     run_dir: Path, manifest: Path, label_columns: tuple[str, ...] = (DEMO_LABEL,),
-    tasks: tuple[str, ...] = ("knn", "linear", "health", "retrieval"), which: str = "latest",
-    raw_pixels: bool = True,
+    tasks: tuple[str, ...] | None = None, which: str = "latest", raw_pixels: bool = True,
 ) -> dict:
-    """Evaluate the run's backbone, its random initialisation and (``raw_pixels``) the pixels themselves.
+    """Evaluate the run's backbone, its random initialisation and (``raw_pixels``) the pixels themselves
+    on ``tasks`` (default: every registered task on the frozen backbone, :func:`~medfoundry.eval.registry.task_names`).
 
     Returns ``{"checkpoint", "step", "labels": {column: {"pretrained": metrics, "random_init": metrics,
     "raw_pixels": kNN metrics, "summary", "classes", "n"}}}`` and writes it to ``RUN/eval/comparison.json``
     (the report shows it). kNN accuracies carry bootstrap intervals (``eval.n_bootstrap`` resamples of the
-    test images). The view-retrieval ratio needs no labels and is computed with the first column only.
+    test images). Label-free tasks (the view-retrieval ratio) are computed with the first column only.
     """
     from medfoundry.bench.quality import raw_pixel_features
+    from medfoundry.eval import registry
     from medfoundry.eval.eval_images import eval_transform_from_config
     from medfoundry.eval.load import load_backbone
     from medfoundry.eval.tasks import evaluate_backbone, evaluate_features
@@ -257,10 +168,12 @@ def compare_backbones(
     out: dict = {"checkpoint": str(loaded["pretrained"].checkpoint), "step": loaded["pretrained"].step,
                  "labels": {}}
     cfg = loaded["pretrained"].cfg
+    tasks = registry.task_names() if tasks is None else tasks
+    labelled = tuple(t for t in tasks if registry.needs_of(t) != "views")
     for i, column in enumerate(label_columns):
         entry: dict = {}
         for name, lb in loaded.items():
-            use = tasks if i == 0 else tuple(t for t in tasks if t != "retrieval")
+            use = tasks if i == 0 else labelled
             res, lset, _ = evaluate_backbone(lb, use, data=str(manifest), label_column=column,
                                              cache_dir=run_dir / "eval" / "feature_cache")
             entry[name] = res
@@ -277,21 +190,19 @@ def compare_backbones(
 
 
 def format_comparison(comparison: dict) -> str:
-    """A side-by-side text table of pretrained vs random-init headline numbers."""
-    keys = ("knn_top1_k10", "knn_balanced_acc_k10", "knn_auc_k10", "knn_top1_k20", "knn_balanced_acc_k20",
-            "knn_auc_k20", "linear_accuracy", "linear_balanced_accuracy",
-            "linear_auc", "view_retrieval_ratio", "health_effective_rank", "health_active_dims_frac",
-            "health_mean_pairwise_cosine", "health_class_separation")
+    """A side-by-side text table of pretrained vs random-init headline numbers (the registered tasks'
+    headline metrics, :func:`medfoundry.eval.registry.headline_keys`)."""
+    from medfoundry.eval.registry import headline_keys
+
     lines = []
     for column, entry in comparison["labels"].items():
         raw = entry.get("raw_pixels", {})
         lines.append(f"label '{column}' ({entry['summary']})")
         lines.append(f"  {'metric':<30}{'pretrained':>22}{'random init':>22}{'raw pixels':>22}")
-        for k in keys:
-            if k in entry["pretrained"]:
-                cells = [_with_interval(entry[name], k) for name in ("pretrained", "random_init")]
-                cells.append(_with_interval(raw, k) if k in raw else "")
-                lines.append(f"  {k:<30}" + "".join(f"{c:>22}" for c in cells))
+        for k in headline_keys(entry["pretrained"]):
+            cells = [_with_interval(entry[name], k) for name in ("pretrained", "random_init")]
+            cells.append(_with_interval(raw, k) if k in raw else "")
+            lines.append(f"  {k:<30}" + "".join(f"{c:>22}" for c in cells))
     return "\n".join(lines)
 
 

@@ -36,8 +36,8 @@ from medfoundry.config.loader import ConfigError, split_override
 if TYPE_CHECKING:
     from medfoundry.distributed.slurm import SlurmSpec
 
-#: Substrings of metric keys reported as evaluation columns (final and best value).
-EVAL_KEY_PARTS = ("knn", "linear", "auc", "zeroshot", "recall")
+#: Substrings of metric keys reported as evaluation columns besides the registered tasks' ``key_parts``: any AUC.
+EXTRA_EVAL_KEY_PARTS = ("auc",)
 _SKIP_SUFFIXES = ("_ci_low", "_ci_high", "n_pos", "seconds")
 ARM_RECORD = "sweep_arm.json"
 PLAN_FILE = "sweep.json"
@@ -264,7 +264,7 @@ def run_arm(recipe: str, overrides: list[str], output_dir: str) -> dict:
 
     from medfoundry.config import load_config
     from medfoundry.distributed.setup import cleanup_distributed, env_dist_info
-    from medfoundry.train.precision import resolve_device
+    from medfoundry.precision import resolve_device
 
     info = env_dist_info()
     out = Path(output_dir)
@@ -409,13 +409,22 @@ def _numbers(records: list[dict], key: str) -> list[float]:
     return out
 
 
+def eval_key_parts() -> tuple[str, ...]:
+    """Substrings marking evaluation metric keys: the registered tasks' ``key_parts``
+    (:func:`medfoundry.eval.registry.key_parts`: knn, linear, zeroshot, recall) and :data:`EXTRA_EVAL_KEY_PARTS`."""
+    from medfoundry.eval.registry import key_parts  # the eval package imports torch: only when results are read
+
+    return tuple(dict.fromkeys(key_parts() + EXTRA_EVAL_KEY_PARTS))
+
+
 def eval_keys(records: list[dict]) -> list[str]:
-    """Logged evaluation metric keys (containing knn/linear/auc/zeroshot/recall), without CI bounds."""
+    """Logged evaluation metric keys (containing one of :func:`eval_key_parts`), without CI bounds."""
+    parts = eval_key_parts()
     keys: set[str] = set()
     for r in records:
         for k in r:
             low = k.lower()
-            if any(p in low for p in EVAL_KEY_PARTS) and not low.endswith(_SKIP_SUFFIXES):
+            if any(p in low for p in parts) and not low.endswith(_SKIP_SUFFIXES):
                 keys.add(k)
     return sorted(keys)
 

@@ -272,6 +272,7 @@ def _val_worker(rank: int, port: int) -> None:
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
+@pytest.mark.slow
 def test_val_loss_under_two_gloo_ranks_equals_one_process(free_port: int) -> None:
     """Each rank encodes half of every batch; the gathered loss averaged over ranks == the whole-batch formula."""
     mp.spawn(_val_worker, args=(free_port,), nprocs=WORLD, join=True)

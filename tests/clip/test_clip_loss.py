@@ -122,6 +122,7 @@ def _worker(rank: int, port: int) -> None:
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
+@pytest.mark.slow
 def test_gathered_negatives_equal_single_process_whole_batch(free_port: int) -> None:
     """Two gloo ranks with 4 pairs each == one process with all 8 pairs: loss and every parameter gradient."""
     mp.spawn(_worker, args=(free_port,), nprocs=WORLD, join=True)

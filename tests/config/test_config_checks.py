@@ -1,4 +1,4 @@
-"""Config-time value checks (``config/checks.py``) and the run-start path check (``config/paths.py``)."""
+"""Config-time value checks (``config/checks.py``) and the run-start path check (``train/input_paths.py``)."""
 
 from __future__ import annotations
 
@@ -11,10 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from medfoundry.config import ConfigError, check_paths, load_config
+from medfoundry.config import ConfigError, load_config
 from medfoundry.config.checks import RULES, UNBOUNDED, leaves
 from medfoundry.config.loader import _resolved_hints
 from medfoundry.config.schema import RunConfig
+from medfoundry.train.input_paths import check_paths
 
 
 def _numeric_keys(cls: type = RunConfig, prefix: str = "") -> list[str]:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from medfoundry.config import CropsConfig, load_config
-from medfoundry.data.config import DataConfig
+from medfoundry.config.data import DataConfig
 from medfoundry.data.intensity import build_intensity_transform
 from medfoundry.data.multicrop import MultiCropTransform
 

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from medical_testdata import write_ct_series
 
-from medfoundry.data.config import DataConfig
+from medfoundry.config.data import DataConfig
 from medfoundry.data.manifest import (
     assign_splits,
     check_patient_splits,

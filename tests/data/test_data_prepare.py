@@ -17,7 +17,7 @@ import tifffile
 import torch
 from medical_testdata import ct_phantom, render_level, write_ct_series
 
-from medfoundry.data.config import DataConfig
+from medfoundry.config.data import DataConfig
 from medfoundry.data.prepare import PrepareOptions, prepare
 from medfoundry.data.readers import HU_UINT16, write_slice
 from medfoundry.data.sources import build_source

@@ -12,7 +12,7 @@ import tifffile
 import torch
 from PIL import Image
 
-from medfoundry.data.config import DataConfig
+from medfoundry.config.data import DataConfig
 from medfoundry.data.intensity import build_intensity_transform
 from medfoundry.data.readers import HU_UINT16, MappingMismatchError, ReaderError, ValueMapping, read_slice, write_slice
 from medfoundry.data.readers.slices import read_mapping, sidecar_path, window_mapping

@@ -9,7 +9,7 @@ import pytest
 import torch
 from medical_testdata import write_ct_series
 
-from medfoundry.data.config import DataConfig
+from medfoundry.config.data import DataConfig
 from medfoundry.data.intensity import build_intensity_transform
 from medfoundry.data.sources import Sample, build_source
 from medfoundry.data.transforms import (

@@ -10,7 +10,7 @@ import pytest
 import tifffile
 from medical_testdata import downsample, render_level, write_pyramid
 
-from medfoundry.data.config import DataConfig
+from medfoundry.config.data import DataConfig
 from medfoundry.data.readers import ReaderError, open_slide
 from medfoundry.data.readers.wsi import openslide_available, otsu_threshold
 from medfoundry.data.sources import build_source

@@ -10,6 +10,8 @@ import torch.multiprocessing as mp
 from medfoundry.config import load_config
 from medfoundry.methods.dino import DINOMethod
 
+pytestmark = pytest.mark.slow  # multi-process (see pyproject's markers)
+
 OVERRIDES = [
     "model.name=vit_tiny_patch8",
     "model.img_size=32",

@@ -7,26 +7,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from labelled_images import make_labelled_pngs
 from PIL import Image
 
 from medfoundry.cli import main
-
-
-def make_labelled_pngs(root: Path, n: int = 16, size: int = 48) -> Path:
-    """Two classes of grey 16-bit PNGs (a bright disc or not) in label folders."""
-    rng = np.random.default_rng(0)
-    yy, xx = np.mgrid[0:size, 0:size]
-    for i in range(n):
-        label = "disc" if i % 2 else "plain"
-        img = 0.15 + 0.3 * (xx / size) + 0.05 * rng.standard_normal((size, size))
-        if label == "disc":
-            cy, cx, r = rng.integers(14, 34), rng.integers(14, 34), rng.integers(6, 12)
-            img += 0.5 * (((yy - cy) ** 2 + (xx - cx) ** 2) < r**2)
-        d = root / label
-        d.mkdir(parents=True, exist_ok=True)
-        Image.fromarray((np.clip(img, 0, 1) * 65535).astype(np.uint16)).save(d / f"img{i:02d}.png")
-    return root
-
 
 TINY = [
     "model.img_size=32", "crops.global_size=32", "crops.local_size=16", "crops.n_local=2",

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from medfoundry import demo
+from medfoundry.bench import offline_data
 
 
 def test_evalx_demo_slice_splits_cover_every_split() -> None:
@@ -26,22 +27,22 @@ def test_evalx_demo_slice_splits_cover_every_split() -> None:
 
 def test_evalx_demo_intensity_and_resize() -> None:
     ct = np.array([[-2000.0, -1150.0], [-400.0, 350.0]])
-    np.testing.assert_allclose(demo._scale(ct, "CT"), [[0.0, 0.0], [0.5, 1.0]])
+    np.testing.assert_allclose(demo.scale_intensity(ct, "CT"), [[0.0, 0.0], [0.5, 1.0]])
     mr = np.linspace(0, 100, 1000).reshape(10, 100)
-    scaled = demo._scale(mr, "MR")
+    scaled = demo.scale_intensity(mr, "MR")
     assert scaled.min() == 0.0 and scaled.max() == 1.0
-    out = demo._square_resize(np.ones((120, 45), dtype=np.float32), 32)
+    out = demo.square_resize(np.ones((120, 45), dtype=np.float32), 32)
     assert out.shape == (32, 32) and out[:, 0].max() < 0.1 and out[16, 16] > 0.99  # zero-padded sides
 
 
 def test_evalx_demo_prepare_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     nrrd = pytest.importorskip("nrrd")
-    data = tmp_path / "cache" / "downloads" / f"pyradiomics-{demo.PYRADIOMICS_VERSION}" / "data"
+    data = tmp_path / "cache" / "downloads" / f"pyradiomics-{offline_data.PYRADIOMICS_VERSION}" / "data"
     data.mkdir(parents=True)
     rng = np.random.default_rng(0)
     header = {"space": "left-posterior-superior", "space directions": np.diag([0.7, 0.7, 5.0]),
               "space origin": np.zeros(3)}
-    for case, _, modality in demo.CASES:  # stand-ins with the archive's layout (x, y, z), for plumbing only
+    for case, _, modality in offline_data.CASES:  # stand-ins with the archive's layout (x, y, z), for plumbing only
         image = (rng.normal(-500 if modality == "CT" else 300, 200, (24, 20, 6))).astype(np.int16)
         label = np.zeros(image.shape, np.int16)
         label[8:12, 8:12, 2:4] = 1

@@ -18,6 +18,8 @@ from medfoundry.eval.load import load_backbone
 from medfoundry.recipes import recipes_dir
 from medfoundry.train.run_logger import read_metrics
 
+pytestmark = pytest.mark.slow  # multi-process (see pyproject's markers)
+
 
 def _pngs(root: Path, n: int = 16) -> Path:
     rng = np.random.default_rng(2)

@@ -15,6 +15,8 @@ import torch.multiprocessing as mp
 from medfoundry.losses import DINOLoss, IBOTPatchLoss, sinkhorn_knopp
 from medfoundry.losses._dist import all_reduce_mean, all_reduce_sum, world_size
 
+pytestmark = pytest.mark.slow  # multi-process (see pyproject's markers)
+
 WORLD = 2
 
 

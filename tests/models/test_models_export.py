@@ -16,7 +16,7 @@ from transformers import AutoModel  # noqa: E402
 
 from medfoundry.config.schema import ModelConfig  # noqa: E402
 from medfoundry.models.export import export_backbone  # noqa: E402
-from medfoundry.models.pretrained import load_backbone  # noqa: E402
+from medfoundry.models.pretrained import backbone_from_weights  # noqa: E402
 from medfoundry.models.registry import create_backbone  # noqa: E402
 
 NAMES = ["vit_tiny_patch8", "vit_tiny_patch8_reg2", "vit_tiny_patch8_rope"]
@@ -77,7 +77,7 @@ def test_models_export_eva_with_qkv_bias(tmp_path):
 def test_models_export_safetensors_round_trip(tmp_path):
     backbone = _backbone("vit_tiny_patch8_reg2")
     export_backbone(backbone, "safetensors", tmp_path / "st")
-    reloaded, report = load_backbone(tmp_path / "st", verbose=False)
+    reloaded, report = backbone_from_weights(tmp_path / "st", verbose=False)
     assert report.format == "medfoundry" and report.missing == []
     x = torch.randn(2, 3, 64, 64)
     assert (_ours(reloaded, x) - _ours(backbone, x)).abs().max() == 0
@@ -85,11 +85,11 @@ def test_models_export_safetensors_round_trip(tmp_path):
 
 def test_models_export_cli_from_run(tmp_path, capsys):
     """`medfoundry export RUN --to hf` on a LoRA dino run: the evaluated (teacher) backbone, merged."""
+    from medfoundry.checkpoints.format import capture_rng, save_checkpoint
     from medfoundry.cli import main
     from medfoundry.config import load_config
     from medfoundry.config.loader import to_dict
     from medfoundry.methods.dino import DINOMethod
-    from medfoundry.train.checkpoint import capture_rng, save_checkpoint
 
     cfg = load_config(None, ["model.name=vit_tiny_patch8_rope", "model.img_size=64", "model.in_chans=1",
                              "dino.head.out_dim=32", "dino.head.hidden_dim=16", "dino.head.bottleneck_dim=8",

@@ -8,14 +8,19 @@ import pytest
 import torch
 from models_testutil import perturb
 
+from medfoundry.checkpoints.format import capture_rng, save_checkpoint
 from medfoundry.config import load_config
 from medfoundry.config.loader import to_dict
 from medfoundry.config.schema import ModelConfig
 from medfoundry.methods.dino import DINOMethod
 from medfoundry.models.lora import has_lora
-from medfoundry.models.pretrained import LoadReport, load_backbone, load_pretrained_backbone, record_load_reports
+from medfoundry.models.pretrained import (
+    LoadReport,
+    backbone_from_weights,
+    load_pretrained_backbone,
+    record_load_reports,
+)
 from medfoundry.models.registry import create_backbone
-from medfoundry.train.checkpoint import capture_rng, save_checkpoint
 
 
 def _tiny_cfg(name: str = "vit_tiny_patch8_reg2", *overrides: str):
@@ -59,7 +64,7 @@ def test_models_medfoundry_lora_checkpoint_merged(tmp_path):
             if "lora_B" in name:
                 p.normal_(0, 0.1)
     ckpt = _save_run(tmp_path, cfg, method)
-    backbone, report = load_backbone(ckpt)
+    backbone, report = backbone_from_weights(ckpt)
     assert not has_lora(backbone)
     assert any("LoRA merged into 16 weights" in n for n in report.notes)
     x = torch.randn(2, 3, 64, 64)

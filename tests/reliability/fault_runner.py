@@ -33,7 +33,7 @@ def inject(fault: str) -> None:
     if kind == "kill_mid_write":
         import torch
 
-        import medfoundry.train.checkpoint as ckpt
+        import medfoundry.checkpoints.format as ckpt
 
         real_save, hit = torch.save, _nth(int(arg))
 
@@ -48,7 +48,7 @@ def inject(fault: str) -> None:
 
         ckpt.torch.save = save
     elif kind == "kill_before_record":
-        import medfoundry.train.checkpoint as ckpt
+        import medfoundry.checkpoints.format as ckpt
 
         hit = _nth(int(arg))
         real_record = ckpt.record_file

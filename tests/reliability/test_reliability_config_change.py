@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 from reliability_testutil import FAST, RECIPE
 
+from medfoundry.checkpoints.format import list_checkpoints
 from medfoundry.cli import main
 from medfoundry.config import load_config
-from medfoundry.train.checkpoint import list_checkpoints
 from medfoundry.train.loop import train
 from medfoundry.train.resume import ConfigMismatchError, config_differences
 

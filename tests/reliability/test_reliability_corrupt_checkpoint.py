@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from reliability_testutil import FAST, RECIPE, TERMS
 
+from medfoundry.checkpoints.format import list_checkpoints
+from medfoundry.checkpoints.integrity import sidecar_path, verify_checkpoint
 from medfoundry.config import load_config
-from medfoundry.train.checkpoint import list_checkpoints
-from medfoundry.train.checkpoint_integrity import sidecar_path, verify_checkpoint
 from medfoundry.train.loop import train
 from medfoundry.train.run_logger import read_metrics
 

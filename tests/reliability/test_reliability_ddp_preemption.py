@@ -11,9 +11,11 @@ from pathlib import Path
 import pytest
 from reliability_testutil import TERMS, finish, start_ranks, train_args, wait_for_step
 
-from medfoundry.train.checkpoint import list_checkpoints
+from medfoundry.checkpoints.format import list_checkpoints
 from medfoundry.train.preemption import PREEMPTED_EXIT_CODE
 from medfoundry.train.run_logger import read_metrics
+
+pytestmark = pytest.mark.slow  # multi-process (see pyproject's markers)
 
 STEPS = 20
 EXTRA = [f"train.steps={STEPS}", "train.checkpoint_every=1000", "data.num_workers=0"]

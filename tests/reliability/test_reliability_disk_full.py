@@ -5,11 +5,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from reliability_testutil import TERMS, run, stale_temporaries, train_args
 
-from medfoundry.train.checkpoint import list_checkpoints
-from medfoundry.train.checkpoint_integrity import verify_checkpoint
+from medfoundry.checkpoints.format import list_checkpoints
+from medfoundry.checkpoints.integrity import verify_checkpoint
 from medfoundry.train.run_logger import read_metrics
+
+pytestmark = pytest.mark.slow  # multi-process (see pyproject's markers)
 
 
 def test_disk_full_during_a_save_loses_nothing_and_resumes(tmp_path: Path, png_folder: Path) -> None:

@@ -10,10 +10,12 @@ from pathlib import Path
 import pytest
 from reliability_testutil import FAST, RECIPE, child_env
 
+from medfoundry.checkpoints.format import list_checkpoints
+from medfoundry.checkpoints.integrity import DCP_MANIFEST, verify_checkpoint
 from medfoundry.errors import CorruptFileError
-from medfoundry.train.checkpoint import list_checkpoints
-from medfoundry.train.checkpoint_integrity import DCP_MANIFEST, verify_checkpoint
 from medfoundry.train.run_logger import read_metrics
+
+pytestmark = pytest.mark.slow  # multi-process (see pyproject's markers)
 
 ARGS = [*FAST, "dist.strategy=fsdp", "dino.koleo_weight=0", "train.checkpoint_every=2", "train.keep_last=3"]
 

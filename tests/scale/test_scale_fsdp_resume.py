@@ -8,9 +8,11 @@ from pathlib import Path
 
 import pytest
 
+from medfoundry.checkpoints.format import list_checkpoints, load_checkpoint
 from medfoundry.recipes import recipes_dir
-from medfoundry.train.checkpoint import list_checkpoints, load_checkpoint
 from medfoundry.train.run_logger import read_metrics
+
+pytestmark = pytest.mark.slow  # multi-process (see pyproject's markers)
 
 ARGS = ["crops.global_size=32", "crops.local_size=16", "model.img_size=32", "train.batch_size=4",
         "train.progress=false", "train.tensorboard=false", "dist.strategy=fsdp", "dino.koleo_weight=0",

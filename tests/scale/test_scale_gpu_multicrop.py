@@ -3,6 +3,7 @@ against torchvision's resized_crop, flips, normalisation, seeding and the decode
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -180,14 +181,14 @@ def test_gpu_loader_batches_are_seeded_resumable_and_shaped(png_folder) -> None:
 
 def test_training_loop_runs_on_the_gpu_crop_loader(tmp_path, png_folder, monkeypatch: pytest.MonkeyPatch) -> None:
     """What ``crops.device=gpu`` wiring does: the dino entry's loader replaced by ``build_gpu_dino_loader``."""
-    from medfoundry.methods import METHODS, MethodEntry
+    from medfoundry.methods import METHODS
     from medfoundry.train.loop import train
     from medfoundry.train.run_logger import read_metrics
 
     def loader(cfg, method, start_step, rank, world_size):
         return build_gpu_dino_loader(cfg, method.eval_backbone().patch_size, start_step, rank, world_size, 96)
 
-    monkeypatch.setitem(METHODS, "dino", MethodEntry(METHODS["dino"].build, loader))
+    monkeypatch.setitem(METHODS, "dino", dataclasses.replace(METHODS["dino"], build_loader=loader))
     cfg = load_config(resolve_recipe("tiny_dino_cpu"), [
         f"output_dir={tmp_path / 'run'}", f"data.root={png_folder}", "crops.global_size=32", "crops.local_size=16",
         "model.img_size=32", "train.batch_size=4", "train.steps=2", "train.progress=false",

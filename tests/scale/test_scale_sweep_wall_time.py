@@ -3,6 +3,7 @@ two identical arms report similar wall times even though the first one pays for 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -14,6 +15,8 @@ import pytest
 
 from medfoundry.recipes import recipes_dir
 from medfoundry.sweep import run_arm
+
+pytestmark = pytest.mark.slow  # multi-process (see pyproject's markers)
 
 RECIPE = recipes_dir() / "tiny_dino_cpu.yaml"
 FAST = ["crops.global_size=32", "crops.local_size=16", "model.img_size=32", "train.batch_size=4",
@@ -50,7 +53,7 @@ def test_wall_time_starts_when_the_training_loop_starts(tmp_path: Path, png_fold
         time.sleep(delay)
         return real.build(cfg)
 
-    monkeypatch.setitem(methods.METHODS, "dino", methods.MethodEntry(slow_build, real.build_loader))
+    monkeypatch.setitem(methods.METHODS, "dino", dataclasses.replace(real, build=slow_build))
     out = tmp_path / "arm"
     rec = run_arm(str(RECIPE), ["train.steps=2", *FAST, f"data.root={png_folder}", f"output_dir={out}"], str(out))
     assert rec["status"] == "ok", rec["error"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -10,11 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from medfoundry.checkpoints.format import list_checkpoints
 from medfoundry.cli import main
 from medfoundry.config import load_config
-from medfoundry.methods import METHODS, MethodEntry
+from medfoundry.methods import METHODS
 from medfoundry.recipes import recipes_dir
-from medfoundry.train.checkpoint import list_checkpoints
 from medfoundry.train.loop import NonFiniteLossError, train
 from medfoundry.train.run_logger import read_metrics
 
@@ -78,7 +79,7 @@ def test_nonfinite_losses_are_skipped_then_stop(tmp_path: Path, png_folder: Path
         method.forward = poisoned
         return method
 
-    METHODS["nan_test"] = MethodEntry(build, base.build_loader)
+    METHODS["nan_test"] = dataclasses.replace(base, build=build)
     try:
         cfg = load_config(RECIPE, [*FAST, f"output_dir={tmp_path / 'n'}", f"data.root={png_folder}",
                                    "train.steps=10", "train.checkpoint_every=2", "train.max_nonfinite_steps=3"])
@@ -105,6 +106,7 @@ def test_too_many_unreadable_files_stop_with_their_names(tmp_path: Path, png_fol
     assert code == 0
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes(tmp_path: Path, png_folder: Path, free_port: int) -> None:
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port),

@@ -7,8 +7,8 @@ import torch
 
 from medfoundry.config import ModelConfig, OptimConfig
 from medfoundry.models import create_backbone
+from medfoundry.schedules import cosine, linear_warmup_constant
 from medfoundry.train.optim import apply_schedules, build_optimizer, layer_id, param_groups
-from medfoundry.train.schedules import cosine, linear_warmup_constant
 
 
 def test_cosine_with_warmup_endpoints() -> None:

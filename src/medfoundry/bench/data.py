@@ -26,7 +26,7 @@ import torch
 from medfoundry.bench.results import BenchResult, peak_memory, reset_peak_memory, synchronize
 from medfoundry.bench.step import StepSpec, TrainStep, dino_run_config
 from medfoundry.config.schema import CropsConfig
-from medfoundry.train.precision import resolve_device, resolve_precision
+from medfoundry.precision import resolve_device, resolve_precision
 
 
 @contextmanager

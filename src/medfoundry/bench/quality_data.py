@@ -209,7 +209,7 @@ def prepare_brain_patches(cache: str | Path = ".cache/quality", patch: int = 48,
     info = {"patch": patch, "stride": stride, "slice_step": slice_step, "jitter": jitter, "version": 3}
     if (hit := _cached(root, info, "brain", "lobe")) is not None:
         return hit
-    from medfoundry.demo import ensure_python_package
+    from medfoundry.bench.offline_data import ensure_python_package
 
     ensure_python_package("nilearn", "nilearn")
     import nibabel as nib
@@ -284,7 +284,13 @@ def prepare_ct_slices(cache: str | Path = ".cache/quality", size: int = 64,
     ``val`` is every fifth slice of the training patients (model selection only; the test patients are
     never seen before the final evaluation).
     """
-    from medfoundry.demo import CASES, _scale, _square_resize, ensure_python_package, fetch_pyradiomics_data
+    from medfoundry.bench.offline_data import (
+        CASES,
+        ensure_python_package,
+        fetch_pyradiomics_data,
+        scale_intensity,
+        square_resize,
+    )
 
     splits = dict(splits or CT_SPLITS)
     root = Path(cache) / "ct"
@@ -303,13 +309,13 @@ def prepare_ct_slices(cache: str | Path = ".cache/quality", size: int = 64,
             continue
         vol = read_nrrd(data / f"{case}_image.nrrd")
         mask = read_nrrd(data / f"{case}_label.nrrd").array > 0
-        scaled = _scale(vol.array, modality)
+        scaled = scale_intensity(vol.array, modality)
         for z in range(vol.depth):
             split = split_of[case]
             if split == "train" and z % 5 == 2:
                 split = "val"
             rel = Path("images") / split / f"{case}_{z:03d}.png"
-            _write_png(root / rel, _square_resize(scaled[z], size))
+            _write_png(root / rel, square_resize(scaled[z], size))
             rows.append({"path": str(rel), "tumour": "tumour" if mask[z].any() else "no_tumour",
                          "region": region, "patient": case, "split": split})
     counts = {s: sum(r["split"] == s for r in rows) for s in ("train", "val", "test")}

@@ -33,8 +33,8 @@ from medfoundry.bench.flops import (
 )
 from medfoundry.bench.results import BenchResult, peak_memory, reset_peak_memory, synchronize
 from medfoundry.config.schema import HeadConfig, RunConfig
+from medfoundry.precision import autocast, resolve_device, resolve_precision
 from medfoundry.train.optim import apply_schedules, build_optimizer
-from medfoundry.train.precision import autocast, resolve_device, resolve_precision
 
 
 @dataclass

@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
 
     from medfoundry.bench.results import describe_machine, report_results
     from medfoundry.bench.step import ClipStepSpec, StepSpec
-    from medfoundry.train.precision import resolve_device
+    from medfoundry.precision import resolve_device
 
     if args.mode == "quality":
         return _run_quality(args)

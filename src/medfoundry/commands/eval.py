@@ -1,5 +1,7 @@
-"""Evaluate a checkpoint's frozen features: medfoundry eval CHECKPOINT --task knn|linear|retrieval|health --data SET.
+"""Evaluate a checkpoint on registered tasks: medfoundry eval CHECKPOINT --task TASK[,TASK...] [--data SET].
 
+The tasks are those of :mod:`medfoundry.eval.registry` (listed by ``--help``). Tasks on the frozen
+backbone (``needs`` features or views) run here through :func:`medfoundry.eval.tasks.evaluate_backbone`;
 ``retrieval`` is DINO-X's label-free view-retrieval ratio: it needs no ``--data``, only images
 (``--retrieval-data`` or the run's training data).
 
@@ -10,11 +12,9 @@ to the run's ``eval.data``. Features are cached per checkpoint, so several tasks
 them once. ``--random-init`` evaluates the same backbone at its initialisation instead;
 ``--compare-random`` evaluates both and writes ``RUN/eval/comparison.json`` for the report.
 
-Image-text tasks of CLIP-style checkpoints (zero-shot classification, image<->report retrieval)
-live in :mod:`medfoundry.commands.eval_clip`. When that module exists it is dispatched to for its
-own task names, and for ``--task retrieval`` on a ``method=clip`` checkpoint. Its contract:
-``TASKS: tuple[str, ...]``, optional ``add_arguments(parser)`` for extra options, and
-``run_task(task: str, args: argparse.Namespace) -> int``.
+Image-text tasks (``needs="clip"``: zero-shot classification, image<->report retrieval) go to
+:func:`medfoundry.commands.eval_clip.run_task`; on a ``method=clip`` checkpoint a CLIP task's alias
+(``retrieval`` for ``clip_retrieval``) means that task.
 """
 
 from __future__ import annotations
@@ -24,30 +24,33 @@ import json
 import sys
 from pathlib import Path
 
-FEATURE_TASKS = ("knn", "linear", "retrieval", "health")
+from medfoundry.commands import eval_clip
+
+_TASK_LIST = "\0medfoundry-eval-task-list"  # epilog placeholder, filled by _HelpWithTasks
 
 
-def _clip_module():
-    """The CLIP evaluation command module, or None while it does not exist."""
-    import importlib
+class _HelpWithTasks(argparse.RawDescriptionHelpFormatter):
+    """Fills the epilog with the registered tasks when help is printed.
 
-    try:
-        return importlib.import_module("medfoundry.commands.eval_clip")
-    except ModuleNotFoundError as err:
-        if err.name != "medfoundry.commands.eval_clip":
-            raise
-        return None
+    Every CLI start builds this command's parser; reading the registry there would import
+    :mod:`medfoundry.eval` (torch) for every command, so it is read only when ``--help`` is shown.
+    """
+
+    def add_text(self, text: str | None) -> None:
+        if text == _TASK_LIST:
+            from medfoundry.eval import registry
+
+            text = "tasks (--task; 'all' = every task on the frozen backbone):\n" + registry.describe()
+        super().add_text(text)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    clip = _clip_module()
-    clip_tasks = tuple(getattr(clip, "TASKS", ())) if clip is not None else ()
+    parser.formatter_class = _HelpWithTasks
+    parser.epilog = _TASK_LIST
     parser.add_argument("checkpoint", help="run folder or checkpoint file (.pt)")
-    names = ", ".join(dict.fromkeys(FEATURE_TASKS + clip_tasks))
     parser.add_argument("--task", action="append", metavar="TASK",
-                        help=f"task to run, repeatable or comma-separated: {names}"
-                             " (retrieval: image-text for method=clip runs, else augmented-view retrieval), "
-                             "or all (default: the run's eval.tasks)")
+                        help="task to run, repeatable or comma-separated (the tasks are listed below), or all "
+                             "(default: the run's eval.tasks)")
     parser.add_argument("--data", help="labelled set: manifest file or label-per-folder image folder "
                                        "(default: the run's eval.data)")
     parser.add_argument("--retrieval-data", help="label-free image folder or prepared set for the DINO-X view "
@@ -74,16 +77,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-cache", action="store_true", help="always recompute the features")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--json", dest="json_out", help="also write the results to this JSON file")
-    if clip is not None and hasattr(clip, "add_arguments"):
-        clip.add_arguments(parser)
+    eval_clip.add_arguments(parser)
 
 
 def _tasks(args: argparse.Namespace, default: list[str]) -> list[str]:
+    from medfoundry.eval import registry
+
     raw = [t.strip() for item in (args.task or []) for t in item.split(",") if t.strip()]
     if not raw:
         return list(default)
     if "all" in raw:
-        return list(FEATURE_TASKS)
+        return list(registry.task_names())
     return list(dict.fromkeys(raw))
 
 
@@ -103,6 +107,7 @@ def _checkpoint_method(path: Path) -> str | None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from medfoundry.eval import registry
     from medfoundry.eval.load import load_backbone
     from medfoundry.eval.tasks import evaluate_backbone, format_results
 
@@ -110,21 +115,17 @@ def run(args: argparse.Namespace) -> int:
     if not path.exists():
         print(f"medfoundry eval: '{path}' does not exist", file=sys.stderr)
         return 2
-    clip = _clip_module()
     requested = _tasks(args, [])
-    clip_tasks = tuple(getattr(clip, "TASKS", ())) if clip is not None else ()
     is_clip = _checkpoint_method(path) == "clip"
-    to_clip = [t for t in requested if (t in clip_tasks and t not in FEATURE_TASKS)
-               or (is_clip and t in clip_tasks)]
-    unknown = [t for t in requested if t not in FEATURE_TASKS and t not in clip_tasks]
+    resolved = {name: registry.resolve(name, clip_checkpoint=is_clip) for name in requested}
+    unknown = [name for name, task in resolved.items() if task is None]
     if unknown:
-        hint = "" if clip is not None else " (image-text tasks need medfoundry.commands.eval_clip)"
-        print(f"medfoundry eval: unknown task(s) {unknown}; known: {list(FEATURE_TASKS + clip_tasks)}{hint}",
-              file=sys.stderr)
+        print(f"medfoundry eval: unknown task(s) {unknown}; known: {registry.names()}", file=sys.stderr)
         return 2
+    to_clip = [name for name, task in resolved.items() if task is not None and task.needs == "clip"]
     rc = 0
     for task in to_clip:
-        rc = max(rc, int(clip.run_task(task, args) or 0))
+        rc = max(rc, eval_clip.run_task(task, args))
     feature_tasks = [t for t in requested if t not in to_clip]
     if requested and not feature_tasks:
         return rc

@@ -1,16 +1,15 @@
 """Zero-shot classification and image<->text retrieval of a CLIP-style checkpoint (``medfoundry eval --task ...``).
 
-The ``eval`` command dispatches its image-text task names here (contract of
-:mod:`medfoundry.commands.eval`: :data:`TASKS`, :func:`add_arguments` for extra options,
-:func:`run_task`). :func:`run_zeroshot` / :func:`run_retrieval` rebuild the
-:class:`~medfoundry.methods.clip.ClipMethod` from the config saved in the checkpoint (no pretrained
-weights are read: the checkpoint holds them), apply overrides (``--override
-clip.eval.zeroshot.labels=other.csv``; ``--data`` is a shortcut for the labelled set or the pair
-manifest), run :class:`~medfoundry.eval.clip_hook.ClipEvaluator` and print the results as JSON.
+The ``eval`` command hands its tasks with ``needs="clip"`` (:mod:`medfoundry.eval.registry`: ``zeroshot``,
+``clip_retrieval``, alias ``retrieval``) to :func:`run_task`; :func:`add_arguments` adds their options.
+:func:`run_task` rebuilds the :class:`~medfoundry.methods.clip.ClipMethod` from the config saved in the
+checkpoint (no pretrained weights are read: the checkpoint holds them), applies overrides
+(``--override clip.eval.zeroshot.labels=other.csv``; ``--data`` is a shortcut for the labelled set or the
+pair manifest), runs the registered task and prints the results as JSON.
 
-Arguments read (all optional but ``checkpoint``): ``checkpoint``, ``best``, ``device``, ``data``,
-``label_column``, ``n_bootstrap``, ``json_out`` (or ``output``), ``clip_overrides`` (or ``overrides``),
-``batch_size``.
+Arguments read (all optional but ``checkpoint``, so a partial ``argparse.Namespace`` will do):
+``checkpoint``, ``best``, ``device``, ``data``, ``label_column``, ``n_bootstrap``, ``json_out`` (or
+``output``), ``clip_overrides`` (or ``overrides``), ``batch_size``.
 """
 
 from __future__ import annotations
@@ -19,21 +18,30 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-TASKS = ("zeroshot", "retrieval")
+if TYPE_CHECKING:
+    from medfoundry.eval.registry import EvalTask
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of the image-text tasks that the ``eval`` command lacks."""
     parser.add_argument("--override", dest="clip_overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="zeroshot/retrieval: override the checkpoint's saved config, e.g. "
+                        help="zeroshot/clip_retrieval: override the checkpoint's saved config, e.g. "
                              "clip.eval.zeroshot.findings=[Edema,Cardiomegaly] (repeatable)")
+
+
+def task_names() -> list[str]:
+    """The names (and aliases) :func:`run_task` accepts: the registered ``clip`` tasks."""
+    from medfoundry.eval import registry
+
+    return list(dict.fromkeys(n for t in registry.all_tasks() if t.needs == "clip" for n in (t.name, *t.aliases)))
 
 
 def resolve_checkpoint(path: str | Path, best: bool = False) -> Path:
     """A checkpoint file: ``path`` itself; in a run folder the newest ``checkpoints/step_*.pt`` (``best``:
     ``best.pt``), falling back to the other when only one exists."""
-    from medfoundry.train.checkpoint import latest_checkpoint
+    from medfoundry.checkpoints.format import latest_checkpoint
 
     p = Path(path)
     if p.is_file():
@@ -53,10 +61,10 @@ def resolve_checkpoint(path: str | Path, best: bool = False) -> Path:
 def load_clip_checkpoint_method(path: str | Path, overrides: list[str] | tuple[str, ...] = (), device: str = "auto",
                                 best: bool = False):
     """``(method, cfg, checkpoint_path, step)`` rebuilt from a medfoundry checkpoint of a ``method: clip`` run."""
+    from medfoundry.checkpoints.format import load_checkpoint
     from medfoundry.config.loader import apply_override, from_dict, parse_override, validate
     from medfoundry.methods.clip import ClipMethod
-    from medfoundry.train.checkpoint import load_checkpoint
-    from medfoundry.train.precision import resolve_device
+    from medfoundry.precision import resolve_device
 
     ckpt = resolve_checkpoint(path, best)
     state = load_checkpoint(ckpt)
@@ -76,14 +84,14 @@ def load_clip_checkpoint_method(path: str | Path, overrides: list[str] | tuple[s
 
 
 def _shortcuts(args: argparse.Namespace, task: str) -> list[str]:
-    """Config overrides implied by the ``eval`` command's generic options."""
+    """Config overrides implied by the ``eval`` command's generic options for registered CLIP task ``task``."""
     out = []
     data = getattr(args, "data", None)
     if data and task == "zeroshot":
         out += ["clip.eval.zeroshot.kind=manifest", f"clip.eval.zeroshot.labels={data}"]
         if getattr(args, "label_column", None):
             out.append(f"clip.eval.zeroshot.label_column={args.label_column}")
-    elif data and task == "retrieval":
+    elif data and task == "clip_retrieval":
         out += ["clip.eval.retrieval.source=data", "clip.eval.retrieval.data.kind=manifest",
                 f"clip.eval.retrieval.data.manifest={data}"]
     if getattr(args, "n_bootstrap", None) is not None:
@@ -93,11 +101,23 @@ def _shortcuts(args: argparse.Namespace, task: str) -> list[str]:
     return out
 
 
-def _run(args: argparse.Namespace, task: str) -> int:
-    from medfoundry.config import ConfigError
-    from medfoundry.eval.clip_hook import ClipEvaluator
+def _unconfigured(task: str, cfg) -> str | None:
+    """Why registered CLIP task ``task`` has nothing to evaluate under ``cfg``, or None."""
+    if task == "zeroshot" and cfg.clip.eval.zeroshot.kind == "none":
+        return ("no zero-shot set configured; pass --data LABELS.csv (with --override "
+                "clip.eval.zeroshot.findings=[...] or --label-column) or --override clip.eval.zeroshot.*")
+    if task == "clip_retrieval" and cfg.clip.eval.retrieval.source == "none":
+        return ("no retrieval pairs configured; pass --data PAIRS.csv or --override "
+                "clip.eval.retrieval.source=train (the training pairs)")
+    return None
 
-    overrides = _shortcuts(args, task) + list(getattr(args, "clip_overrides", None) or [])
+
+def _run(args: argparse.Namespace, task: EvalTask, name: str) -> int:
+    """Run registered CLIP task ``task`` (asked for as ``name``) on ``args.checkpoint``; the exit code."""
+    from medfoundry.config import ConfigError
+    from medfoundry.eval.registry import EvalInputs
+
+    overrides = _shortcuts(args, task.name) + list(getattr(args, "clip_overrides", None) or [])
     overrides += list(getattr(args, "overrides", None) or [])
     try:
         method, cfg, ckpt, step = load_clip_checkpoint_method(
@@ -105,17 +125,12 @@ def _run(args: argparse.Namespace, task: str) -> int:
     except (FileNotFoundError, ValueError, ConfigError) as err:
         print(f"medfoundry eval: {err}", file=sys.stderr)
         return 2
-    if task == "zeroshot" and cfg.clip.eval.zeroshot.kind == "none":
-        print("medfoundry eval: no zero-shot set configured; pass --data LABELS.csv (with --override "
-              "clip.eval.zeroshot.findings=[...] or --label-column) or --override clip.eval.zeroshot.*",
-              file=sys.stderr)
+    problem = _unconfigured(task.name, cfg)
+    if problem:
+        print(f"medfoundry eval: {problem}", file=sys.stderr)
         return 2
-    if task == "retrieval" and cfg.clip.eval.retrieval.source == "none":
-        print("medfoundry eval: no retrieval pairs configured; pass --data PAIRS.csv or --override "
-              "clip.eval.retrieval.source=train (the training pairs)", file=sys.stderr)
-        return 2
-    results = ClipEvaluator(cfg).evaluate(method, (task,))
-    record = {"checkpoint": str(ckpt), "step": step, "task": task, "results": results}
+    results = task.run(EvalInputs(cfg=cfg, clip_method=method))
+    record = {"checkpoint": str(ckpt), "step": step, "task": name, "results": results}
     text = json.dumps(record, indent=2, allow_nan=True)
     print(text)
     output = getattr(args, "json_out", None) or getattr(args, "output", None)
@@ -125,29 +140,32 @@ def _run(args: argparse.Namespace, task: str) -> int:
         if out.is_file():
             try:
                 previous = json.loads(out.read_text())
-                if isinstance(previous, dict) and previous and set(previous) <= set(TASKS):
+                if isinstance(previous, dict) and previous and set(previous) <= set(task_names()):
                     merged = previous
             except ValueError:
                 pass
-        merged[task] = record
+        merged[name] = record
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(merged, indent=2, allow_nan=True) + "\n")
     return 0
 
 
 def run_task(task: str, args: argparse.Namespace) -> int:
-    """Dispatch entry of the ``eval`` command: ``zeroshot`` or ``retrieval``; returns the exit code."""
-    if task not in TASKS:
-        print(f"medfoundry eval: unknown image-text task '{task}'; known: {list(TASKS)}", file=sys.stderr)
+    """Dispatch entry of the ``eval`` command: a registered CLIP task's name or alias; returns the exit code."""
+    from medfoundry.eval import registry
+
+    found = registry.resolve(task, clip_checkpoint=True)
+    if found is None or found.needs != "clip":
+        print(f"medfoundry eval: unknown image-text task '{task}'; known: {task_names()}", file=sys.stderr)
         return 2
-    return _run(args, task)
+    return _run(args, found, task)
 
 
 def run_zeroshot(args: argparse.Namespace) -> int:
     """``medfoundry eval CHECKPOINT --task zeroshot``: prompt-pair AUCs / prompt-ensemble accuracy; exit code."""
-    return _run(args, "zeroshot")
+    return run_task("zeroshot", args)
 
 
 def run_retrieval(args: argparse.Namespace) -> int:
     """``medfoundry eval CHECKPOINT --task retrieval``: image<->text Recall@K; exit code."""
-    return _run(args, "retrieval")
+    return run_task("retrieval", args)

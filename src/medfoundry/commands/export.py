@@ -42,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
     from medfoundry.config.schema import ModelConfig
     from medfoundry.models.convert import PretrainedLoadError
     from medfoundry.models.export import ExportError, export_backbone
-    from medfoundry.models.pretrained import load_backbone, read_weights, resolve_source
+    from medfoundry.models.pretrained import backbone_from_weights, read_weights, resolve_source
 
     try:
         source = resolve_source(args.source)
@@ -53,8 +53,8 @@ def run(args: argparse.Namespace) -> int:
         loaded = None
         if source.is_file() and source.suffix != ".safetensors":
             loaded = read_weights(source, fmt if fmt != "auto" else "medfoundry", "weights to export")
-        backbone, _ = load_backbone(source, which=args.which, fmt=fmt, model=model, preloaded=loaded,
-                                    what="weights to export")
+        backbone, _ = backbone_from_weights(source, which=args.which, fmt=fmt, model=model, preloaded=loaded,
+                                            what="weights to export")
         mean, std, extra = _preprocessing(loaded)
         extra["source"] = str(source)
         result = export_backbone(backbone, args.to, args.out, check=not args.no_check, mean=mean, std=std,

@@ -16,9 +16,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from medfoundry.config import check_paths, load_config
+    from medfoundry.config import load_config
     from medfoundry.eval.monitors import RepresentationHealthError
     from medfoundry.recipes import resolve_recipe
+    from medfoundry.train.input_paths import check_paths
     from medfoundry.train.loop import BadDataError, NonFiniteLossError, train
     from medfoundry.train.preemption import PREEMPTED_EXIT_CODE
 

@@ -1,7 +1,6 @@
 """Typed run configuration: schema (dataclasses) and loader (YAML recipe + dotted overrides)."""
 
 from medfoundry.config.loader import ConfigError, from_dict, load_config, save_config, to_dict, to_yaml
-from medfoundry.config.paths import check_paths
 from medfoundry.config.schema import (
     CropsConfig,
     DinoConfig,
@@ -23,7 +22,6 @@ __all__ = [
     "OptimConfig",
     "RunConfig",
     "TrainConfig",
-    "check_paths",
     "from_dict",
     "load_config",
     "save_config",

@@ -2,8 +2,8 @@
 
 An unknown name would otherwise only fail when the run builds its model, with a ``KeyError``; here it
 becomes a :class:`~medfoundry.config.loader.ConfigError` (CLI exit code 2) naming the key, the value and
-the nearest registered name. The registry lives in :mod:`medfoundry.models.registry`, which imports torch
-and timm, so it is imported only when a config is validated, not when this module is.
+the nearest registered name. The registry lives in :mod:`medfoundry.models.registry`, which registers
+its catalog of names (:mod:`medfoundry.config.names`) when it is imported; config never imports it.
 """
 
 from __future__ import annotations
@@ -11,15 +11,15 @@ from __future__ import annotations
 import difflib
 from typing import TYPE_CHECKING
 
+from medfoundry.config.names import registered_names
+
 if TYPE_CHECKING:
     from medfoundry.config.schema import RunConfig
 
 
-def registered_backbone_names() -> list[str]:
-    """Names of every registered backbone, sorted (imports the registry, hence torch and timm)."""
-    from medfoundry.models.registry import list_backbones
-
-    return [spec.name for spec in list_backbones()]
+def registered_backbone_names() -> list[str] | None:
+    """Names of every registered backbone, sorted; None before :mod:`medfoundry.models.registry` is imported."""
+    return registered_names("backbone")
 
 
 def nearest_name(value: str, names: list[str]) -> str:
@@ -45,6 +45,8 @@ def check_backbone_names(cfg: RunConfig) -> None:
     if cfg.distill.teacher_name:
         given.append(("distill.teacher_name", cfg.distill.teacher_name))
     names = registered_backbone_names()
+    if names is None:  # the registry registers its catalog on import; train() checks again then
+        return
     for key, value in given:
         if value not in names:
             raise ConfigError(unknown_backbone_message(key, value, names))

@@ -3,7 +3,7 @@
 :func:`check_values` runs inside :func:`~medfoundry.config.loader.load_config`, so ``medfoundry config``,
 ``train``, ``sweep`` and ``launch`` refuse a bad value before any work (and before a sweep starts its
 arms). It checks only what the config itself can tell; whether files and folders exist is checked once
-at the start of a run by :func:`medfoundry.config.paths.check_paths` (``medfoundry config`` must work
+at the start of a run by :func:`medfoundry.train.input_paths.check_paths` (``medfoundry config`` must work
 for a recipe whose data are not downloaded yet).
 
 Every float anywhere in the tree must be finite. Each int/float leaf then has a rule in :data:`RULES`
@@ -21,6 +21,8 @@ import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+
+from medfoundry.config.names import PRETRAINED_FORMATS, registered_names
 
 if TYPE_CHECKING:
     from medfoundry.config.schema import RunConfig
@@ -308,7 +310,7 @@ def _check_channels(cfg: RunConfig) -> None:
                               f"give 1 or {channels} values")
     if cfg.data.intensity != "window":
         return
-    from medfoundry.data.transforms.hu import parse_window
+    from medfoundry.config.windows import parse_window
 
     for i, spec in enumerate(cfg.data.windows):
         try:
@@ -326,31 +328,30 @@ _BACKENDS = ("auto", "nccl", "gloo", "mpi", "ucc")
 
 
 def check_names(cfg: RunConfig) -> None:
-    """Registered names: data source kinds, pretrained formats, evaluation tasks, devices, backends, backbones."""
+    """Registered names: data kinds, pretrained formats, evaluation tasks, device, backend, backbones.
+
+    Backbones, data kinds and evaluation tasks are checked against the catalogs their packages registered
+    (:mod:`medfoundry.config.names`); a catalog not registered yet (its package not imported) is skipped
+    here and checked again by ``train()``.
+    """
     from medfoundry.config.backbones import check_backbone_names, nearest_name
     from medfoundry.config.loader import ConfigError
 
-    def one_of(key: str, value: str, names: list[str] | tuple[str, ...]) -> None:
-        if value not in names:
+    def one_of(key: str, value: str, names: list[str] | tuple[str, ...] | None) -> None:
+        if names is not None and value not in names:
             raise ConfigError(f"'{key}' = {value!r} is not one of {sorted(names)}; nearest: "
                               f"'{nearest_name(value, list(names))}'")
 
-    from medfoundry.data.sources import SOURCE_BUILDERS, _import_builtin_sources
-
-    _import_builtin_sources()
-    kinds = sorted(SOURCE_BUILDERS)
+    kinds = registered_names("data.kind")
     one_of("data.kind", cfg.data.kind, kinds)
     if cfg.eval.retrieval_kind:
         one_of("eval.retrieval_kind", cfg.eval.retrieval_kind, kinds)
-    from medfoundry.models.pretrained import FORMATS
-
-    one_of("model.pretrained_format", cfg.model.pretrained_format, FORMATS)
-    one_of("distill.teacher_format", cfg.distill.teacher_format, FORMATS)
-    if cfg.eval.every_steps > 0:  # the task list is read only when evaluation is on (its import is slow)
-        from medfoundry.eval.tasks import TASKS
-
+    one_of("model.pretrained_format", cfg.model.pretrained_format, PRETRAINED_FORMATS)
+    one_of("distill.teacher_format", cfg.distill.teacher_format, PRETRAINED_FORMATS)
+    if cfg.eval.every_steps > 0:  # the task list matters only when evaluation is on
+        tasks = registered_names("eval.task")
         for i, task in enumerate(cfg.eval.tasks):
-            one_of(f"eval.tasks[{i}]", task, TASKS)
+            one_of(f"eval.tasks[{i}]", task, tasks)
     _check_device(cfg.train.device)
     if cfg.dist.backend not in _BACKENDS and ":" not in cfg.dist.backend:  # "cpu:gloo,cuda:nccl" is torch's form
         one_of("dist.backend", cfg.dist.backend, _BACKENDS)

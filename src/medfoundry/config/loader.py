@@ -5,7 +5,7 @@ one flat YAML document validated against it (no stacking of files), and command-
 applied on top. Unknown keys and wrong types raise :class:`ConfigError`, whose message names the
 source, the dotted key, the offending value and the nearest valid key. After loading, every value is
 checked (:mod:`medfoundry.config.checks`: finite numbers, ranges, registered names); whether files exist
-is checked when a run starts (:func:`medfoundry.config.paths.check_paths`).
+is checked when a run starts (:func:`medfoundry.train.input_paths.check_paths`).
 """
 
 from __future__ import annotations

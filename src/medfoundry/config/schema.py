@@ -12,8 +12,8 @@ from typing import Literal, Optional
 
 from medfoundry.config.adapt import AdaptConfig, DistillConfig
 from medfoundry.config.clip import ClipConfig
+from medfoundry.config.data import DataConfig
 from medfoundry.config.evaluation import EvalConfig
-from medfoundry.data.config import DataConfig
 
 
 @dataclass

@@ -17,10 +17,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from medfoundry.data.config import DataConfig
-from medfoundry.data.readers import ReaderError, ValueMapping, open_slide
+from medfoundry.config.data import DataConfig
+from medfoundry.data.readers import Reader, ReaderError, ValueMapping, Volume, open_slide, reader_for, reader_labels
 from medfoundry.data.readers.dicom import DicomSeries
-from medfoundry.data.readers.nifti import NRRD_SUFFIXES, has_suffix, read_nifti, read_nrrd
 from medfoundry.data.readers.slices import read_slice
 from medfoundry.data.sources import array_to_chw
 from medfoundry.data.transforms.label_guided import region_from_mask
@@ -97,10 +96,16 @@ class DicomEntry(VolumeEntry):
 
 
 class LoadedVolumeEntry(VolumeEntry):
-    """A NIfTI/NRRD file decoded whole and kept in a small per-process LRU cache."""
+    """A volume file (a reader of kind ``volume``: NIfTI, NRRD, ...) decoded whole, in a small per-process LRU cache.
 
-    def __init__(self, path: str, cache_size: int = 2, meta: dict | None = None, mask: str | None = None) -> None:
-        super().__init__(path, _header_depth(path), meta)
+    ``reader`` is the one that claims ``path`` unless given; it is kept (and pickled) with the entry, so
+    workers read with the same reader whatever their own registry holds.
+    """
+
+    def __init__(self, path: str, cache_size: int = 2, meta: dict | None = None, mask: str | None = None,
+                 reader: Reader | None = None) -> None:
+        self.reader = reader or volume_reader(path)
+        super().__init__(path, self.reader.depth(path), meta)
         self.cache_size = max(1, int(cache_size))
         self.mask = mask
 
@@ -109,7 +114,7 @@ class LoadedVolumeEntry(VolumeEntry):
         if self.name in cache:
             cache.move_to_end(self.name)
             return cache[self.name]
-        vol = read_array_volume(self.name)
+        vol = self.reader.read(self.name)
         regions = None
         if self.mask:
             mask = read_array_volume(self.mask).array
@@ -128,41 +133,17 @@ class LoadedVolumeEntry(VolumeEntry):
         return _region_at(self._volume()[1], z) if self.mask else None
 
 
-def read_array_volume(path: str):
-    """A NIfTI or NRRD file as a :class:`~medfoundry.data.readers.Volume`."""
-    return read_nrrd(path) if has_suffix(path, NRRD_SUFFIXES) else read_nifti(path)
+def volume_reader(path: str | Path) -> Reader:
+    """The reader of kind ``volume`` that claims ``path``; :class:`ReaderError` when none does."""
+    reader = reader_for(path, kinds=("volume",))
+    if reader is None:
+        raise ReaderError(f"{path}: not a volume file ({reader_labels(kinds=('volume',))})")
+    return reader
 
 
-def _header_depth(path: str) -> int:
-    """Number of slices after LPS reorientation, from the header only."""
-    try:
-        if has_suffix(path, NRRD_SUFFIXES):
-            try:
-                import nrrd
-            except ImportError as err:
-                raise ReaderError(f"{path}: reading NRRD needs the pynrrd package: pip install pynrrd") from err
-
-            header = nrrd.read_header(path)
-            sizes = [int(s) for s in header["sizes"]]
-            directions = header.get("space directions")
-            affine = np.eye(4)
-            if directions is not None:
-                affine[:3, :3] = np.asarray(directions, dtype=float).T
-        else:
-            import nibabel as nib
-
-            img = nib.load(path)
-            sizes, affine = list(img.shape), img.affine
-    except ReaderError:
-        raise
-    except Exception as err:  # noqa: BLE001 - any header failure makes the file unusable
-        raise ReaderError(f"{path}: unreadable header ({type(err).__name__}: {err})") from err
-    if len(sizes) not in (3, 4):
-        raise ReaderError(f"{path}: wrong dimensions {tuple(sizes)}; expected a 3-D volume")
-    from nibabel.orientations import io_orientation
-
-    z_axis = int(np.flatnonzero(io_orientation(affine)[:, 0] == 2)[0])
-    return int(sizes[z_axis])
+def read_array_volume(path: str | Path) -> Volume:
+    """A volume file (NIfTI, NRRD or another reader of kind ``volume``) as a :class:`Volume`."""
+    return volume_reader(path).read(path)
 
 
 class SliceFilesEntry(VolumeEntry):

@@ -395,7 +395,7 @@ def build_gpu_dino_loader(
     )
     from medfoundry.data.sources import build_source
     from medfoundry.data.views import SeededViews, ViewsSpec
-    from medfoundry.train.precision import resolve_device
+    from medfoundry.precision import resolve_device
 
     c = cfg.crops
     check_crop_sizes(c, patch_size)

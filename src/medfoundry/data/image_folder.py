@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from medfoundry.data.config import DataConfig
+from medfoundry.config.data import DataConfig
 from medfoundry.data.sources import Sample, array_to_chw, list_files, register_source, to_channels
 
 

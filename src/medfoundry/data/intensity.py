@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from medfoundry.data.config import DataConfig
+from medfoundry.config.data import DataConfig
 from medfoundry.data.sources import to_channels
 from medfoundry.data.transforms.hu import HUWindows
 

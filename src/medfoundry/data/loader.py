@@ -6,8 +6,8 @@ from collections.abc import Callable
 
 from torch.utils.data import DataLoader, Dataset
 
+from medfoundry.config.data import DataConfig
 from medfoundry.config.schema import CropsConfig, DinoConfig, RunConfig
-from medfoundry.data.config import DataConfig
 from medfoundry.data.masking import MaskSampler
 from medfoundry.data.multicrop import MultiCropTransform
 from medfoundry.data.sources import build_source

@@ -10,20 +10,22 @@ sample *positions* (the slices that can be centres of a 2.5D stack, or a slide's
 Volume samples hold ``data.slices`` slices (z - s, z, z + s for 3) in the volume's units (HU for
 CT) as channels; :mod:`medfoundry.data.intensity` then maps them to [0, 1]. Slide tiles and plain
 pictures are RGB/grey in [0, 1]. Entries that cannot be opened when the source is built are left
-out and listed in ``source.skipped`` (path, reason) and in the log.
+out and listed in ``source.skipped`` (path, reason) and in the log. A manifest row becomes the entry of the
+kind of the reader that claims its path (:data:`_ENTRY_BUILDERS`, see :mod:`medfoundry.data.readers.interface`).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from medfoundry.data.config import DataConfig
+from medfoundry.config.data import DataConfig
 from medfoundry.data.entries import (
     DicomEntry,
     LoadedVolumeEntry,
@@ -34,10 +36,10 @@ from medfoundry.data.entries import (
     read_array_volume,
     regions_of_mask,
 )
-from medfoundry.data.readers import HDF5Images, ReaderError, ValueMapping, detect_format
+from medfoundry.data.readers import HDF5Images, Reader, ReaderError, ValueMapping, reader_for, reader_labels
 from medfoundry.data.readers.dicom import DicomSeries, find_series, read_header
 from medfoundry.data.readers.hdf5 import HDF5_SUFFIXES
-from medfoundry.data.readers.nifti import NIFTI_SUFFIXES, NRRD_SUFFIXES, has_suffix
+from medfoundry.data.readers.interface import has_suffix
 from medfoundry.data.readers.slices import read_slice
 from medfoundry.data.readers.wsi import VENDOR_SUFFIXES
 from medfoundry.data.sources import Sample, array_to_chw, list_files, register_source
@@ -153,8 +155,9 @@ def build_dicom(cfg: DataConfig) -> EntrySource:
 
 @register_source("nifti")
 def build_nifti(cfg: DataConfig) -> EntrySource:
-    """``data.kind=nifti``: every NIfTI (``.nii``, ``.nii.gz``) and NRRD volume under ``data.root``."""
-    files = _files(cfg.root, lambda f: has_suffix(f, NIFTI_SUFFIXES + NRRD_SUFFIXES))
+    """``data.kind=nifti``: every volume file under ``data.root``: NIfTI (``.nii``, ``.nii.gz``), NRRD, and the
+    files of any other registered reader of kind ``volume``."""
+    files = _files(cfg.root, lambda f: reader_for(f, kinds=("volume",)) is not None)
     entries, skipped = _collect(lambda f: LoadedVolumeEntry(f, cfg.volume_cache), files)
     return EntrySource(entries, cfg, skipped)
 
@@ -227,32 +230,75 @@ def _row_meta(row: dict) -> dict:
     return {k: (v if isinstance(v, (int, float)) else str(v)) for k, v in row.items() if k in keys}
 
 
+@dataclass
+class _Row:
+    """A manifest row: its image path, the sample metadata, its mask file and all its fields."""
+
+    path: str
+    meta: dict = field(default_factory=dict)
+    mask: str | None = None
+    fields: dict = field(default_factory=dict)
+
+    @staticmethod
+    def of(row: dict) -> _Row:
+        return _Row(str(row["path"]), _row_meta(row), str(row["mask"]) if row.get("mask") else None, row)
+
+    def box(self) -> tuple[int, int, int, int] | None:
+        """The (y0, x0, y1, x1) label box given in the row's columns, if any."""
+        keys = ("y0", "x0", "y1", "x1")
+        if all(self.fields.get(k) is not None for k in keys):
+            return tuple(int(self.fields[k]) for k in keys)  # type: ignore[return-value]
+        return None
+
+
+def _series_entry(reader: Reader, row: _Row, cfg: DataConfig, mapping: ValueMapping | None) -> DicomEntry:
+    """A DICOM file, or a folder holding exactly one series."""
+    if Path(row.path).is_file():
+        series = DicomSeries(read_header(row.path))
+    else:
+        found, errors = find_series(row.path)
+        if len(found) != 1:
+            raise ReaderError(f"{row.path}: {len(found)} DICOM series here (need exactly one per row); {errors[:1]}")
+        series = found[0]
+    regions = regions_of_mask(read_array_volume(row.mask).array > 0) if row.mask else None
+    return DicomEntry(series, row.meta, regions)
+
+
+def _volume_entry(reader: Reader, row: _Row, cfg: DataConfig, mapping: ValueMapping | None) -> LoadedVolumeEntry:
+    """A volume file, decoded whole when first sampled."""
+    return LoadedVolumeEntry(row.path, cfg.volume_cache, row.meta, row.mask, reader)
+
+
+def _slice_entry(reader: Reader, row: _Row, cfg: DataConfig, mapping: ValueMapping | None) -> SliceFilesEntry:
+    """A single slice, its label box from a mask picture or the row's y0/x0/y1/x1."""
+    if row.mask:
+        region = region_from_mask(read_slice(row.mask, None, require_mapping=False)[0] > 0)
+    else:
+        region = row.box()
+    return SliceFilesEntry([row.path], mapping, require_mapping=False, meta=row.meta, region=region)
+
+
+def _slide_entry(reader: Reader, row: _Row, cfg: DataConfig, mapping: ValueMapping | None) -> SlideEntry:
+    """The tissue tiles of a slide."""
+    return SlideEntry(row.path, cfg, row.meta)
+
+
+# How a manifest row becomes an entry, by the kind of the reader that claims its path.
+_ENTRY_BUILDERS: dict[str, Callable[[Reader, _Row, DataConfig, ValueMapping | None], Any]] = {
+    "series": _series_entry,
+    "volume": _volume_entry,
+    "slice": _slice_entry,
+    "slide": _slide_entry,
+}
+
+
 def _manifest_entry(row: dict, cfg: DataConfig, mapping: ValueMapping | None):
-    path, meta = str(row["path"]), _row_meta(row)
-    fmt = detect_format(path)
-    mask = str(row["mask"]) if row.get("mask") else None
-    if fmt == "dicom":
-        if Path(path).is_file():
-            series = DicomSeries(read_header(path))
-        else:
-            found, errors = find_series(path)
-            if len(found) != 1:
-                raise ReaderError(f"{path}: {len(found)} DICOM series here (need exactly one per row); {errors[:1]}")
-            series = found[0]
-        regions = regions_of_mask(read_array_volume(mask).array > 0) if mask else None
-        return DicomEntry(series, meta, regions)
-    if fmt in ("nifti", "nrrd"):
-        return LoadedVolumeEntry(path, cfg.volume_cache, meta, mask)
-    if fmt == "slice":
-        region = None
-        if mask:
-            region = region_from_mask(read_slice(mask, None, require_mapping=False)[0] > 0)
-        elif all(row.get(k) is not None for k in ("y0", "x0", "y1", "x1")):
-            region = tuple(int(row[k]) for k in ("y0", "x0", "y1", "x1"))
-        return SliceFilesEntry([path], mapping, require_mapping=False, meta=meta, region=region)
-    if fmt == "slide":
-        return SlideEntry(path, cfg, meta)
-    raise ReaderError(f"{path}: not a recognised image (DICOM, NIfTI, NRRD, PNG/TIFF, slide)")
+    item = _Row.of(row)
+    reader = reader_for(item.path)
+    build = _ENTRY_BUILDERS.get(reader.kind) if reader is not None else None
+    if build is None:
+        raise ReaderError(f"{item.path}: not a recognised image ({reader_labels(kinds=tuple(_ENTRY_BUILDERS))})")
+    return build(reader, item, cfg, mapping)
 
 
 @register_source("manifest")

@@ -18,10 +18,13 @@ unreadable slide, ...) is skipped and listed with its reason; the run still fini
 items. What is converted with a caveat is listed as a note (a 4-D NIfTI file: only its first frame is
 kept, and the note says how many frames were dropped).
 
-``SRC`` is a folder (searched recursively), a single file, or a CSV/Parquet manifest whose rows name
-the files (their ``patient_id``, ``split``, ``label``, ``report`` and ``mask`` columns are kept).
-Splits are assigned per patient (stable hash, see :mod:`medfoundry.data.manifest`) each time the
-manifest is written, so changing ``--split``/``--seed`` needs no reconversion.
+Each file goes the way of the kind of the reader that claims it (:mod:`medfoundry.data.readers.registry`):
+series files are grouped into series, volume files, slices and slides are one item each, and kinds without a
+converter here (HDF5 image arrays) are listed as skipped. ``SRC`` is a folder (searched recursively), a
+single file, or a CSV/Parquet manifest whose rows name the files (their ``patient_id``, ``split``,
+``label``, ``report`` and ``mask`` columns are kept). Splits are assigned per patient (stable hash, see
+:mod:`medfoundry.data.manifest`) each time the manifest is written, so changing ``--split``/``--seed``
+needs no reconversion.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import hashlib
 import json
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,9 +42,9 @@ import numpy as np
 
 from medfoundry.data.entries import read_array_volume, regions_of_mask
 from medfoundry.data.manifest import DEFAULT_SPLITS, check_patient_splits, read_manifest, split_of, write_table
-from medfoundry.data.readers import ReaderError, detect_format, open_slide
-from medfoundry.data.readers.base import check_finite
-from medfoundry.data.readers.dicom import DicomSeries, DicomSlice, is_dicom_file, scan_dicom_files
+from medfoundry.data.readers import Reader, ReaderError, get_reader, reader_for
+from medfoundry.data.readers.base import Volume, check_finite
+from medfoundry.data.readers.dicom import DicomSeries, DicomSlice, list_dicom_files, scan_dicom_files
 from medfoundry.data.readers.slices import read_stored
 
 MANIFEST_COLUMNS = [
@@ -72,7 +76,7 @@ class Item:
     """One unit of work: a DICOM series, a volume file, a picture or a slide."""
 
     item_id: str
-    fmt: str  # dicom | nifti | nrrd | slice | slide
+    fmt: str  # the name of the reader that claimed it: dicom | nifti | nrrd | slice | slide | a registered one
     source: str  # what the report and manifest name (path relative to SRC where possible)
     files: list[str]  # every file it reads (for the fingerprint)
     meta: dict[str, Any] = field(default_factory=dict)  # from a manifest row: patient_id, split, label ...
@@ -127,30 +131,36 @@ def discover(src: str | Path) -> tuple[list[Item], list[tuple[str, str]]]:
     files = [src] if src.is_file() else sorted(p for p in src.rglob("*") if p.is_file())
     items: list[Item] = []
     failed: list[tuple[str, str]] = []
-    dicom_files: list[Path] = []
+    series_files: dict[str, list[Path]] = {}  # reader name -> its files, grouped into series below
     for f in files:
         if f.name in _IGNORED_NAMES or f.name.endswith(".tmp"):
             continue
         if f.name.lower().endswith((".png.json", ".tif.json", ".tiff.json")):
             continue  # value-mapping sidecars belong to their slice
-        fmt = detect_format(f)
-        if fmt == "dicom":
-            dicom_files.append(f)
-        elif fmt in ("nifti", "nrrd", "slice", "slide"):
-            rel = _rel(f, root)
-            items.append(Item(_item_id(rel, rel), fmt, rel, [str(f)]))
-        elif fmt == "hdf5":
-            failed.append((_rel(f, root), "HDF5 image arrays are read directly (data.kind=hdf5); not converted"))
-        else:
+        reader = reader_for(f)
+        if reader is None:
             failed.append((_rel(f, root), f"not an image file (unrecognised type '{f.suffix or f.name}')"))
-    groups, errors = scan_dicom_files(dicom_files)
-    failed += [(_rel(p, root), reason) for p, reason in errors]
-    for uid, slices in sorted(groups.items()):
-        folder = _rel(Path(slices[0].path).parent, root)
-        label = f"{folder}_{slices[0].meta.get('modality', '')}"
-        files_ = sorted({s.path for s in slices})
-        items.append(Item(_item_id(uid, label), "dicom", f"{folder} (series {uid})", files_, dicom=slices))
+        elif reader.kind == "series":
+            series_files.setdefault(reader.name, []).append(f)
+        elif reader.kind in _CONVERTERS:
+            rel = _rel(f, root)
+            items.append(Item(_item_id(rel, rel), reader.name, rel, [str(f)]))
+        else:
+            failed.append((_rel(f, root), _not_converted(reader)))
+    for name, paths in series_files.items():
+        groups, errors = scan_dicom_files(paths)
+        failed += [(_rel(p, root), reason) for p, reason in errors]
+        for uid, slices in sorted(groups.items()):
+            folder = _rel(Path(slices[0].path).parent, root)
+            label = f"{folder}_{slices[0].meta.get('modality', '')}"
+            files_ = sorted({s.path for s in slices})
+            items.append(Item(_item_id(uid, label), name, f"{folder} (series {uid})", files_, dicom=slices))
     return items, failed
+
+
+def _not_converted(reader: Reader) -> str:
+    """Why prepare leaves the files of ``reader`` (a kind it has no converter for) as they are."""
+    return f"{reader.label} image arrays are read directly (data.kind={reader.name}); not converted"
 
 
 def _discover_manifest(path: Path) -> tuple[list[Item], list[tuple[str, str]]]:
@@ -169,14 +179,14 @@ def _discover_manifest(path: Path) -> tuple[list[Item], list[tuple[str, str]]]:
         if not p.exists():
             failed.append((rel, "no such file or folder"))
             continue
-        fmt = detect_format(p)
-        if fmt is None or fmt == "hdf5":
+        reader = reader_for(p)
+        if reader is None or reader.kind not in _CONVERTERS:
             failed.append((rel, f"not an image file or DICOM folder (type '{p.suffix or p.name}')"))
             continue
         files = [str(p)]
         dicom = None
-        if fmt == "dicom":
-            candidates = [p] if p.is_file() else sorted(q for q in p.rglob("*") if q.is_file() and is_dicom_file(q))
+        if reader.kind == "series":
+            candidates = [p] if p.is_file() else list_dicom_files(p)
             groups, errors = scan_dicom_files(candidates)
             if len(groups) != 1:
                 reason = errors[0][1] if errors and not groups else f"{len(groups)} DICOM series (need exactly one)"
@@ -184,7 +194,7 @@ def _discover_manifest(path: Path) -> tuple[list[Item], list[tuple[str, str]]]:
                 continue
             dicom = next(iter(groups.values()))
             files = sorted({s.path for s in dicom})
-        items.append(Item(_item_id(rel, rel), fmt, rel, files, meta, dicom))
+        items.append(Item(_item_id(rel, rel), reader.name, rel, files, meta, dicom))
     return items, failed
 
 
@@ -196,7 +206,7 @@ def _fingerprint(item: Item, opts: PrepareOptions) -> str:
     for f in sorted(item.files):
         st = os.stat(f)
         h.update(f"{f}|{st.st_size}|{st.st_mtime_ns}\n".encode())
-    if item.fmt == "slide":
+    if _kind(item) == "slide":
         h.update(f"{opts.tile_mpp}|{opts.tile_size}|{opts.min_tissue}|{opts.max_tiles}|{opts.slide_mpp}".encode())
     if item.meta.get("mask"):
         st = os.stat(item.meta["mask"])
@@ -230,14 +240,29 @@ def _write_record(path: Path, record: dict) -> None:
     os.replace(tmp, path)
 
 
-def _convert_volume(item: Item, items_dir: Path) -> dict:
-    if item.fmt == "dicom":
-        vol = DicomSeries(item.dicom).volume()
-        extra = {"patient_id": vol.meta.get("patient_id", ""), "series_id": vol.meta.get("series_uid", ""),
-                 "modality": vol.meta.get("modality", "")}
-    else:
-        vol = read_array_volume(item.files[0])
-        extra = {}
+def _kind(item: Item) -> str:
+    """The kind of the reader that claimed ``item`` ("" when that reader is no longer registered)."""
+    try:
+        return get_reader(item.fmt).kind
+    except KeyError:
+        return ""
+
+
+def _convert_series(reader: Reader, item: Item, items_dir: Path, opts: PrepareOptions) -> dict:
+    """A DICOM series (its slices were found by :func:`discover`) as an int16-HU or lossless integer volume."""
+    vol = DicomSeries(item.dicom).volume()
+    extra = {"patient_id": vol.meta.get("patient_id", ""), "series_id": vol.meta.get("series_uid", ""),
+             "modality": vol.meta.get("modality", "")}
+    return _volume_record(item, items_dir, vol, extra)
+
+
+def _convert_volume(reader: Reader, item: Item, items_dir: Path, opts: PrepareOptions) -> dict:
+    """A volume file, decoded whole by its reader."""
+    return _volume_record(item, items_dir, reader.read(item.files[0]), {})
+
+
+def _volume_record(item: Item, items_dir: Path, vol: Volume, extra: dict) -> dict:
+    """Encode and write ``vol``; its record (units, spacing, a note on dropped frames, ``extra``)."""
     check_finite(vol.array, item.source)
     note = dropped_frames_note(vol.meta)
     if note:
@@ -257,7 +282,8 @@ def dropped_frames_note(meta: dict) -> str:
             "(to use them, split the file into 3-D volumes first, e.g. nibabel.funcs.four_to_three)")
 
 
-def _convert_slice(item: Item, items_dir: Path) -> dict:
+def _convert_slice(reader: Reader, item: Item, items_dir: Path, opts: PrepareOptions) -> dict:
+    """A PNG/TIFF slice kept as stored, with its value mapping as the record's slope and intercept."""
     stored, mapping = read_stored(item.files[0])
     check_finite(stored, item.source)
     if stored.ndim not in (2, 3) or min(stored.shape[:2]) < 2 or (stored.ndim == 3 and stored.shape[2] > 4):
@@ -300,7 +326,7 @@ def _finish_array(item: Item, items_dir: Path, stored: np.ndarray, slope: float,
 
 
 def _mask_regions(mask_path: str, shape: tuple, source: str) -> np.ndarray:
-    if detect_format(mask_path) in ("nifti", "nrrd"):
+    if reader_for(mask_path, kinds=("volume",)) is not None:
         mask = read_array_volume(mask_path).array
     else:
         mask = read_stored(mask_path)[0][None]
@@ -309,10 +335,11 @@ def _mask_regions(mask_path: str, shape: tuple, source: str) -> np.ndarray:
     return regions_of_mask(mask > 0)
 
 
-def _convert_slide(item: Item, items_dir: Path, opts: PrepareOptions) -> dict:
+def _convert_slide(reader: Reader, item: Item, items_dir: Path, opts: PrepareOptions) -> dict:
+    """The tissue tiles of a slide (opened by its reader) at ``opts.tile_mpp``, as uint8 (N, S, S, 3)."""
     from numpy.lib.format import open_memmap
 
-    with open_slide(item.files[0], opts.wsi_backend, opts.slide_mpp) as slide:
+    with reader.read(item.files[0], backend=opts.wsi_backend, mpp=opts.slide_mpp) as slide:
         coords = slide.tile_grid(opts.tile_size, opts.tile_mpp, opts.min_tissue)
         if opts.max_tiles and len(coords) > opts.max_tiles:
             coords = coords[np.linspace(0, len(coords) - 1, opts.max_tiles).round().astype(int)]
@@ -332,16 +359,21 @@ def _convert_slide(item: Item, items_dir: Path, opts: PrepareOptions) -> dict:
                 "tile_mpp": opts.tile_mpp, "slide_mpp": slide.mpp, "regions": ""}
 
 
+# How an item is converted, by the kind of the reader that claimed it (kind "images" is not converted).
+_CONVERTERS: dict[str, Callable[[Reader, Item, Path, PrepareOptions], dict]] = {
+    "series": _convert_series,
+    "volume": _convert_volume,
+    "slice": _convert_slice,
+    "slide": _convert_slide,
+}
+
+
 def convert_item(item: Item, items_dir: Path, opts: PrepareOptions) -> dict:
     """Convert one item and return its record (manifest row) without committing it."""
-    if item.fmt in ("dicom", "nifti", "nrrd"):
-        record = _convert_volume(item, items_dir)
-    elif item.fmt == "slice":
-        record = _convert_slice(item, items_dir)
-    elif item.fmt == "slide":
-        record = _convert_slide(item, items_dir, opts)
-    else:
+    convert = _CONVERTERS.get(_kind(item))
+    if convert is None:
         raise ReaderError(f"{item.source}: cannot prepare format '{item.fmt}'")
+    record = convert(get_reader(item.fmt), item, items_dir, opts)
     record.update({"item_id": item.item_id, "path": f"items/{item.item_id}.npy", "source": item.source})
     for key, value in item.meta.items():
         if key != "mask" and value not in (None, ""):

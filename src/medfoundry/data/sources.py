@@ -17,7 +17,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from medfoundry.data.config import DataConfig
+from medfoundry.config.data import DataConfig
+from medfoundry.config.names import register_names
 
 
 @dataclass
@@ -68,6 +69,14 @@ def _import_builtin_sources() -> None:
 
     for module in ("medfoundry.data.image_folder", "medfoundry.data.medical_sources"):
         importlib.import_module(module)  # each registers its source kinds on import
+
+
+def _source_kinds() -> list[str]:
+    _import_builtin_sources()
+    return list(SOURCE_BUILDERS)
+
+
+register_names("data.kind", _source_kinds)  # config checks data.kind against this (config/names.py)
 
 
 def to_channels(image: Tensor, channels: int, where: str = "") -> Tensor:

@@ -19,6 +19,9 @@ validation loss every ``clip.eval.val_loss.every_steps`` steps and at the last s
 encodes its share of each batch, the loss module gathers the shares as in training), appends
 ``RUN/eval/clip_history.jsonl`` and keeps ``RUN/best.pt`` + ``RUN/best.json`` for the best value of
 ``clip.eval.best_metric`` (same record layout as the frozen-feature evaluation hook).
+
+:func:`run_zeroshot_task` and :func:`run_retrieval_task` are the registered tasks ``zeroshot`` and
+``clip_retrieval`` (:mod:`medfoundry.eval.registry`) that ``medfoundry eval`` runs on a checkpoint.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import json
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -37,8 +41,11 @@ from medfoundry.config.schema import RunConfig
 from medfoundry.distributed.setup import all_reduce_mean_
 from medfoundry.distributed.setup import is_main_process as _is_main
 from medfoundry.distributed.setup import say as _say
-from medfoundry.train.best import BestCheckpoint
-from medfoundry.train.hooks import Hook, register_hook_builder
+from medfoundry.eval.best import BestCheckpoint
+from medfoundry.eval.hooks import Hook
+
+if TYPE_CHECKING:
+    from medfoundry.eval.registry import EvalInputs
 
 _MAX_CACHED_ELEMENTS = 1 << 27  # preprocessed evaluation images kept in memory up to ~512 MiB
 
@@ -153,7 +160,7 @@ class ClipEvaluator:
             return method.encode_texts(texts, self.ec.batch_size).float().cpu()
 
     def _autocast(self, device: torch.device):
-        from medfoundry.train.precision import autocast, resolve_precision
+        from medfoundry.precision import autocast, resolve_precision
 
         return autocast(resolve_precision(self.cfg.train.precision, device), device)
 
@@ -330,10 +337,22 @@ class ClipEvalHook:
         return results
 
 
-@register_hook_builder
 def build(cfg: RunConfig) -> list[Hook]:
     """A :class:`ClipEvalHook` for ``method: clip`` runs with ``clip.eval.every_steps`` or
     ``clip.eval.val_loss.every_steps`` > 0."""
     if cfg.method != "clip" or (cfg.clip.eval.every_steps <= 0 and cfg.clip.eval.val_loss.every_steps <= 0):
         return []
     return [ClipEvalHook(cfg)]
+
+
+# -- the registered tasks ``zeroshot`` and ``clip_retrieval`` (medfoundry.eval.registry) ---------------------------
+def run_zeroshot_task(inputs: EvalInputs) -> dict[str, float]:
+    """``zeroshot``: :meth:`ClipEvaluator.zeroshot` of the CLIP method on ``clip.eval.zeroshot`` (``zeroshot/...``)."""
+    assert inputs.cfg is not None
+    return ClipEvaluator(inputs.cfg).evaluate(inputs.clip_method, ("zeroshot",))
+
+
+def run_retrieval_task(inputs: EvalInputs) -> dict[str, float]:
+    """``clip_retrieval``: :meth:`ClipEvaluator.retrieval` on ``clip.eval.retrieval``'s pairs (``retrieval/...``)."""
+    assert inputs.cfg is not None
+    return ClipEvaluator(inputs.cfg).evaluate(inputs.clip_method, ("retrieval",))

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -14,6 +14,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from medfoundry.eval.labelled_set import IMAGE_SUFFIXES, LabelledItem
+
+if TYPE_CHECKING:
+    from medfoundry.config.schema import RunConfig
+
+_INTENSITY_KEYS = ("intensity", "value_range", "windows", "channels", "slices")  # data keys deciding the mapping
 
 
 def read_eval_image(item: LabelledItem, slices: int = 1, slice_stride: int = 1) -> Tensor:
@@ -114,31 +119,29 @@ def _per_channel(values: Sequence[float], channels: int) -> list[float]:
     raise ValueError(f"{len(values)} normalisation values for {channels} channels")
 
 
-def build_eval_intensity(cfg: Any, deterministic: bool = True) -> tuple[Callable[[Tensor], Tensor] | None, str]:
-    """The run's intensity transform (random HU windows off when ``deterministic``) and a stable description."""
-    import copy
+def build_eval_intensity(cfg: RunConfig, deterministic: bool = True) -> tuple[Callable[[Tensor], Tensor], str]:
+    """The run's intensity transform (random HU windows off when ``deterministic``) and a stable description.
 
-    try:
-        from medfoundry.data.intensity import build_intensity_transform
-    except ModuleNotFoundError:
-        return None, ""
-    data = copy.copy(cfg.data)
-    if deterministic and hasattr(data, "random_window_prob"):
-        data.random_window_prob = 0.0
-    keys = ("intensity", "value_range", "windows", "channels", "slices")
-    desc = json.dumps({k: getattr(data, k) for k in keys if hasattr(data, k)}, sort_keys=True)
+    The description (the ``data`` keys that decide the mapping) goes into feature-cache keys.
+    """
+    from medfoundry.data.intensity import build_intensity_transform
+
+    data = replace(cfg.data, random_window_prob=0.0) if deterministic else cfg.data
+    desc = json.dumps({k: getattr(data, k) for k in _INTENSITY_KEYS}, sort_keys=True)
     return build_intensity_transform(data), desc
 
 
-def eval_transform_from_config(cfg: Any, img_size: int = 0) -> EvalTransform:
+def eval_transform_from_config(cfg: RunConfig, img_size: int = 0) -> EvalTransform:
     """The evaluation transform of a run config: its intensity mapping and normalisation, size ``eval.img_size``."""
     size = img_size or cfg.eval.img_size or cfg.crops.global_size
     intensity, desc = build_eval_intensity(cfg)
-    return EvalTransform(size, list(cfg.crops.mean), list(cfg.crops.std), int(cfg.data.channels), intensity, desc,
-                         int(getattr(cfg.data, "slices", 1)), int(getattr(cfg.data, "slice_stride", 1)))
+    return EvalTransform(size, list(cfg.crops.mean), list(cfg.crops.std), cfg.data.channels, intensity, desc,
+                         cfg.data.slices, cfg.data.slice_stride)
 
 
 class EvalImages(torch.utils.data.Dataset):
+    """Labelled items read and preprocessed on access (for a ``DataLoader``)."""
+
     def __init__(self, items: Sequence[LabelledItem], transform: EvalTransform) -> None:
         self.items = list(items)
         self.transform = transform

@@ -26,11 +26,12 @@ from torch import Tensor, nn
 
 from medfoundry.eval.eval_images import EvalImages, EvalTransform
 from medfoundry.eval.labelled_set import LabelledSet
+from medfoundry.models.backbone import BackboneOutput
 
 FeatureKind = Literal["cls", "mean_patch", "both"]
 
 
-def pool_features(out: Any, feature: FeatureKind) -> Tensor:
+def pool_features(out: BackboneOutput, feature: FeatureKind) -> Tensor:
     """Class token, mean patch token, or both concatenated, from a :class:`BackboneOutput`."""
     if feature == "cls":
         return out.cls

@@ -9,13 +9,17 @@ dimensions.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .metrics import ArrayLike, _to_labels, _to_numpy
 
-__all__ = ["effective_rank", "representation_health"]
+if TYPE_CHECKING:
+    from medfoundry.eval.features import FeatureSet
+    from medfoundry.eval.registry import EvalInputs
+
+__all__ = ["effective_rank", "health_metrics", "representation_health", "run_task"]
 
 _RANKME_EPS = 1e-7
 
@@ -113,3 +117,18 @@ def representation_health(
             raise ValueError("labels length does not match feats")
         out.update(_class_separation(z, y))
     return out
+
+
+# -- the registered task ``health`` (medfoundry.eval.registry) ---------------------------------------------------
+def health_metrics(fs: FeatureSet) -> dict[str, float]:
+    """Representation health over every sample of the set (labels give the class separation)."""
+    res = representation_health(fs.feats, fs.labels if len(fs.classes) > 1 else None)
+    keys = ("active_dims", "active_dims_frac", "mean_pairwise_cosine", "feature_std", "effective_rank",
+            "class_separation")
+    return {f"health_{k}": float(res[k]) for k in keys if k in res}
+
+
+def run_task(inputs: EvalInputs) -> dict[str, float]:
+    """``health``: :func:`health_metrics` of the whole feature set."""
+    assert inputs.features is not None
+    return health_metrics(inputs.features)

@@ -1,11 +1,12 @@
 """Training hooks: periodic frozen-feature evaluation, best-checkpoint tracking and health monitors.
 
-:func:`build` (registered with :func:`medfoundry.train.hooks.register_hook_builder`) returns
+:func:`build` (listed in :data:`medfoundry.train.hooks.HOOK_BUILDERS`) returns
 
 * an :class:`EvaluationHook` when ``eval.every_steps > 0`` and ``eval.data`` names a labelled set (or
-  ``eval.tasks`` holds the label-free ``retrieval``, DINO-X's view-retrieval ratio on the training data):
-  every ``every_steps`` steps (and at the last step) the method's evaluation backbone (the EMA
-  teacher for DINO) embeds the labelled set and the configured tasks run on the features; results
+  ``eval.tasks`` holds a label-free task such as ``retrieval``, DINO-X's view-retrieval ratio on the
+  training data): every ``every_steps`` steps (and at the last step) the method's evaluation backbone
+  (the EMA teacher for DINO) embeds the labelled set and the configured tasks
+  (:mod:`medfoundry.eval.registry`: ``needs`` features or views) run on the features; results
   are logged with the training metrics as ``eval/<name>``, appended to ``RUN/eval/history.jsonl``,
   and the best value of ``eval.best_metric`` so far selects ``RUN/best.pt`` (+ ``RUN/best.json``);
 * a :class:`MonitorHook` (unless every monitor is disabled) that feeds, every step, the logged
@@ -33,30 +34,28 @@ from typing import Any
 import torch
 from torch import nn
 
-from medfoundry.config.loader import to_dict
+from medfoundry.config.loader import ConfigError, to_dict
 from medfoundry.config.schema import RunConfig
+from medfoundry.distributed.parallelize import is_sharded
 from medfoundry.distributed.setup import is_main_process as _is_main
 from medfoundry.distributed.setup import say as _say
+from medfoundry.eval import registry
+from medfoundry.eval.best import BestCheckpoint
+from medfoundry.eval.hooks import Hook
 from medfoundry.eval.monitors import (
     CollapseDetector,
     EntropyWallDetector,
     PrototypeCollapseDetector,
     RepresentationHealthError,
 )
-from medfoundry.train.best import BestCheckpoint
-from medfoundry.train.hooks import Hook, register_hook_builder
+from medfoundry.eval.registry import EvalInputs, EvalSettings
 
 EVAL_PREFIX = "eval/"
 
 
-def _is_sharded(method: nn.Module) -> bool:
-    try:
-        from medfoundry.distributed.parallelize import is_sharded
-    except ImportError:  # pragma: no cover - older layout
-        return False
-    return is_sharded(method)
-
-
+def _label_free(cfg: RunConfig) -> bool:
+    """Whether ``eval.tasks`` holds a task that needs no labelled set (``needs="views"``: the view retrieval)."""
+    return any(registry.needs_of(t) == "views" for t in cfg.eval.tasks)
 
 
 def _append_jsonl(path: Path, record: dict) -> None:
@@ -71,13 +70,12 @@ class EvaluationHook:
     """Evaluate the method's evaluation backbone on the labelled set every ``eval.every_steps`` steps."""
 
     def __init__(self, cfg: RunConfig) -> None:
-        from medfoundry.config.loader import ConfigError
         from medfoundry.eval.labelled_set import load_labelled_set
-        from medfoundry.eval.tasks import TASKS
 
-        unknown = [t for t in cfg.eval.tasks if t not in TASKS]
+        known = registry.task_names()
+        unknown = [t for t in cfg.eval.tasks if t not in known]
         if unknown:
-            raise ConfigError(f"'eval.tasks' = {cfg.eval.tasks}: unknown task(s) {unknown}; known: {list(TASKS)}")
+            raise ConfigError(f"'eval.tasks' = {cfg.eval.tasks}: unknown task(s) {unknown}; known: {list(known)}")
         ec = cfg.eval
         self._lset = None  # label-free runs evaluate only the view retrieval
         if ec.data:
@@ -105,7 +103,7 @@ class EvaluationHook:
             return None
         run_dir = Path(run_dir)
         t0 = time.perf_counter()
-        sharded = _is_sharded(method)
+        sharded = is_sharded(method)
         results: dict[str, float] | None = None
         if sharded or not torch.distributed.is_initialized():
             results = self.evaluate(method)  # FSDP: every rank takes part in the forward all-gathers
@@ -158,25 +156,26 @@ class EvaluationHook:
 
     def evaluate(self, method: nn.Module) -> dict[str, float]:
         """Run the configured tasks on the current evaluation backbone (no gradients, eval mode)."""
-        from medfoundry.eval.tasks import evaluate_features, view_retrieval_metrics
-
         ec = self.cfg.eval
         backbone = method.eval_backbone()
         fs = self._features(backbone) if self._lset is not None else None
+        settings = EvalSettings(knn_k=tuple(ec.knn_k), knn_temperature=ec.knn_temperature,
+                                n_bootstrap=ec.n_bootstrap, seed=ec.split_seed, query_split="test", val_knn=True,
+                                feature=ec.feature, batch_size=ec.batch_size)
         results: dict[str, float] = {}
-        for task in ec.tasks:  # a task that cannot run on this set (e.g. one class) warns once, training goes on
+        for name in ec.tasks:  # a task that cannot run on this set (e.g. one class) warns once, training goes on
+            task = registry.get(name)
             try:
-                if task == "retrieval":
-                    results.update(view_retrieval_metrics(backbone, self.cfg, ec.feature, ec.batch_size))
+                if task.needs == "views":
+                    results.update(task.run(EvalInputs(settings, backbone=backbone, cfg=self.cfg)))
                 elif fs is None:
                     raise ValueError("it needs a labelled set (eval.data)")
                 else:
-                    results.update(evaluate_features(fs, [task], ec.knn_k, ec.knn_temperature, ec.n_bootstrap,
-                                                     seed=ec.split_seed, query_split="test", val_knn=True))
+                    results.update(task.run(EvalInputs(settings, features=fs)))
             except ValueError as err:
-                if task not in self._warned_tasks:
-                    self._warned_tasks.add(task)
-                    _say(f"warning: in-training evaluation task '{task}' skipped: {err}")
+                if name not in self._warned_tasks:
+                    self._warned_tasks.add(name)
+                    _say(f"warning: in-training evaluation task '{name}' skipped: {err}")
         return {k: float(v) for k, v in results.items()}
 
 
@@ -256,19 +255,19 @@ class MonitorHook:
         _append_jsonl(run_dir / "monitors.jsonl", {"step": step, "monitor": name, "fatal": fatal, "message": message})
 
 
-@register_hook_builder
 def build(cfg: RunConfig) -> list[Hook]:
     """The evaluation hook (if ``eval.every_steps`` and ``eval.data`` are set) and the monitor hook."""
     hooks: list[Hook] = []
     monitor = MonitorHook(cfg)
     if cfg.eval.every_steps > 0:
-        if cfg.eval.data or "retrieval" in cfg.eval.tasks:
+        if cfg.eval.data or _label_free(cfg):
             evaluation = EvaluationHook(cfg)
             evaluation.monitor = monitor if monitor.active else None
             hooks.append(evaluation)
         else:
-            _say("warning: eval.every_steps is set but eval.data is empty and eval.tasks has no label-free "
-                 "'retrieval'; in-training evaluation is off")
+            label_free = ", ".join(f"'{t}'" for t in registry.names(("views",)))
+            _say(f"warning: eval.every_steps is set but eval.data is empty and eval.tasks has no label-free "
+                 f"{label_free}; in-training evaluation is off")
     if monitor.active:
         hooks.append(monitor)
     return hooks

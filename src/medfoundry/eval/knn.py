@@ -11,6 +11,7 @@ to track during pre-training.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -27,7 +28,11 @@ from .metrics import (
     bootstrap_ci,
 )
 
-__all__ = ["knn_classify", "knn_evaluate"]
+if TYPE_CHECKING:
+    from medfoundry.eval.features import FeatureSet
+    from medfoundry.eval.registry import EvalInputs
+
+__all__ = ["knn_classify", "knn_evaluate", "knn_metrics", "run_task"]
 
 
 def _neighbours(
@@ -171,3 +176,27 @@ def knn_evaluate(
                 _, low, high = bootstrap_ci(y_test, probs, fn, n_bootstrap, seed=seed, min_classes=1)
                 results[f"knn_{name}_k{k}_ci_low"], results[f"knn_{name}_k{k}_ci_high"] = low, high
     return results
+
+
+# -- the registered task ``knn`` (medfoundry.eval.registry) ------------------------------------------------------
+def knn_metrics(fs: FeatureSet, ks: Sequence[int] = (10, 20), temperature: float = 0.07,
+                query_split: str = "test", prefix: str = "", n_bootstrap: int = 0, seed: int = 0) -> dict[str, float]:
+    """Weighted kNN with the train split as memory bank and ``query_split`` as queries (``n_bootstrap``:
+    bootstrap bounds of the accuracies, see :func:`knn_evaluate`)."""
+    if not fs.has("train") or not fs.has(query_split):
+        raise ValueError(f"kNN needs a train and a {query_split} split; the labelled set has {sorted(set(fs.splits))}")
+    x_tr, y_tr = fs.subset("train")
+    x_q, y_q = fs.subset(query_split)
+    res = knn_evaluate(x_tr, y_tr, x_q, y_q, ks=ks, temperature=temperature, num_classes=len(fs.classes),
+                       n_bootstrap=n_bootstrap, seed=seed)
+    return {prefix + k: float(v) for k, v in res.items()}
+
+
+def run_task(inputs: EvalInputs) -> dict[str, float]:
+    """``knn``: :func:`knn_metrics` on the query split (with ``settings.val_knn`` also on val, prefixed ``val_``)."""
+    fs, s = inputs.features, inputs.settings
+    assert fs is not None
+    out = knn_metrics(fs, s.knn_k, s.knn_temperature, s.query_split, n_bootstrap=s.knn_bootstrap, seed=s.seed)
+    if s.val_knn and fs.has("val"):
+        out.update(knn_metrics(fs, s.knn_k, s.knn_temperature, "val", prefix="val_"))
+    return out

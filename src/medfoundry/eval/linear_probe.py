@@ -10,7 +10,7 @@ accuracy and AUC-ROC with bootstrap confidence intervals.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from sklearn.linear_model import LogisticRegression
@@ -19,7 +19,11 @@ from sklearn.preprocessing import StandardScaler
 
 from .metrics import ArrayLike, _to_labels, _to_numpy, accuracy, auc_roc, balanced_accuracy, bootstrap_ci
 
-__all__ = ["DEFAULT_CS", "linear_probe"]
+if TYPE_CHECKING:
+    from medfoundry.eval.features import FeatureSet
+    from medfoundry.eval.registry import EvalInputs
+
+__all__ = ["DEFAULT_CS", "linear_metrics", "linear_probe", "run_task"]
 
 #: Default sweep of the inverse regularisation strength: ``np.logspace(-4, 2, 7)`` (1e-4 ... 1e2).
 DEFAULT_CS: tuple[float, ...] = tuple(float(c) for c in np.logspace(-4, 2, 7))
@@ -165,3 +169,31 @@ def linear_probe(
         n_test=int(z_test.shape[0]),
     )
     return results
+
+
+# -- the registered task ``linear`` (medfoundry.eval.registry) ---------------------------------------------------
+def linear_metrics(fs: FeatureSet, n_bootstrap: int = 200, seed: int = 0) -> dict[str, float]:
+    """Linear probe: train split to fit, val split (or 20 % of train) to choose C, test split to report."""
+    if not fs.has("train") or not fs.has("test"):
+        raise ValueError(
+            f"the linear probe needs a train and a test split; the labelled set has {sorted(set(fs.splits))}"
+        )
+    x_tr, y_tr = fs.subset("train")
+    x_te, y_te = fs.subset("test")
+    x_va, y_va = fs.subset("val") if fs.has("val") else (None, None)
+    if x_va is not None and np.unique(y_va).size < 2 and np.unique(y_tr).size >= 2:
+        x_va, y_va = None, None  # a one-class val split cannot choose C: split it off train instead
+    res = linear_probe(x_tr, y_tr, x_va, y_va, x_te, y_te, seed=seed, n_bootstrap=n_bootstrap)
+    out = {}
+    for name in ("accuracy", "balanced_accuracy", "auc"):
+        for suffix in ("", "_ci_low", "_ci_high"):
+            out[f"linear_{name}{suffix}"] = float(res[name + suffix])
+    out["linear_best_C"] = float(res["best_C"])
+    out["linear_val_score"] = float(res["val_score"])
+    return out
+
+
+def run_task(inputs: EvalInputs) -> dict[str, float]:
+    """``linear``: :func:`linear_metrics` with the settings' bootstrap resamples and seed."""
+    assert inputs.features is not None
+    return linear_metrics(inputs.features, inputs.settings.n_bootstrap, inputs.settings.seed)

@@ -1,12 +1,14 @@
 """Load the backbone to evaluate from a run folder or checkpoint (or its random initialisation).
 
 The run's config travels inside every checkpoint (``state["config"]``), so the backbone is rebuilt
-exactly as trained: :func:`medfoundry.config.from_dict` restores the config, the method is built
-(without loading any external weights) to find which module is its evaluation backbone (the EMA
-teacher's for DINO), and the matching keys of ``state["method"]`` (``teacher.backbone.*``) are
-loaded into it. With ``random_init=True`` the weights stay those the method has right after being
-built under the run's seed, i.e. exactly the run's step-0 initialisation: the baseline that shows
-what pretraining added.
+exactly as trained: :func:`config_from_checkpoint` restores the config and the method's registry
+entry (:class:`medfoundry.methods.MethodEntry`) builds only its evaluated backbone - the EMA
+teacher's for DINO, the student for distillation, the image tower's for CLIP - whose weights are the
+keys of ``state["method"]`` under the entry's ``eval_prefix`` (``teacher.backbone.*`` ...). Nothing
+else of the method is built and no external weights are read (``model.pretrained``, a distillation
+teacher's checkpoint, a Gram anchor), so a student still evaluates once its teacher's run folder is
+gone. With ``random_init=True`` the weights stay those of the backbone built under the run's seed,
+i.e. exactly the run's step-0 initialisation: the baseline that shows what pretraining added.
 """
 
 from __future__ import annotations
@@ -17,13 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
+from torch import Tensor
 
+from medfoundry.checkpoints.format import latest_checkpoint, load_checkpoint
 from medfoundry.config.schema import RunConfig
 from medfoundry.models.backbone import Backbone
-from medfoundry.train.checkpoint import latest_checkpoint, load_checkpoint
-
-_FALLBACK_PREFIXES = ("teacher.backbone.", "student.backbone.", "backbone.", "image_encoder.", "")
 
 
 @dataclass
@@ -118,23 +118,36 @@ def _prune(cls: type, data: dict, prefix: str, dropped: list[str]) -> dict:
     return out
 
 
-def _build_method(cfg: RunConfig) -> nn.Module:
-    """The run's method without any external weights (pretrained starts, Gram anchors)."""
-    from medfoundry.config.loader import from_dict, to_dict
+def build_eval_backbone(cfg: RunConfig) -> tuple[Backbone, str]:
+    """The run's evaluated backbone at its step-0 initialisation, and its state-dict prefix in ``state["method"]``.
+
+    Built under ``train.seed`` (as the training loop builds the method) in a forked RNG, so the
+    caller's random state is untouched.
+    """
     from medfoundry.methods import get_method_entry
 
-    build_cfg = from_dict(to_dict(cfg))
-    build_cfg.model.pretrained = None
-    if build_cfg.dino.gram_mode == "anchor":
-        build_cfg.dino.gram_mode = "ema"
-    return get_method_entry(build_cfg.method).build(build_cfg)
+    entry = get_method_entry(cfg.method)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.train.seed)
+        backbone = entry.build_eval_backbone(cfg)
+    return backbone, entry.eval_prefix
 
 
-def _prefix_of(method: nn.Module, module: nn.Module) -> str:
-    for name, mod in method.named_modules():
-        if mod is module:
-            return f"{name}." if name else ""
-    raise RuntimeError("the evaluation backbone is not a submodule of its method")
+def _load_weights(backbone: Backbone, weights: dict[str, Tensor], prefix: str, source: Path) -> None:
+    """Load the keys of ``weights`` under ``prefix`` into ``backbone``; every backbone key must be there, no other."""
+    sub = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
+    wanted = set(backbone.state_dict())
+    missing, unexpected = sorted(wanted - set(sub)), sorted(set(sub) - wanted)
+    if missing or unexpected:
+        raise ValueError(f"{source}: the '{prefix}*' weights do not match the run's backbone: "
+                       f"missing {missing[:8]}, unexpected {unexpected[:8]}")
+    backbone.load_state_dict(sub)
+
+
+def _random_init_identity(cfg: RunConfig) -> str:
+    """Names a run's random initialisation (architecture, seed, method) for feature caches."""
+    digest = hashlib.sha256(f"{cfg.model}|{cfg.train.seed}|{cfg.method}".encode()).hexdigest()[:16]
+    return f"random-init-{digest}"
 
 
 def load_backbone(
@@ -143,35 +156,23 @@ def load_backbone(
     which: str = "latest",
     device: str | torch.device = "cpu",
 ) -> LoadedBackbone:
-    """Rebuild the evaluation backbone of a checkpoint (or run folder) and load its weights.
+    """The evaluated backbone of a training checkpoint (or run folder), with its weights, in eval mode and frozen.
 
-    With ``random_init`` the checkpoint only provides the config; the weights are the run's
-    initialisation (built under ``train.seed``, like step 0 of the run).
+    Only that backbone is built (:func:`build_eval_backbone`) and only its weights are read, so
+    nothing outside the checkpoint is needed. With ``random_init`` the checkpoint only provides the
+    config; the weights are the run's initialisation (built under ``train.seed``, like step 0 of the
+    run). Released weights and exports are loaded with :func:`medfoundry.models.pretrained.backbone_from_weights`.
     """
     ckpt = resolve_checkpoint(path, which)
     state = load_checkpoint(ckpt)
     if "config" not in state or "method" not in state:
         raise ValueError(f"{ckpt}: not a medfoundry training checkpoint (needs 'config' and 'method')")
     cfg = config_from_checkpoint(state["config"], str(ckpt))
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.train.seed)
-        method = _build_method(cfg)
-    backbone = method.eval_backbone()
+    backbone, prefix = build_eval_backbone(cfg)
     if random_init:
-        identity = "random-init-" + hashlib.sha256(
-            f"{cfg.model}|{cfg.train.seed}|{cfg.method}".encode()
-        ).hexdigest()[:16]
+        identity = _random_init_identity(cfg)
     else:
-        prefix = _prefix_of(method, backbone)
-        weights = state["method"]
-        wanted = set(backbone.state_dict())
-        for candidate in (prefix, *_FALLBACK_PREFIXES):
-            sub = {k[len(candidate):]: v for k, v in weights.items() if k.startswith(candidate)}
-            if wanted <= set(sub):
-                backbone.load_state_dict({k: sub[k] for k in wanted})
-                break
-        else:
-            raise KeyError(f"{ckpt}: no complete set of backbone weights (tried prefix '{prefix}')")
+        _load_weights(backbone, state["method"], prefix, ckpt)
         identity = checkpoint_identity(ckpt)
     backbone = backbone.to(device).eval()
     backbone.requires_grad_(False)

@@ -9,6 +9,8 @@
   log K (with the entropy-wall threshold on the loss) and the teacher feature std, over steps;
 * every in-training evaluation metric over steps (bootstrap intervals shaded where present);
 * the pretrained-vs-random-initialisation table when a comparison was run;
+* table rows are the registered tasks' headline metrics (:func:`medfoundry.eval.registry.headline_keys`),
+  the better of pretrained and random init marked by each metric's direction;
 * the monitors' warnings, the best checkpoint, the attention/PCA pictures and the resolved config.
 
 Plots use matplotlib's Agg canvas directly (no pyplot state, no display).
@@ -27,14 +29,9 @@ from typing import Any
 
 import numpy as np
 
+from medfoundry.eval import registry
+
 _SCHEDULE_KEYS = ("lr", "weight_decay", "teacher_temp", "teacher_momentum")
-_HEADLINE = (
-    "knn_top1_k10", "knn_balanced_acc_k10", "knn_auc_k10", "knn_top1_k20", "knn_balanced_acc_k20", "knn_auc_k20",
-    "linear_accuracy",
-    "linear_balanced_accuracy", "linear_auc", "view_retrieval_ratio", "health_active_dims",
-    "health_active_dims_frac", "health_mean_pairwise_cosine", "health_feature_std", "health_effective_rank",
-    "health_class_separation",
-)
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -212,9 +209,6 @@ def _with_ci(res: dict, key: str) -> str:
     return text
 
 
-_LOWER_IS_BETTER = ("health_mean_pairwise_cosine",)
-
-
 def _comparison_html(comparison: dict) -> str:
     parts = [f"<p>Checkpoint <code>{html.escape(str(comparison.get('checkpoint', '')))}</code> "
              f"(step {comparison.get('step')}) against the same backbone at its random initialisation "
@@ -228,11 +222,9 @@ def _comparison_html(comparison: dict) -> str:
         raw = entry.get("raw_pixels") or {}
         raw_head = "<th>raw pixels</th>" if raw else ""
         parts.append(f"<table><tr><th>metric</th><th>pretrained</th><th>random init</th>{raw_head}</tr>")
-        for key in _HEADLINE:
-            if key not in pre:
-                continue
+        for key in registry.headline_keys(pre):
             a, b = _num(pre.get(key)), _num(rnd.get(key))
-            better = (a < b) if key in _LOWER_IS_BETTER else (a > b)
+            better = (a < b) if registry.metric_direction(key) == "min" else (a > b)
             cls = " class='better'" if math.isfinite(a) and math.isfinite(b) and better else ""
             raw_cell = f"<td>{_with_ci(raw, key) if key in raw else ''}</td>" if raw else ""
             parts.append(f"<tr><td>{key}</td><td{cls}>{_with_ci(pre, key)}</td><td>{_with_ci(rnd, key)}</td>"
@@ -242,7 +234,7 @@ def _comparison_html(comparison: dict) -> str:
 
 
 def _eval_table(history: list[dict]) -> str:
-    keys = [k for k in _HEADLINE if any(k in r for r in history)]
+    keys = registry.headline_keys({k for r in history for k in r})
     keys += sorted({k for r in history for k in r if k.startswith("val_") and not k.endswith(("_low", "_high"))})
     if not keys:
         return ""
@@ -276,6 +268,17 @@ def _attention_html(run_dir: Path, report_path: Path) -> str:
                 parts.append(f"<div><span class='muted'>{html.escape(group)}</span><br>"
                              f"<img src='{html.escape(str(rel))}' alt='{html.escape(name)}'></div>")
     return "\n".join(parts)
+
+
+def _task_groups(eval_keys: set[str], laid_out: Sequence[str]) -> list[tuple[str, list[tuple[str, list[str]]]]]:
+    """A plot group per registered task without a layout of its own: one panel per headline metric found
+    (with its ``val_`` twin), named after the task."""
+    groups = []
+    for task in registry.all_tasks():
+        keys = task.headline_keys(eval_keys) if task.name not in laid_out else []
+        if keys:
+            groups.append((task.name, [(k, [k, "val_" + k]) for k in keys]))
+    return groups
 
 
 def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
@@ -329,8 +332,10 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     linear_panels.append(("linear probe val score (selects C)", ["linear_val_score"]))
     health_panels = [(k[7:].replace("_", " "), [k]) for k in sorted(eval_keys) if k.startswith("health_")]
     view_panels = [("view retrieval ratio (x chance)", ["view_retrieval_ratio"]), ("view top-1", ["view_top1"])]
-    for group, panels in (("kNN", knn_panels), ("Linear probe", linear_panels),
-                          ("Representation health", health_panels), ("View retrieval", view_panels)):
+    groups = [("kNN", knn_panels), ("Linear probe", linear_panels), ("Representation health", health_panels),
+              ("View retrieval", view_panels)]
+    groups += _task_groups(eval_keys, laid_out=("knn", "linear", "health", "retrieval"))
+    for group, panels in groups:
         name = group.lower().replace(" ", "_")
         plots.append((f"Evaluation over steps: {group} (dashed: random initialisation)" if baselines
                       else f"Evaluation over steps: {group}",

@@ -11,13 +11,19 @@ et al. 2021), used for image-to-text and text-to-image evaluation.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from .metrics import ArrayLike, _auto_chunk, _l2_normalize, _to_float_tensor, _to_numpy
 
-__all__ = ["dinox_view_retrieval", "retrieval_recall_at_k"]
+if TYPE_CHECKING:
+    from torch import nn
+
+    from medfoundry.eval.registry import EvalInputs
+
+__all__ = ["dinox_view_retrieval", "retrieval_recall_at_k", "run_task", "view_retrieval_metrics"]
 
 
 def dinox_view_retrieval(feats_view1: ArrayLike, feats_view2: ArrayLike) -> dict[str, float]:
@@ -123,3 +129,20 @@ def retrieval_recall_at_k(
     results["median_rank"] = float(np.median(ranks_np))
     results["mean_rank"] = float(np.mean(ranks_np))
     return results
+
+
+# -- the registered task ``retrieval`` (medfoundry.eval.registry) ------------------------------------------------
+def view_retrieval_metrics(backbone: nn.Module, cfg, feature: str = "cls", batch_size: int = 64) -> dict[str, float]:
+    """DINO-X's view-retrieval ratio of ``backbone`` on ``eval.retrieval_images`` images of the label-free
+    retrieval set of run config ``cfg`` (its data and eval sections; see :mod:`medfoundry.eval.view_pairs`)."""
+    # imported here: view pairs read the data pipeline, which the array evaluators above do not need
+    from medfoundry.eval.view_pairs import view_pair_features
+
+    fa, fb, _ = view_pair_features(backbone, cfg, feature, batch_size=batch_size)
+    return dinox_view_retrieval(fa, fb)
+
+
+def run_task(inputs: EvalInputs) -> dict[str, float]:
+    """``retrieval``: :func:`view_retrieval_metrics` of the backbone on the config's label-free retrieval set."""
+    assert inputs.backbone is not None and inputs.cfg is not None
+    return view_retrieval_metrics(inputs.backbone, inputs.cfg, inputs.settings.feature, inputs.settings.batch_size)

@@ -1,7 +1,8 @@
-"""Run the frozen-feature evaluators on a :class:`~medfoundry.eval.features.FeatureSet`.
+"""Run the registered frozen-backbone evaluation tasks on a labelled set's features and a checkpoint.
 
 One flat ``{name: float}`` result per call, with the same names in the CLI, in-training evaluation
-(logged as ``eval/<name>``), the run report and the demo:
+(logged as ``eval/<name>``), the run report and the demo. The tasks and their metrics are those of
+:mod:`medfoundry.eval.registry`; the built-in ones:
 
 * ``knn``: DINO's weighted kNN (bank = train split, queries = ``query_split``):
   ``knn_top1_k{k}``, ``knn_balanced_acc_k{k}``, ``knn_auc_k{k}``; with ``val_knn`` also the same
@@ -16,84 +17,49 @@ One flat ``{name: float}`` result per call, with the same names in the CLI, in-t
   view 1 among ``N`` images' view 2, times ``N``), computed from augmented view pairs of the images
   in ``eval.retrieval_root`` (default: the training data) by :func:`view_retrieval_metrics`:
   ``view_top1``, ``view_retrieval_ratio``, ``view_chance``, ``num_images``.
+
+``TASKS`` (what ``eval.tasks`` accepts: :func:`medfoundry.eval.registry.task_names`) and ``FEATURE_TASKS``
+(the tasks run on a FeatureSet) are read from the registry each time they are imported, so a task
+registered at run time is among them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from medfoundry.eval import registry
 from medfoundry.eval.features import FeatureSet
-from medfoundry.eval.health import representation_health
-from medfoundry.eval.knn import knn_evaluate
+from medfoundry.eval.health import health_metrics
+from medfoundry.eval.knn import knn_metrics
 from medfoundry.eval.labelled_set import LabelledSet
-from medfoundry.eval.linear_probe import linear_probe
-from medfoundry.eval.retrieval import dinox_view_retrieval
+from medfoundry.eval.linear_probe import linear_metrics
+from medfoundry.eval.registry import EvalInputs, EvalSettings
+from medfoundry.eval.retrieval import view_retrieval_metrics
 
 if TYPE_CHECKING:
     from medfoundry.eval.load import LoadedBackbone
 
-TASKS = ("knn", "linear", "retrieval", "health")
-FEATURE_TASKS = ("knn", "linear", "health")
+__all__ = ["EvalSettings", "default_feature_cache", "evaluate_backbone", "evaluate_features", "format_results",
+           "health_metrics", "knn_metrics", "linear_metrics", "view_retrieval_metrics"]
 
 
-def knn_metrics(fs: FeatureSet, ks: Sequence[int] = (10, 20), temperature: float = 0.07,
-                query_split: str = "test", prefix: str = "", n_bootstrap: int = 0, seed: int = 0) -> dict[str, float]:
-    """Weighted kNN with the train split as memory bank and ``query_split`` as queries (``n_bootstrap``:
-    bootstrap bounds of the accuracies, see :func:`~medfoundry.eval.knn.knn_evaluate`)."""
-    if not fs.has("train") or not fs.has(query_split):
-        raise ValueError(f"kNN needs a train and a {query_split} split; the labelled set has {sorted(set(fs.splits))}")
-    x_tr, y_tr = fs.subset("train")
-    x_q, y_q = fs.subset(query_split)
-    res = knn_evaluate(x_tr, y_tr, x_q, y_q, ks=ks, temperature=temperature, num_classes=len(fs.classes),
-                       n_bootstrap=n_bootstrap, seed=seed)
-    return {prefix + k: float(v) for k, v in res.items()}
-
-
-def linear_metrics(fs: FeatureSet, n_bootstrap: int = 200, seed: int = 0) -> dict[str, float]:
-    """Linear probe: train split to fit, val split (or 20 % of train) to choose C, test split to report."""
-    if not fs.has("train") or not fs.has("test"):
-        raise ValueError(
-            f"the linear probe needs a train and a test split; the labelled set has {sorted(set(fs.splits))}"
-        )
-    x_tr, y_tr = fs.subset("train")
-    x_te, y_te = fs.subset("test")
-    x_va, y_va = fs.subset("val") if fs.has("val") else (None, None)
-    if x_va is not None and np.unique(y_va).size < 2 and np.unique(y_tr).size >= 2:
-        x_va, y_va = None, None  # a one-class val split cannot choose C: split it off train instead
-    res = linear_probe(x_tr, y_tr, x_va, y_va, x_te, y_te, seed=seed, n_bootstrap=n_bootstrap)
-    out = {}
-    for name in ("accuracy", "balanced_accuracy", "auc"):
-        for suffix in ("", "_ci_low", "_ci_high"):
-            out[f"linear_{name}{suffix}"] = float(res[name + suffix])
-    out["linear_best_C"] = float(res["best_C"])
-    out["linear_val_score"] = float(res["val_score"])
-    return out
-
-
-def health_metrics(fs: FeatureSet) -> dict[str, float]:
-    """Representation health over every sample of the set (labels give the class separation)."""
-    res = representation_health(fs.feats, fs.labels if len(fs.classes) > 1 else None)
-    keys = ("active_dims", "active_dims_frac", "mean_pairwise_cosine", "feature_std", "effective_rank",
-            "class_separation")
-    return {f"health_{k}": float(res[k]) for k in keys if k in res}
-
-
-def view_retrieval_metrics(backbone, cfg, feature: str = "cls", batch_size: int = 64) -> dict[str, float]:
-    """DINO-X's view-retrieval ratio of ``backbone`` on ``eval.retrieval_images`` images of the run's
-    label-free retrieval set (see :mod:`medfoundry.eval.view_pairs`)."""
-    from medfoundry.eval.view_pairs import view_pair_features
-
-    fa, fb, _ = view_pair_features(backbone, cfg, feature, batch_size=batch_size)
-    return dinox_view_retrieval(fa, fb)
+def __getattr__(name: str) -> tuple[str, ...]:
+    """``TASKS`` and ``FEATURE_TASKS``, derived from the registry when accessed (``from ... import TASKS`` too)."""
+    if name == "TASKS":
+        return registry.task_names()
+    if name == "FEATURE_TASKS":
+        return tuple(registry.names(("features",)))
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def evaluate_features(
     fs: FeatureSet,
-    tasks: Sequence[str] = FEATURE_TASKS,
+    tasks: Sequence[str] | None = None,
     knn_k: Sequence[int] = (10, 20),
     knn_temperature: float = 0.07,
     n_bootstrap: int = 200,
@@ -102,20 +68,20 @@ def evaluate_features(
     val_knn: bool = False,
     knn_bootstrap: int = 0,
 ) -> dict[str, float]:
-    """All requested feature tasks (``retrieval`` is skipped here: see :func:`retrieval_metrics`);
-    ``knn_bootstrap`` resamples give the kNN accuracies bootstrap bounds on the query split."""
-    unknown = [t for t in tasks if t not in TASKS]
+    """The requested feature tasks (default: every registered one) in registry order; label-free tasks
+    (``retrieval``) are skipped here (see :func:`evaluate_backbone`); ``knn_bootstrap`` resamples give the
+    kNN accuracies bootstrap bounds on the query split."""
+    known = registry.task_names()
+    tasks = registry.names(("features",)) if tasks is None else list(tasks)
+    unknown = [t for t in tasks if t not in known]
     if unknown:
-        raise ValueError(f"unknown evaluation task(s) {unknown}; known: {list(TASKS)}")
+        raise ValueError(f"unknown evaluation task(s) {unknown}; known: {list(known)}")
+    settings = EvalSettings(knn_k=tuple(knn_k), knn_temperature=knn_temperature, n_bootstrap=n_bootstrap, seed=seed,
+                            query_split=query_split, val_knn=val_knn, knn_bootstrap=knn_bootstrap)
     out: dict[str, float] = {}
-    if "knn" in tasks:
-        out.update(knn_metrics(fs, knn_k, knn_temperature, query_split, n_bootstrap=knn_bootstrap, seed=seed))
-        if val_knn and fs.has("val"):
-            out.update(knn_metrics(fs, knn_k, knn_temperature, "val", prefix="val_"))
-    if "linear" in tasks:
-        out.update(linear_metrics(fs, n_bootstrap, seed))
-    if "health" in tasks:
-        out.update(health_metrics(fs))
+    for task in registry.all_tasks():
+        if task.needs == "features" and task.name in tasks:
+            out.update(task.run(EvalInputs(settings, features=fs)))
     return out
 
 
@@ -148,7 +114,7 @@ def default_feature_cache(checkpoint: Path) -> Path:
 
 def evaluate_backbone(
     loaded: LoadedBackbone,
-    tasks: Sequence[str] = FEATURE_TASKS,
+    tasks: Sequence[str] | None = None,
     data: str | None = None,
     label_column: str | None = None,
     feature: str | None = None,
@@ -161,16 +127,16 @@ def evaluate_backbone(
     use_cache: bool = True,
     retrieval: dict | None = None,
 ) -> tuple[dict[str, float], LabelledSet | None, bool]:
-    """Evaluate a loaded backbone; unset arguments come from the run's ``eval`` section.
+    """Evaluate a loaded backbone on ``tasks`` (default: every registered feature task); unset arguments
+    come from the run's ``eval`` section.
 
-    The feature tasks (knn, linear, health) run on a labelled set; features are read from / written to
-    the feature cache (keyed by the checkpoint identity, the labelled set's content and the extraction
-    settings). ``retrieval`` is label-free: it reads ``eval.retrieval_*`` (overridden by the
-    ``retrieval`` dict, e.g. ``{"retrieval_root": ..., "retrieval_images": ...}``). Returns
-    ``(results, labelled set or None when no feature task ran, features_from_cache)``.
+    The feature tasks (``needs="features"``: knn, linear, health) run on a labelled set; features are read
+    from / written to the feature cache (keyed by the checkpoint identity, the labelled set's content and
+    the extraction settings). The label-free view tasks (``needs="views"``: retrieval) read
+    ``eval.retrieval_*`` (overridden by the ``retrieval`` dict, e.g. ``{"retrieval_root": ...,
+    "retrieval_images": ...}``). Returns ``(results, labelled set or None when no feature task ran,
+    features_from_cache)``.
     """
-    import dataclasses
-
     from medfoundry.eval.eval_images import eval_transform_from_config
     from medfoundry.eval.features import cached_features
     from medfoundry.eval.labelled_set import load_labelled_set
@@ -180,7 +146,9 @@ def evaluate_backbone(
     data = data or ec.data
     feature = feature or ec.feature
     aggregate = aggregate or ec.aggregate
-    feature_tasks = [t for t in tasks if t != "retrieval"]
+    tasks = registry.names(("features",)) if tasks is None else list(tasks)
+    view_tasks = [t for t in tasks if registry.needs_of(t) == "views"]
+    feature_tasks = [t for t in tasks if t not in view_tasks]  # unknown names too: evaluate_features says so
     results: dict[str, float] = {}
     lset, from_cache = None, False
     if feature_tasks:
@@ -197,8 +165,11 @@ def evaluate_backbone(
         boot = ec.n_bootstrap if n_bootstrap is None else n_bootstrap
         results.update(evaluate_features(fs, feature_tasks, knn_k or ec.knn_k, ec.knn_temperature, boot,
                                          seed=ec.split_seed, query_split=query_split, knn_bootstrap=boot))
-    if "retrieval" in tasks:
+    if view_tasks:
         overrides = {k: v for k, v in (retrieval or {}).items() if v not in (None, "")}
         rcfg = dataclasses.replace(cfg, eval=dataclasses.replace(ec, **overrides)) if overrides else cfg
-        results.update(view_retrieval_metrics(loaded.backbone, rcfg, feature, ec.batch_size))
+        inputs = EvalInputs(EvalSettings(feature=feature, batch_size=ec.batch_size), backbone=loaded.backbone,
+                            cfg=rcfg)
+        for name in view_tasks:
+            results.update(registry.get(name).run(inputs))
     return results, lset, from_cache

@@ -18,8 +18,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from medfoundry.config.data import DataConfig
 from medfoundry.config.schema import RunConfig
-from medfoundry.data.config import DataConfig
 from medfoundry.data.intensity import build_intensity_transform
 from medfoundry.data.loader import per_view_intensity
 from medfoundry.data.multicrop import MultiCropTransform

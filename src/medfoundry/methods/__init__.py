@@ -7,14 +7,29 @@ from dataclasses import dataclass
 
 from medfoundry.config.schema import RunConfig
 from medfoundry.methods.base import Method
+from medfoundry.models.backbone import Backbone
 
 
 @dataclass(frozen=True)
 class MethodEntry:
-    """How to build a method and the loader that feeds it."""
+    """How to build a method, the loader that feeds it, and which of its backbones is evaluated.
+
+    Evaluation needs only the evaluated backbone (``Method.eval_backbone()``), not the whole method:
+    ``build_eval_backbone`` builds just that backbone from the run config, drawing from the RNG
+    exactly as ``build`` does up to that backbone's initialisation (so under the run's seed it *is*
+    the run's step-0 backbone) and reading no external weights (``model.pretrained``, teachers, Gram
+    anchors); its weights in a checkpoint's ``state["method"]`` are the keys under ``eval_prefix``.
+    """
 
     build: Callable[[RunConfig], Method]
     build_loader: Callable  # (cfg, method, start_step, rank, world_size) -> iterable of batches
+    eval_tower: str  # the submodule holding the evaluated backbone: teacher (dino), student (distill), image (clip)
+    build_eval_backbone: Callable[[RunConfig], Backbone]
+
+    @property
+    def eval_prefix(self) -> str:
+        """State-dict prefix of the evaluated backbone in ``state["method"]``, e.g. ``teacher.backbone.``."""
+        return f"{self.eval_tower}.backbone."
 
 
 def _dino_build(cfg: RunConfig) -> Method:
@@ -63,10 +78,28 @@ def _distill_build(cfg: RunConfig) -> Method:
     return method
 
 
+def _dino_eval_backbone(cfg: RunConfig) -> Backbone:
+    from medfoundry.methods.dino import init_eval_backbone
+
+    return init_eval_backbone(cfg)
+
+
+def _distill_eval_backbone(cfg: RunConfig) -> Backbone:
+    from medfoundry.methods.distill import init_eval_backbone
+
+    return init_eval_backbone(cfg)
+
+
+def _clip_eval_backbone(cfg: RunConfig) -> Backbone:
+    from medfoundry.methods.clip import init_eval_backbone
+
+    return init_eval_backbone(cfg)
+
+
 METHODS: dict[str, MethodEntry] = {
-    "dino": MethodEntry(_dino_build, _dino_loader),
-    "distill": MethodEntry(_distill_build, _dino_loader),
-    "clip": MethodEntry(_clip_build, _clip_loader),
+    "dino": MethodEntry(_dino_build, _dino_loader, "teacher", _dino_eval_backbone),
+    "distill": MethodEntry(_distill_build, _dino_loader, "student", _distill_eval_backbone),
+    "clip": MethodEntry(_clip_build, _clip_loader, "image", _clip_eval_backbone),
 }
 
 

@@ -32,3 +32,7 @@ class Method(nn.Module):
     def backbones(self) -> dict[str, Backbone]:
         """Named trainable backbones, for layer-wise lr decay and freezing."""
         return {}
+
+    def metrics_after_step(self, step: int) -> dict[str, float]:
+        """Scalars to log once the optimizer step is done (e.g. the EMA momentum just used); none by default."""
+        return {}

@@ -78,6 +78,22 @@ def apply_text_lora(module: nn.Module, rank: int, alpha: float, targets: Sequenc
     return names
 
 
+def init_eval_backbone(cfg: RunConfig) -> Backbone:
+    """The image tower's backbone as :class:`ClipMethod` initialises it, without projection or text tower.
+
+    The image backbone is the first thing the method draws from the RNG, so under the run's seed this
+    is bit-identical to the run's step-0 image backbone; no pretrained image or text weights are read
+    (:mod:`medfoundry.eval.load`).
+    """
+    from medfoundry.models.lora import adapt_backbone
+    from medfoundry.models.registry import create_backbone
+
+    backbone = create_backbone(cfg.model)
+    if not cfg.clip.image.freeze:
+        adapt_backbone(backbone, cfg.adapt, verbose=False)
+    return backbone
+
+
 class ClipMethod(Method):
     """Image tower + text tower + contrastive loss with a learnable logit scale.
 

@@ -15,13 +15,13 @@ import torch
 from torch import Tensor, nn
 
 from medfoundry.config.adapt import AdaptConfig
-from medfoundry.config.schema import DinoConfig, ModelConfig
+from medfoundry.config.schema import DinoConfig, ModelConfig, RunConfig
 from medfoundry.losses import DINOLoss, GramLoss, IBOTPatchLoss, KDEUniformityLoss, KoLeoLoss
 from medfoundry.methods.base import Method
 from medfoundry.models.backbone import Backbone
 from medfoundry.models.heads import DINOHead
 from medfoundry.models.registry import create_backbone
-from medfoundry.train.schedules import cosine, linear_warmup_constant
+from medfoundry.schedules import cosine, linear_warmup_constant
 
 
 class DINOMethod(Method):
@@ -279,6 +279,24 @@ def teacher_target_stats(t_probs: Tensor, dino_loss: Tensor | None = None) -> di
     if dino_loss is not None:
         out["dino_loss_frac"] = dino_loss.detach().float() / log_k
     return out
+
+
+def init_eval_backbone(cfg: RunConfig) -> Backbone:
+    """The EMA teacher's backbone as :class:`DINOMethod` initialises it, without the rest of the method.
+
+    The teacher starts as a copy of the student backbone, the first thing the method draws from the
+    RNG (then the student's LoRA adapters), so under the run's seed this is bit-identical to the run's
+    step-0 teacher backbone; heads, the other tower and external weights (``model.pretrained``, the
+    Gram anchor) are neither built nor read. For evaluation (:mod:`medfoundry.eval.load`).
+    """
+    from medfoundry.models.lora import adapt_backbone
+
+    student = create_backbone(cfg.model)
+    adapt_backbone(student, cfg.adapt, verbose=False)
+    teacher = create_backbone(_replace(cfg.model, drop_path_rate=0.0, grad_checkpointing=False))
+    adapt_backbone(teacher, cfg.adapt, verbose=False)
+    teacher.load_state_dict(student.state_dict())
+    return teacher
 
 
 def _replace(cfg: ModelConfig, **changes) -> ModelConfig:

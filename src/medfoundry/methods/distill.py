@@ -34,7 +34,21 @@ from medfoundry.methods.dino import teacher_target_stats
 from medfoundry.models.backbone import Backbone
 from medfoundry.models.heads import DINOHead
 from medfoundry.models.registry import create_backbone
-from medfoundry.train.schedules import linear_warmup_constant
+from medfoundry.schedules import linear_warmup_constant
+
+
+def init_eval_backbone(cfg: RunConfig) -> Backbone:
+    """The student backbone as :class:`DistillMethod` initialises it, without the teacher or heads.
+
+    The student is the first thing the method draws from the RNG, so under the run's seed this is
+    bit-identical to the run's step-0 student; the teacher checkpoint and ``model.pretrained`` are not
+    read, so a student evaluates after its teacher's run folder is gone (:mod:`medfoundry.eval.load`).
+    """
+    from medfoundry.models.lora import adapt_backbone
+
+    student = create_backbone(cfg.model)
+    adapt_backbone(student, cfg.adapt, verbose=False)
+    return student
 
 
 class DistillMethod(Method):

@@ -11,7 +11,7 @@
   ``timm.create_model(arch, pretrained=True, pretrained_cfg_overlay=dict(file=DIR/model.safetensors),
   **model_args)``.
 * ``safetensors``: medfoundry's own ``Backbone.state_dict()`` plus ``medfoundry_backbone.json``;
-  loads with ``load_pretrained_backbone`` / ``load_backbone``.
+  loads with ``load_pretrained_backbone`` / ``backbone_from_weights``.
 
 LoRA adapters are merged into plain weights first. Unless ``check=False``, each export is reloaded
 with the target library and its features are compared with the backbone's own at the native input
@@ -199,11 +199,11 @@ def export_safetensors(backbone: Backbone, out_dir: Path, check: bool = True, to
             "patch_size": backbone.patch_size, "embed_dim": backbone.embed_dim, **(extra or {})}
     (out_dir / "medfoundry_backbone.json").write_text(json.dumps(info, indent=2))
     result = ExportResult("safetensors", out_dir, [weights, out_dir / "medfoundry_backbone.json"],
-                          load_hint=f"medfoundry.models.pretrained.load_backbone({str(out_dir)!r})")
+                          load_hint=f"medfoundry.models.pretrained.backbone_from_weights({str(out_dir)!r})")
     if check and backbone.name:
-        from medfoundry.models.pretrained import load_backbone
+        from medfoundry.models.pretrained import backbone_from_weights
 
-        reloaded, _ = load_backbone(out_dir, verbose=False)
+        reloaded, _ = backbone_from_weights(out_dir, verbose=False)
         x = _probe(backbone)
         with torch.no_grad():
             result.max_abs_diff = float((_tokens(backbone, x) - _tokens(reloaded, x)).abs().max())

@@ -99,7 +99,7 @@ def resolve_source(path: str | Path) -> Path:
         if is_hf_folder(p) or (p / "meta.pt").is_file():  # HF folder or sharded (FSDP) checkpoint
             return p
         if (p / "checkpoints").is_dir():
-            from medfoundry.train.checkpoint import latest_checkpoint
+            from medfoundry.checkpoints.format import latest_checkpoint
 
             ckpt = latest_checkpoint(p)
             if ckpt is None:
@@ -128,7 +128,7 @@ def read_weights(path: Path, fmt: str = "auto", what: str = "pretrained weights"
     from medfoundry.safe_load import load_torch_file
 
     if path.is_dir() and (path / "meta.pt").is_file():
-        from medfoundry.train.checkpoint import load_checkpoint
+        from medfoundry.checkpoints.format import load_checkpoint
 
         return load_checkpoint(path), None, ["consolidated a sharded (FSDP) checkpoint"]
     if path.is_dir():
@@ -359,7 +359,7 @@ def load_pretrained_backbone(
     return report
 
 
-def load_backbone(
+def backbone_from_weights(
     path: str | Path,
     which: str = "auto",
     fmt: str = "auto",
@@ -370,12 +370,14 @@ def load_backbone(
     preloaded: tuple[Any, dict | None, list[str]] | None = None,
     what: str = "pretrained weights",
 ) -> tuple[Backbone, LoadReport]:
-    """Build a backbone and load weights into it; for export and teachers.
+    """Build a backbone for a weights file or folder and load them into it (any format); for export.
 
     For medfoundry checkpoints the architecture comes from the checkpoint's own config (``which``
-    picks the tower: ``auto``, ``teacher`` or ``student``); for other formats pass ``model`` (a
-    ``ModelConfig``) naming the registered architecture. ``preloaded`` and ``what`` are as in
-    :func:`load_pretrained_backbone`.
+    picks the tower: ``auto`` - the run's evaluated one -, ``teacher`` or ``student``); for other
+    formats pass ``model`` (a ``ModelConfig``) naming the registered architecture. LoRA adapters are
+    merged, so the result is a plain backbone. To evaluate a run (its backbone exactly as trained,
+    or its random initialisation) use :func:`medfoundry.eval.load.load_backbone`. ``preloaded`` and
+    ``what`` are as in :func:`load_pretrained_backbone`.
     """
     from medfoundry.config.schema import ModelConfig
     from medfoundry.models.convert import medfoundry_ckpt
@@ -433,8 +435,8 @@ __all__ = [
     "FORMATS",
     "LoadReport",
     "PretrainedLoadError",
+    "backbone_from_weights",
     "detect_format",
-    "load_backbone",
     "load_pretrained_backbone",
     "record_load_reports",
     "resolve_source",

@@ -14,6 +14,7 @@ from functools import partial
 import timm
 from torch import nn
 
+from medfoundry.config.names import register_names
 from medfoundry.config.schema import ModelConfig
 from medfoundry.models.backbone import Backbone
 
@@ -190,3 +191,6 @@ def _register_defaults() -> None:
 
 
 _register_defaults()
+
+
+register_names("backbone", lambda: list(_REGISTRY))  # config checks model.name against this (config/names.py)

@@ -1,44 +1,33 @@
 """Hooks the loop calls after each step: in-training evaluation, health monitors, best-checkpoint tracking.
 
-A hook is any object with ``on_step_end(step, metrics, method, run_dir) -> dict[str, float] | None``;
-returned values are logged with the step's metrics. Hooks run on every rank (evaluations may need
-collectives) and must return the same keys on every rank. ``build_hooks`` collects the hooks a
-config asks for; the loop knows nothing about what they do.
+A hook is any object with ``on_step_end(step, metrics, method, run_dir) -> dict[str, float] | None``
+(:class:`medfoundry.eval.hooks.Hook`); returned values are logged with the step's metrics. Hooks run on
+every rank (evaluations may need collectives) and must return the same keys on every rank.
+:data:`HOOK_BUILDERS` lists the builders ``(cfg) -> list[Hook]``, the evaluation package's first; add your
+own with :func:`register_hook_builder`. The loop knows nothing about what they do.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Protocol
-
-from torch import nn
+from collections.abc import Callable
 
 from medfoundry.config.schema import RunConfig
+from medfoundry.eval import clip_hook, in_training
+from medfoundry.eval.hooks import Hook
+
+#: Builders consulted by :func:`build_hooks`, in order.
+HOOK_BUILDERS: list[Callable[[RunConfig], list[Hook]]] = [in_training.build, clip_hook.build]
 
 
-class Hook(Protocol):
-    """Called by the loop after each optimizer step."""
-
-    def on_step_end(self, step: int, metrics: dict[str, float], method: nn.Module,
-                    run_dir: Path) -> dict[str, float] | None: ...
-
-
-HOOK_BUILDERS: list = []  # callables (cfg: RunConfig) -> list[Hook]
-
-
-def register_hook_builder(fn):
-    """Decorator: add a builder ``(cfg) -> list[Hook]`` consulted by :func:`build_hooks`."""
+def register_hook_builder(fn: Callable[[RunConfig], list[Hook]]) -> Callable[[RunConfig], list[Hook]]:
+    """Decorator: add a builder ``(cfg) -> list[Hook]`` consulted by :func:`build_hooks` (after the built-in ones)."""
     HOOK_BUILDERS.append(fn)
     return fn
 
 
 def build_hooks(cfg: RunConfig) -> list[Hook]:
-    """All hooks the config asks for (modules register their builders on import)."""
-    import importlib
+    """All hooks the config asks for, from every builder in :data:`HOOK_BUILDERS`."""
+    return [hook for builder in HOOK_BUILDERS for hook in builder(cfg)]
 
-    for module in ("medfoundry.eval.in_training", "medfoundry.eval.clip_hook"):
-        importlib.import_module(module)  # each registers its hook builder on import
-    hooks: list[Hook] = []
-    for builder in HOOK_BUILDERS:
-        hooks.extend(builder(cfg))
-    return hooks
+
+__all__ = ["HOOK_BUILDERS", "Hook", "build_hooks", "register_hook_builder"]

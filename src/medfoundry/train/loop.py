@@ -15,15 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from medfoundry.config.loader import save_config, to_dict
-from medfoundry.config.paths import check_paths
-from medfoundry.config.schema import RunConfig
-from medfoundry.distributed.parallelize import is_sharded, parallelize, unwrap
-from medfoundry.distributed.setup import DistInfo, init_distributed
-from medfoundry.errors import UserError
-from medfoundry.methods import get_method_entry
-from medfoundry.safe_load import load_torch_file
-from medfoundry.train.checkpoint import (
+from medfoundry.checkpoints.format import (
     capture_rng,
     checkpoint_dir,
     latest_checkpoint,
@@ -32,10 +24,19 @@ from medfoundry.train.checkpoint import (
     save_checkpoint,
     save_sharded_checkpoint,
 )
-from medfoundry.train.checkpoint_integrity import remove_stale_temporaries
+from medfoundry.checkpoints.integrity import remove_stale_temporaries
+from medfoundry.config.checks import check_names
+from medfoundry.config.loader import save_config, to_dict
+from medfoundry.config.schema import RunConfig
+from medfoundry.distributed.parallelize import is_sharded, parallelize, unwrap
+from medfoundry.distributed.setup import DistInfo, init_distributed
+from medfoundry.errors import UserError
+from medfoundry.methods import get_method_entry
+from medfoundry.precision import autocast, resolve_device, resolve_precision
+from medfoundry.safe_load import load_torch_file
 from medfoundry.train.hooks import build_hooks
+from medfoundry.train.input_paths import check_paths
 from medfoundry.train.optim import apply_schedules, build_optimizer
-from medfoundry.train.precision import autocast, resolve_device, resolve_precision
 from medfoundry.train.preemption import PREEMPTED_EXIT_CODE, StopFlag, agree_step
 from medfoundry.train.resume import check_resume_config, select_checkpoint
 from medfoundry.train.run_logger import RunLogger
@@ -59,6 +60,7 @@ def train(cfg: RunConfig, on_signal_stop: Callable[[int], None] | None = None) -
     refused (:func:`~medfoundry.train.resume.check_resume_config`), stale temporary files of an interrupted
     save are removed and the newest checkpoint that verifies is chosen (a bad one is moved aside and named).
     """
+    check_names(cfg)  # registered names, now that the method's packages (models, data) are imported
     check_paths(cfg)  # missing data, weights, teacher or anchor: a named error before any process group or file
     info = init_distributed(cfg.dist.backend)
     device = resolve_device(cfg.train.device)
@@ -142,7 +144,7 @@ def train(cfg: RunConfig, on_signal_stop: Callable[[int], None] | None = None) -
             metrics = _reduce_metrics(out, device)
             metrics.update(sched)
             metrics["grad_norm"] = grad_norm
-            metrics.update(getattr(method, "metrics_after_step", lambda s: {})(step))
+            metrics.update(method.metrics_after_step(step))
             n_images = _batch_images(batch) * info.world_size
             metrics["images_per_s"] = n_images / max(1e-9, time.perf_counter() - t0)
             evaluated: dict[str, float] = {}
@@ -202,6 +204,7 @@ def _save(run_dir: Path, step: int, method: nn.Module, optimizer, cfg: RunConfig
         "nonfinite_in_a_row": nonfinite,
         "bad_files": bad_files,
         "format": "medfoundry-train-v1",
+        "eval_tower": get_method_entry(cfg.method).eval_tower,  # which tower models/eval load from this file
     }
     if is_sharded(method):
         from torch.distributed.checkpoint.state_dict import get_state_dict

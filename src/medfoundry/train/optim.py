@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from medfoundry.config.schema import OptimConfig
-from medfoundry.train.schedules import cosine
+from medfoundry.schedules import cosine
 
 _BLOCK_RE = re.compile(r"\.blocks\.(\d+)\.")
 

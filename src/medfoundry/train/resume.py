@@ -4,7 +4,7 @@ A run folder belongs to one configuration. :func:`check_resume_config` compares 
 with the folder's ``config.yaml`` and refuses (before anything is overwritten) when keys that change what
 is trained differ; keys that only change how the run is watched or how long it goes on
 (:data:`RESUME_MUTABLE`) may differ. :func:`select_checkpoint` walks the checkpoints newest first, verifies
-each (:mod:`medfoundry.train.checkpoint_integrity`), moves a bad one aside as ``*.corrupt`` with its reason
+each (:mod:`medfoundry.checkpoints.integrity`), moves a bad one aside as ``*.corrupt`` with its reason
 in the log and ``error.log``, and returns the newest good one.
 """
 
@@ -15,12 +15,12 @@ from pathlib import Path
 
 import yaml
 
+from medfoundry.checkpoints.format import list_checkpoints
+from medfoundry.checkpoints.integrity import quarantine, verify_checkpoint
 from medfoundry.config.loader import to_dict
 from medfoundry.config.schema import RunConfig
 from medfoundry.errors import CorruptFileError, UserError
 from medfoundry.safe_load import load_torch_file
-from medfoundry.train.checkpoint import list_checkpoints
-from medfoundry.train.checkpoint_integrity import quarantine, verify_checkpoint
 
 #: Keys (or prefixes ending in ".") that may differ between a run folder's config.yaml and a resumed run.
 RESUME_MUTABLE: tuple[str, ...] = (

@@ -6,6 +6,11 @@ its units (Hounsfield units for CT) with spacing, an LPS affine and metadata res
 Whole-slide images have their own reader (:func:`open_slide`, tiles at a requested µm/px) and HDF5
 image stacks theirs (:class:`HDF5Images`). Readers raise :class:`ReaderError` naming the file and,
 where one exists, the fix.
+
+Each format module exposes a :class:`Reader` object (:mod:`.interface`); :data:`READERS`
+(:mod:`.registry`) is the one ordered list of them that :func:`detect_format`, :func:`read_volume`, the
+training sources and ``medfoundry prepare`` consult. A new format is one module with a ``Reader`` subclass
+plus one :func:`register_reader` call.
 """
 
 from __future__ import annotations
@@ -14,19 +19,26 @@ from pathlib import Path
 
 from medfoundry.data.readers.base import MissingDecoderError, ReaderError, Volume, axis_codes
 from medfoundry.data.readers.dicom import DicomSeries, find_series, is_dicom_file, read_dicom
-from medfoundry.data.readers.hdf5 import HDF5_SUFFIXES, HDF5Images
-from medfoundry.data.readers.nifti import NIFTI_SUFFIXES, NRRD_SUFFIXES, has_suffix, read_nifti, read_nrrd
+from medfoundry.data.readers.hdf5 import HDF5Images
+from medfoundry.data.readers.interface import Reader, ReaderKind
+from medfoundry.data.readers.nifti import read_nifti, read_nrrd
+from medfoundry.data.readers.registry import (
+    READERS,
+    get_reader,
+    reader_for,
+    reader_labels,
+    register_reader,
+    unregister_reader,
+)
 from medfoundry.data.readers.slices import (
     HU_INT16,
     HU_UINT16,
-    SLICE_SUFFIXES,
     MappingMismatchError,
     ValueMapping,
     read_slice,
-    read_slice_volume,
     write_slice,
 )
-from medfoundry.data.readers.wsi import WSI_SUFFIXES, Slide, is_pyramidal_tiff, open_slide
+from medfoundry.data.readers.wsi import Slide, open_slide
 
 __all__ = [
     "HDF5Images",
@@ -35,13 +47,17 @@ __all__ = [
     "DicomSeries",
     "MappingMismatchError",
     "MissingDecoderError",
+    "READERS",
+    "Reader",
     "ReaderError",
+    "ReaderKind",
     "Slide",
     "ValueMapping",
     "Volume",
     "axis_codes",
     "detect_format",
     "find_series",
+    "get_reader",
     "is_dicom_file",
     "open_slide",
     "read_dicom",
@@ -49,54 +65,36 @@ __all__ = [
     "read_nrrd",
     "read_slice",
     "read_volume",
+    "reader_for",
+    "reader_labels",
+    "register_reader",
+    "unregister_reader",
     "write_slice",
 ]
 
 
 def detect_format(path: str | Path) -> str | None:
-    """``dicom``, ``nifti``, ``nrrd``, ``slide``, ``slice``, ``hdf5`` or None for what a path holds.
+    """The name of the first registered reader that can read ``path`` (see :data:`READERS`), or None.
 
-    Folders are ``dicom`` when they contain DICOM files. TIFFs are ``slide`` when tiled and
-    pyramidal (or SVS/NDPI), else ``slice``. Decided from suffixes and magic bytes, not by decoding.
+    Built-in answers: ``dicom`` (a DICOM file, or a folder containing DICOM files), ``nifti``, ``nrrd``,
+    ``slide`` (a tiled pyramidal TIFF, SVS, NDPI ...), ``slice`` (PNG/JPEG, or a TIFF that is no slide),
+    ``hdf5``. Decided from suffixes and magic bytes, not by decoding.
     """
-    path = Path(path)
-    if path.is_dir():
-        from medfoundry.data.readers.dicom import list_dicom_files
-
-        return "dicom" if list_dicom_files(path) else None
-    name = path.name.lower()
-    if has_suffix(name, NIFTI_SUFFIXES):
-        return "nifti"
-    if has_suffix(name, NRRD_SUFFIXES):
-        return "nrrd"
-    if has_suffix(name, HDF5_SUFFIXES):
-        return "hdf5"
-    suffix = path.suffix.lower()
-    if suffix in (".tif", ".tiff"):
-        return "slide" if is_pyramidal_tiff(path) else "slice"
-    if suffix in WSI_SUFFIXES:
-        return "slide"
-    if suffix in SLICE_SUFFIXES:
-        return "slice"
-    if is_dicom_file(path):
-        return "dicom"
-    return None
+    reader = reader_for(path)
+    return reader.name if reader is not None else None
 
 
 def read_volume(path: str | Path, slice_mapping: ValueMapping | None = None, series_uid: str | None = None) -> Volume:
-    """Read any volume-like path into a :class:`Volume` (see :func:`detect_format`)."""
+    """Read any volume-like path into a :class:`Volume` with the reader that claims it (see :func:`detect_format`).
+
+    ``slice_mapping`` is used by slice readers, ``series_uid`` by series readers; the others ignore them.
+    """
     path = Path(path)
     if not path.exists():
         raise ReaderError(f"{path}: no such file or folder")
-    fmt = detect_format(path)
-    if fmt == "dicom":
-        return read_dicom(path, series_uid=series_uid)
-    if fmt == "nifti":
-        return read_nifti(path)
-    if fmt == "nrrd":
-        return read_nrrd(path)
-    if fmt == "slice":
-        return read_slice_volume(path, slice_mapping)
-    if fmt in ("slide", "hdf5"):
-        raise ReaderError(f"{path}: a {fmt} is not a volume; use open_slide() or HDF5Images")
-    raise ReaderError(f"{path}: not a recognised image (DICOM, NIfTI, NRRD, PNG/TIFF slice)")
+    reader = reader_for(path)
+    if reader is None:
+        raise ReaderError(f"{path}: not a recognised image ({reader_labels(returns=Volume)})")
+    if not issubclass(reader.returns, Volume):
+        raise ReaderError(f"{path}: a {reader.name} is not a volume; use open_slide() or HDF5Images")
+    return reader.read(path, slice_mapping=slice_mapping, series_uid=series_uid)

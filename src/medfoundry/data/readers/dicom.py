@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from medfoundry.data.readers.base import MissingDecoderError, ReaderError, Volume
+from medfoundry.data.readers.interface import Reader
 
 DICOM_SUFFIXES = {".dcm", ".dicom", ".dic", ".ima"}
 
@@ -432,3 +433,26 @@ def read_dicom(path: str | Path, series_uid: str | None = None) -> Volume:
     if series_uid not in groups:
         raise ReaderError(f"{path}: series {series_uid} not found; series here: {sorted(groups)}")
     return DicomSeries(groups[series_uid]).volume()
+
+
+class DicomReader(Reader):
+    """DICOM files (suffix or the ``DICM`` marker) and folders holding them, grouped into series."""
+
+    name = "dicom"
+    label = "DICOM"
+    kind = "series"
+    returns = Volume
+    suffixes = tuple(sorted(DICOM_SUFFIXES))
+
+    def can_read(self, path: str | Path) -> bool:
+        """A DICOM file, or a folder with at least one DICOM file somewhere below it."""
+        path = Path(path)
+        if path.is_dir():
+            return any(p.is_file() and is_dicom_file(p) for p in path.rglob("*"))
+        return is_dicom_file(path)
+
+    def read(self, path: str | Path, series_uid: str | None = None, **options: Any) -> Volume:
+        return read_dicom(path, series_uid=series_uid)
+
+
+DICOM_READER = DicomReader()

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from medfoundry.data.readers.base import ReaderError
+from medfoundry.data.readers.interface import Reader
 
 HDF5_SUFFIXES = (".h5", ".hdf5", ".hdf", ".he5")
 
@@ -82,3 +83,19 @@ class HDF5Images:
         state["_file"] = None
         state["_pid"] = -1
         return state
+
+
+class HDF5Reader(Reader):
+    """HDF5 files of image rows; read by their data source (``data.kind=hdf5``), not converted by prepare."""
+
+    name = "hdf5"
+    label = "HDF5"
+    kind = "images"
+    returns = HDF5Images
+    suffixes = HDF5_SUFFIXES
+
+    def read(self, path: str | Path, dataset: str = "cxr", **options: Any) -> HDF5Images:
+        return HDF5Images(path, dataset)
+
+
+HDF5_READER = HDF5Reader()

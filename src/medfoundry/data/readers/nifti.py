@@ -11,6 +11,7 @@ infinite voxels raise :class:`ReaderError` (see :func:`.base.check_finite`).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -23,17 +24,12 @@ from medfoundry.data.readers.base import (
     spacing_from_affine,
     xyz_to_zyx,
 )
+from medfoundry.data.readers.interface import Reader
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 NRRD_SUFFIXES = (".nrrd", ".nhdr")
 
 _RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
-
-
-def has_suffix(path: str | Path, suffixes: tuple[str, ...]) -> bool:
-    """Case-insensitive test of a (possibly double) suffix such as ``.nii.gz``."""
-    name = str(path).lower()
-    return any(name.endswith(s) for s in suffixes)
 
 
 def _finish(data_xyz: np.ndarray, affine_lps: np.ndarray, path: str, meta: dict) -> Volume:
@@ -83,12 +79,18 @@ def read_nifti(path: str | Path, frame: int = 0) -> Volume:
     return _finish(data, _RAS_TO_LPS @ img.affine, path, meta)
 
 
-def read_nrrd(path: str | Path) -> Volume:
-    """An NRRD volume (e.g. the pyradiomics CT cases) in LPS voxel order; needs ``pip install pynrrd``."""
+def _import_nrrd(path: str | Path):
+    """The optional ``pynrrd`` module, or a :class:`ReaderError` saying how to install it."""
     try:
         import nrrd
     except ImportError as err:
         raise ReaderError(f"{path}: reading NRRD needs the pynrrd package: pip install pynrrd") from err
+    return nrrd
+
+
+def read_nrrd(path: str | Path) -> Volume:
+    """An NRRD volume (e.g. the pyradiomics CT cases) in LPS voxel order; needs ``pip install pynrrd``."""
+    nrrd = _import_nrrd(path)
     path = str(path)
     try:
         data, header = nrrd.read(path)
@@ -113,3 +115,70 @@ def read_nrrd(path: str | Path) -> Volume:
     elif space not in ("left-posterior-superior", "lps"):
         raise ReaderError(f"{path}: NRRD space '{space}' is not supported (need LPS or RAS)")
     return _finish(np.asarray(data, dtype=np.float32), affine, path, {"format": "nrrd"})
+
+
+def _depth_after_reorientation(path: str, sizes: list[int], affine: np.ndarray) -> int:
+    """Slices along z once the voxel axes are put in LPS order (what :func:`_finish` does), from header facts."""
+    from nibabel.orientations import io_orientation
+
+    if len(sizes) not in (3, 4):
+        raise ReaderError(f"{path}: wrong dimensions {tuple(sizes)}; expected a 3-D volume")
+    z_axis = int(np.flatnonzero(io_orientation(affine)[:, 0] == 2)[0])
+    return int(sizes[z_axis])
+
+
+class NiftiReader(Reader):
+    """``.nii``/``.nii.gz`` files, one volume each (4-D files: one frame, ``frame=``)."""
+
+    name = "nifti"
+    label = "NIfTI"
+    kind = "volume"
+    returns = Volume
+    suffixes = NIFTI_SUFFIXES
+
+    def read(self, path: str | Path, frame: int = 0, **options: Any) -> Volume:
+        return read_nifti(path, frame=frame)
+
+    def depth(self, path: str | Path) -> int:
+        """Slices after LPS reorientation, from the header only."""
+        import nibabel as nib
+
+        path = str(path)
+        try:
+            img = nib.load(path)
+            sizes, affine = list(img.shape), img.affine
+        except Exception as err:  # noqa: BLE001 - any header failure makes the file unusable
+            raise ReaderError(f"{path}: unreadable header ({type(err).__name__}: {err})") from err
+        return _depth_after_reorientation(path, sizes, affine)
+
+
+class NrrdReader(Reader):
+    """``.nrrd``/``.nhdr`` files, one volume each (needs ``pynrrd``)."""
+
+    name = "nrrd"
+    label = "NRRD"
+    kind = "volume"
+    returns = Volume
+    suffixes = NRRD_SUFFIXES
+
+    def read(self, path: str | Path, **options: Any) -> Volume:
+        return read_nrrd(path)
+
+    def depth(self, path: str | Path) -> int:
+        """Slices after LPS reorientation, from the header only."""
+        path = str(path)
+        nrrd = _import_nrrd(path)
+        try:
+            header = nrrd.read_header(path)
+            sizes = [int(s) for s in header["sizes"]]
+            directions = header.get("space directions")
+            affine = np.eye(4)
+            if directions is not None:
+                affine[:3, :3] = np.asarray(directions, dtype=float).T
+        except Exception as err:  # noqa: BLE001 - any header failure makes the file unusable
+            raise ReaderError(f"{path}: unreadable header ({type(err).__name__}: {err})") from err
+        return _depth_after_reorientation(path, sizes, affine)
+
+
+NIFTI_READER = NiftiReader()
+NRRD_READER = NrrdReader()

@@ -18,10 +18,13 @@ import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from medfoundry.data.readers.base import ReaderError, Volume
+from medfoundry.data.readers.interface import Reader
+from medfoundry.data.readers.wsi import TIFF_SUFFIXES, is_pyramidal_tiff
 
 MAPPING_KEY = "medfoundry.value_mapping"
 SLICE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg")
@@ -226,3 +229,26 @@ def read_slice_volume(path: str | Path, mapping: ValueMapping | None = None) -> 
         path=str(path),
         meta={"format": Path(path).suffix.lower().lstrip(".")},
     )
+
+
+class SliceReader(Reader):
+    """PNG/TIFF/JPEG slices; a tiled pyramidal TIFF is a slide (:class:`~.wsi.SlideReader`), not a slice."""
+
+    name = "slice"
+    label = "PNG/TIFF slice"
+    kind = "slice"
+    returns = Volume
+    suffixes = SLICE_SUFFIXES
+
+    def can_read(self, path: str | Path) -> bool:
+        path = Path(path)
+        suffix = path.suffix.lower()
+        if path.is_dir() or suffix not in SLICE_SUFFIXES:
+            return False
+        return not (suffix in TIFF_SUFFIXES and is_pyramidal_tiff(path))
+
+    def read(self, path: str | Path, slice_mapping: ValueMapping | None = None, **options: Any) -> Volume:
+        return read_slice_volume(path, slice_mapping)
+
+
+SLICE_READER = SliceReader()

@@ -26,13 +26,16 @@ import os
 import re
 import threading
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from medfoundry.data.readers.base import ReaderError
+from medfoundry.data.readers.interface import Reader
 
 VENDOR_SUFFIXES = (".svs", ".ndpi", ".scn", ".mrxs", ".vms", ".vmu", ".bif", ".svslide")
-WSI_SUFFIXES = VENDOR_SUFFIXES + (".tif", ".tiff")
+TIFF_SUFFIXES = (".tif", ".tiff")
+WSI_SUFFIXES = VENDOR_SUFFIXES + TIFF_SUFFIXES
 
 
 def openslide_available() -> bool:
@@ -419,3 +422,28 @@ def is_pyramidal_tiff(path: str | Path) -> bool:
             return page.samplesperpixel >= 3 and tiff_mpp(tf) is not None
     except Exception:
         return False
+
+
+class SlideReader(Reader):
+    """Whole-slide images: vendor formats by suffix, TIFFs only when tiled and pyramidal (else they are slices)."""
+
+    name = "slide"
+    label = "whole-slide image"
+    kind = "slide"
+    returns = Slide
+    suffixes = WSI_SUFFIXES
+
+    def can_read(self, path: str | Path) -> bool:
+        path = Path(path)
+        if path.is_dir():
+            return False
+        suffix = path.suffix.lower()
+        if suffix in TIFF_SUFFIXES:
+            return is_pyramidal_tiff(path)
+        return suffix in VENDOR_SUFFIXES
+
+    def read(self, path: str | Path, backend: str = "auto", mpp: float | None = None, **options: Any) -> Slide:
+        return open_slide(path, backend=backend, mpp=mpp)
+
+
+SLIDE_READER = SlideReader()

@@ -3,8 +3,9 @@
 A training checkpoint (``RUN/checkpoints/step_XXXXXXXX.pt``, ``format: medfoundry-train-v1``) holds
 ``{"method": state_dict, "config": resolved config, ...}`` with keys ``teacher.backbone.vit.*``,
 ``student.backbone.vit.*``, ``*.backbone.mask_token`` and the heads (``*.dino_head.*`` ...). One
-tower is picked: the method's evaluated backbone by default (the EMA teacher for ``dino``, the
-student for ``distill``), or the one asked for with ``medfoundry:teacher`` / ``medfoundry:student``.
+tower is picked: the method's evaluated backbone by default (``MethodEntry.eval_tower``: the EMA
+teacher for ``dino``, the student for ``distill``, the image tower for ``clip``), or the one asked
+for with ``medfoundry:teacher`` / ``medfoundry:student``.
 Heads and the other tower are skipped with a reason.
 
 LoRA runs store ``*.base_layer.weight`` plus ``*.lora_A.<adapter>.weight`` / ``*.lora_B.<adapter>.weight``;
@@ -38,10 +39,25 @@ def looks_like(sd: dict) -> bool:
     return any(k.startswith("vit.") for k in sd)
 
 
+#: For checkpoints written before they recorded ``eval_tower``: the tower each built-in method evaluates.
+LEGACY_EVAL_TOWER = {"dino": "teacher", "distill": "student", "clip": "image"}
+
+
 def default_tower(obj: dict) -> str:
-    """The tower whose backbone a run evaluates: ``student`` for distillation, ``teacher`` otherwise."""
+    """The tower whose backbone a run evaluates: the checkpoint's ``eval_tower`` record.
+
+    The training loop writes it from the method's registry entry (``MethodEntry.eval_tower``: ``teacher``
+    for ``dino``, ``student`` for ``distill``, ``image`` for ``clip``), the same backbone ``medfoundry eval``
+    evaluates. Checkpoints written before that record (and ``best.pt`` files) fall back to
+    :data:`LEGACY_EVAL_TOWER` by the method named in their config; models never import the method registry.
+    """
+    if obj.get("eval_tower"):
+        return str(obj["eval_tower"])
     method = (obj.get("config") or {}).get("method", "dino")
-    return "student" if method == "distill" else "teacher"
+    if method not in LEGACY_EVAL_TOWER:
+        raise PretrainedLoadError(f"checkpoint of method {method!r} records no eval_tower; pass the tower "
+                                  "explicitly (model.pretrained_format=medfoundry:<tower>)")
+    return LEGACY_EVAL_TOWER[method]
 
 
 def resolve_tower(obj: dict, which: str) -> str:

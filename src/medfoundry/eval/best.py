@@ -13,8 +13,8 @@ from typing import Literal
 
 from torch import nn
 
+from medfoundry.checkpoints.format import atomic_torch_save
 from medfoundry.distributed.setup import is_main_process as _is_main
-from medfoundry.train.checkpoint import atomic_torch_save
 
 
 class BestCheckpoint:

@@ -12,9 +12,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from medfoundry.checkpoints.integrity import record_file, record_folder, sidecar_path
 from medfoundry.errors import UserError
 from medfoundry.safe_load import load_torch_file
-from medfoundry.train.checkpoint_integrity import record_file, record_folder, sidecar_path
 
 
 class CheckpointWriteError(UserError):

@@ -1,0 +1,193 @@
+"""Architecture rules read from the source: package layering without cycles, who may import the root config,
+and where method names may be compared.
+
+Imports are collected with :mod:`ast` from every module of ``src/medfoundry`` (module level and inside
+functions), plus ``importlib.import_module("medfoundry....")`` string literals, so a hidden upward import
+counts too. Rules that the code does not meet yet are ratchets: the remaining offenders are listed by
+name below, a new one fails the test, and one that disappears must be struck from the list (so the lists
+only shrink; see docs/architecture.md, "Layers").
+"""
+
+from __future__ import annotations
+
+import ast
+from collections import defaultdict
+from pathlib import Path
+
+SRC = Path(__file__).resolve().parents[2] / "src" / "medfoundry"
+
+#: Packages (or top-level modules) by layer, lowest first; a module may import its own layer and lower ones.
+LAYERS: list[set[str]] = [
+    {"errors", "safe_load", "schedules", "precision", "__init__"},
+    {"config"},
+    {"checkpoints", "losses"},
+    {"models", "data"},
+    {"distributed"},
+    {"methods"},
+    {"eval"},
+    {"train"},
+    {"bench", "recipes"},
+    {"demo", "sweep", "commands", "cli", "__main__"},
+]
+
+#: Package edges that break the layering today (source package -> imported package). Strike them as they go.
+KNOWN_UPWARD: set[tuple[str, str]] = set()
+
+#: Modules outside ``config/`` that import the root ``RunConfig`` today (the training loop is the builder that
+#: should remain; the others should get their own section). Strike them as they go.
+KNOWN_ROOT_CONFIG: set[str] = {
+    "bench/step.py",
+    "data/gpu_multicrop.py",
+    "data/loader.py",
+    "eval/clip_hook.py",
+    "eval/eval_images.py",
+    "eval/in_training.py",
+    "eval/load.py",
+    "eval/view_pairs.py",
+    "methods/__init__.py",
+    "methods/clip.py",
+    "methods/dino.py",
+    "methods/distill.py",
+    "sweep.py",
+    "train/hooks.py",
+    "train/input_paths.py",
+    "train/loop.py",
+    "train/resume.py",
+}
+
+#: Modules outside the method packages that compare a method name (``cfg.method == "clip"``) today.
+KNOWN_METHOD_NAME_BRANCHES: set[str] = {
+    "commands/eval_clip.py",
+    "config/checks.py",
+    "config/loader.py",
+    "eval/clip_hook.py",
+    "eval/in_training.py",
+    "train/input_paths.py",
+}
+
+
+def _modules() -> dict[str, ast.Module]:
+    return {str(p.relative_to(SRC)): ast.parse(p.read_text()) for p in sorted(SRC.rglob("*.py"))}
+
+
+def _package(rel: str) -> str:
+    return Path(rel).parts[0].removesuffix(".py")
+
+
+def _imported(tree: ast.Module) -> set[str]:
+    """Dotted ``medfoundry.*`` modules a module imports, including function-level and importlib strings."""
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+        elif isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", "")) in (
+                "import_module", "__import__") and node.args and isinstance(node.args[0], ast.Constant):
+            names.add(str(node.args[0].value))
+    return {n for n in names if n.startswith("medfoundry.")}
+
+
+def package_edges() -> dict[tuple[str, str], list[str]]:
+    """``(source package, imported package) -> [modules]`` between different packages."""
+    edges: dict[tuple[str, str], list[str]] = defaultdict(list)
+    for rel, tree in _modules().items():
+        src = _package(rel)
+        for name in _imported(tree):
+            dst = name.split(".")[1]
+            if dst != src:
+                edges[(src, dst)].append(rel)
+    return edges
+
+
+def _layer(pkg: str) -> int:
+    for i, layer in enumerate(LAYERS):
+        if pkg in layer:
+            return i
+    raise AssertionError(f"package {pkg!r} is in no layer of tests/architecture/test_architecture.py::LAYERS")
+
+
+def _cycles(edges: set[tuple[str, str]]) -> list[list[str]]:
+    """Strongly connected components with more than one package (Tarjan)."""
+    graph: dict[str, set[str]] = defaultdict(set)
+    for a, b in edges:
+        graph[a].add(b)
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                found.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_every_package_has_a_layer() -> None:
+    for pkg in {_package(rel) for rel in _modules()}:
+        _layer(pkg)
+
+
+def test_no_import_cycle_between_packages() -> None:
+    edges = set(package_edges())
+    assert _cycles(edges) == [], "packages import each other in a cycle: " + str(
+        {e: package_edges()[e][:3] for e in edges if any(set(e) <= set(c) for c in _cycles(edges))})
+
+
+def _ratchet(found: set, known: set, name: str, problem: str) -> None:
+    """``found`` may only be a subset of ``known``, and ``known`` must not list what is gone."""
+    assert not found - known, f"{problem}: {sorted(found - known)}"
+    assert not known - found, f"these are fixed; strike them from {name}: {sorted(known - found)}"
+
+
+def test_imports_only_go_down_the_layers() -> None:
+    upward = {e for e in package_edges() if _layer(e[1]) > _layer(e[0])}
+    _ratchet(upward, KNOWN_UPWARD, "KNOWN_UPWARD", "new upward imports (package -> package)")
+
+
+def _imports_root_config(tree: ast.Module) -> bool:
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.ImportFrom) and node.module in ("medfoundry.config.schema", "medfoundry.config")
+                and any(a.name == "RunConfig" for a in node.names)):
+            return True
+    return False
+
+
+def test_root_config_is_read_only_where_listed() -> None:
+    readers = {rel for rel, tree in _modules().items() if _package(rel) != "config" and _imports_root_config(tree)}
+    _ratchet(readers, KNOWN_ROOT_CONFIG, "KNOWN_ROOT_CONFIG",
+             "new modules take the whole RunConfig (give them their section instead)")
+
+
+def _compares_method_name(tree: ast.Module) -> bool:
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Compare):
+            for side in (node.left, *node.comparators):
+                if isinstance(side, ast.Attribute) and side.attr == "method":
+                    return True
+    return False
+
+
+def test_method_names_are_compared_only_where_listed() -> None:
+    branching = {rel for rel, tree in _modules().items() if _package(rel) != "methods" and _compares_method_name(tree)}
+    _ratchet(branching, KNOWN_METHOD_NAME_BRANCHES, "KNOWN_METHOD_NAME_BRANCHES",
+             "new core code branching on a method name (use the method registry)")

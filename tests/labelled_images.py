@@ -1,0 +1,24 @@
+"""Small labelled image sets in real formats for evaluation tests (importable from any test module)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+
+def make_labelled_pngs(root: Path, n: int = 16, size: int = 48) -> Path:
+    """Two classes of grey 16-bit PNGs (a bright disc or not) in label folders."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:size, 0:size]
+    for i in range(n):
+        label = "disc" if i % 2 else "plain"
+        img = 0.15 + 0.3 * (xx / size) + 0.05 * rng.standard_normal((size, size))
+        if label == "disc":
+            cy, cx, r = rng.integers(14, 34), rng.integers(14, 34), rng.integers(6, 12)
+            img += 0.5 * (((yy - cy) ** 2 + (xx - cx) ** 2) < r**2)
+        d = root / label
+        d.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((np.clip(img, 0, 1) * 65535).astype(np.uint16)).save(d / f"img{i:02d}.png")
+    return root
