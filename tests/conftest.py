@@ -60,3 +60,21 @@ def png_folder(tmp_path: Path) -> Path:
         arr = (np.clip(img, 0, 1) * 65535).astype(np.uint16)
         Image.fromarray(arr).save(sub / f"slice_{i:02d}.png")
     return root
+
+
+@pytest.fixture()
+def fake_slurm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Put stand-in ``sbatch`` (records its arguments, answers job 4242) and ``srun`` on PATH; cd to tmp_path.
+
+    Returns the file where each ``sbatch`` call appends its argument line.
+    """
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "sbatch_calls.txt"
+    (bin_dir / "sbatch").write_text(f'#!/bin/sh\necho "$@" >> {calls}\necho "Submitted batch job 4242"\n')
+    (bin_dir / "srun").write_text("#!/bin/sh\nexit 0\n")
+    for exe in ("sbatch", "srun"):
+        (bin_dir / exe).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    monkeypatch.chdir(tmp_path)
+    return calls

@@ -120,12 +120,12 @@ def test_siglip_and_alternative_heads(extra):
 
 def test_pretrained_weights_of_both_towers_load_from_local_files(tmp_path):
     """CheXzero-style text weights (OpenAI layout, stretched to 128 positions) and timm-format image weights."""
-    from test_clip_text_tower import _random_openai_state_dict
+    from openai_clip_testutil import random_openai_state_dict
 
     from medfoundry.models.registry import create_backbone
     from medfoundry.models.text.clip_text import stretch_positional_embedding
 
-    sd = _random_openai_state_dict(width=64, layers=2, embed=16)
+    sd = random_openai_state_dict(width=64, layers=2, embed=16)
     torch.save(sd, tmp_path / "chexzero.pt")
     cfg = load_config(None, BASE)
     torch.manual_seed(5)

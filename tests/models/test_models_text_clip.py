@@ -7,6 +7,7 @@ import importlib.util
 
 import pytest
 import torch
+from openai_clip_testutil import random_openai_state_dict
 
 from medfoundry.models.text.clip_text import ClipTextTower, clip_text_state_dict, stretch_positional_embedding
 from medfoundry.models.text.tokenize import ClipBPETokenizer, ReportTruncationWarning, check_truncation
@@ -14,28 +15,10 @@ from medfoundry.models.text.tokenize import ClipBPETokenizer, ReportTruncationWa
 SHORT = ["no acute cardiopulmonary process.", "small left pleural effusion", "heart size is normal"]
 
 
-def _random_openai_state_dict(width: int = 64, layers: int = 2, embed: int = 32, seed: int = 0) -> dict:
-    """A randomly filled OpenAI-layout CLIP state dict (text + a tiny ViT visual part), fp16-representable."""
-    from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
-
-    model = CLIP(embed, CLIPVisionCfg(layers=1, width=64, patch_size=16, image_size=32, head_width=64),
-                 CLIPTextCfg(context_length=77, vocab_size=49408, width=width, heads=width // 64, layers=layers),
-                 quick_gelu=True)
-    g = torch.Generator().manual_seed(seed)
-    sd = {}
-    for k, v in model.state_dict().items():
-        if v.is_floating_point():
-            base = 1.0 if (k.endswith(".weight") and ("ln_" in k or "ln_final" in k)) else 0.0
-            v = base + torch.randn(v.shape, generator=g) * (0.1 if base else 0.05)
-            v = v.half().float()  # OpenAI weights are partly fp16; keep both loaders exact
-        sd[k] = v
-    return sd
-
-
 def test_openai_state_dict_gives_open_clip_text_embeddings():
     from open_clip.model import build_model_from_openai_state_dict
 
-    sd = _random_openai_state_dict()
+    sd = random_openai_state_dict()
     ours = ClipTextTower.from_openai_state_dict(sd).eval()
     ref = build_model_from_openai_state_dict(copy.deepcopy(sd), quick_gelu=True, cast_dtype=torch.float32).float()
     ref.eval()
@@ -54,7 +37,7 @@ def test_openai_state_dict_gives_open_clip_text_embeddings():
 
 
 def test_state_dict_prefixes_and_mismatch_errors():
-    sd = _random_openai_state_dict()
+    sd = random_openai_state_dict()
     wrapped = {f"module.{k}": v for k, v in sd.items()}
     assert set(clip_text_state_dict(wrapped)) == set(clip_text_state_dict(sd))
     assert not any(k.startswith("visual") or k == "logit_scale" for k in clip_text_state_dict(sd))
