@@ -6,9 +6,8 @@ import os
 import socket
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
+from labelled_images import write_grey_pngs
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -48,18 +47,7 @@ def free_port() -> int:
 @pytest.fixture()
 def png_folder(tmp_path: Path) -> Path:
     """Twelve 16-bit grey PNGs with structured content (gradients and discs) in nested folders."""
-    root = tmp_path / "images"
-    rng = np.random.default_rng(0)
-    yy, xx = np.mgrid[0:80, 0:96]
-    for i in range(12):
-        sub = root / f"series_{i % 3}"
-        sub.mkdir(parents=True, exist_ok=True)
-        cy, cx, r = rng.integers(20, 60), rng.integers(20, 76), rng.integers(8, 20)
-        img = 0.3 * (xx / 96) + 0.6 * (((yy - cy) ** 2 + (xx - cx) ** 2) < r**2)
-        img = img + 0.05 * rng.standard_normal(img.shape)
-        arr = (np.clip(img, 0, 1) * 65535).astype(np.uint16)
-        Image.fromarray(arr).save(sub / f"slice_{i:02d}.png")
-    return root
+    return write_grey_pngs(tmp_path / "images")
 
 
 @pytest.fixture()

@@ -22,3 +22,16 @@ def make_labelled_pngs(root: Path, n: int = 16, size: int = 48) -> Path:
         d.mkdir(parents=True, exist_ok=True)
         Image.fromarray((np.clip(img, 0, 1) * 65535).astype(np.uint16)).save(d / f"img{i:02d}.png")
     return root
+
+
+def write_grey_pngs(root: Path) -> Path:
+    """Twelve seeded 16-bit grey PNGs (gradients and discs), the same on every machine."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:80, 0:96]
+    for i in range(12):
+        sub = root / f"series_{i % 3}"
+        sub.mkdir(parents=True, exist_ok=True)
+        cy, cx, r = rng.integers(20, 60), rng.integers(20, 76), rng.integers(8, 20)
+        img = 0.3 * (xx / 96) + 0.6 * (((yy - cy) ** 2 + (xx - cx) ** 2) < r**2) + 0.05 * rng.standard_normal((80, 96))
+        Image.fromarray((np.clip(img, 0, 1) * 65535).astype(np.uint16)).save(sub / f"slice_{i:02d}.png")
+    return root

@@ -15,29 +15,16 @@ import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
-
 HERE = Path(__file__).parent
+sys.path.insert(0, str(HERE.parent))  # tests/: the shared image writers, also when run as a script
+
+from labelled_images import write_grey_pngs  # noqa: E402
+
 STEPS = 5
 COMMON = ["train.progress=false", "train.tensorboard=false", "train.log_every=1", f"train.steps={STEPS}",
           "train.device=cpu", "train.checkpoint_every=1000"]
 #: metrics that measure time, not behaviour
 UNTIMED = ("images_per_s", "seconds", "data_wait", "step_time")
-
-
-def write_pngs(root: Path) -> Path:
-    """Twelve seeded 16-bit grey PNGs (gradients and discs), the same on every machine."""
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    yy, xx = np.mgrid[0:80, 0:96]
-    for i in range(12):
-        sub = root / f"series_{i % 3}"
-        sub.mkdir(parents=True, exist_ok=True)
-        cy, cx, r = rng.integers(20, 60), rng.integers(20, 76), rng.integers(8, 20)
-        img = 0.3 * (xx / 96) + 0.6 * (((yy - cy) ** 2 + (xx - cx) ** 2) < r**2) + 0.05 * rng.standard_normal((80, 96))
-        Image.fromarray((np.clip(img, 0, 1) * 65535).astype(np.uint16)).save(sub / f"slice_{i:02d}.png")
-    return root
 
 
 def trace(run_dir: Path) -> list[dict[str, float]]:
@@ -66,7 +53,7 @@ def _run_traces(work: Path) -> dict[str, list[dict[str, float]]]:
     from medfoundry.cli import main
     from medfoundry.recipes import resolve_recipe
 
-    pngs = write_pngs(work / "pngs")
+    pngs = write_grey_pngs(work / "pngs")
     small = ["crops.global_size=32", "crops.local_size=16", "model.img_size=32", "train.batch_size=4"]
     out = {}
     dino = work / "dino"
