@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 from labelled_images import write_grey_pngs
 
+import medfoundry.methods  # noqa: F401  (registers the methods' config classes, as the CLI does)
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 

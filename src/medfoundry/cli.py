@@ -95,6 +95,7 @@ def register_name_catalogs() -> None:
     """
     import medfoundry.data.sources  # noqa: F401
     import medfoundry.eval.registry  # noqa: F401
+    import medfoundry.methods  # noqa: F401  (the methods' config classes: ``method: NAME``)
     import medfoundry.models.registry  # noqa: F401
 
 

@@ -159,15 +159,15 @@ def compare_backbones(
     from medfoundry.bench.quality import raw_pixel_features
     from medfoundry.eval import registry
     from medfoundry.eval.eval_images import eval_transform_from_config
-    from medfoundry.eval.load import load_backbone
     from medfoundry.eval.tasks import evaluate_backbone, evaluate_features
+    from medfoundry.methods.checkpoint_backbone import load_backbone
 
     run_dir = Path(run_dir)
     loaded = {"pretrained": load_backbone(run_dir, which=which),
               "random_init": load_backbone(run_dir, random_init=True, which=which)}
     out: dict = {"checkpoint": str(loaded["pretrained"].checkpoint), "step": loaded["pretrained"].step,
                  "labels": {}}
-    cfg = loaded["pretrained"].cfg
+    cfg = loaded["pretrained"].sections
     tasks = registry.task_names() if tasks is None else tasks
     labelled = tuple(t for t in tasks if registry.needs_of(t) != "views")
     for i, column in enumerate(label_columns):
@@ -245,8 +245,8 @@ def run_demo(
     from medfoundry.bench.quality_data import prepare_brain_patches
     from medfoundry.config import load_config
     from medfoundry.eval.attention import save_attention_maps
-    from medfoundry.eval.load import load_backbone
     from medfoundry.eval.report import write_report
+    from medfoundry.methods.checkpoint_backbone import load_backbone
     from medfoundry.recipes import resolve_recipe
     from medfoundry.train.loop import train
 
@@ -277,7 +277,7 @@ def run_demo(
     picks = _pick_attention_images(data.manifest)
     for name, random_init in (("pretrained", False), ("random_init", True)):
         lb = load_backbone(run_dir, random_init=random_init)
-        save_attention_maps(lb.backbone, picks, run_dir / "attention" / name, lb.cfg, img_size=2 * PATCH_SIZE,
+        save_attention_maps(lb.backbone, picks, run_dir / "attention" / name, lb.sections, img_size=2 * PATCH_SIZE,
                             title=lb.label)
 
     timing = {"train_seconds": train_seconds, "total_seconds_before_report": time.perf_counter() - t_start,

@@ -113,16 +113,25 @@ def split_values(raw: str) -> list[str]:
 
 
 def _field_type(dotted: str) -> Any:
-    """The schema type of a dotted config key, or ``None`` when it is not a leaf of the schema."""
-    from medfoundry.config.loader import _resolved_hints
-    from medfoundry.config.schema import RunConfig
+    """The schema type of a dotted config key in any method's run config, or ``None`` when it is a leaf of none."""
+    from medfoundry.config.names import registered_methods, run_config_class
 
-    cls: Any = RunConfig
+    for method in registered_methods():
+        ftype = _leaf_type(run_config_class(method), dotted)
+        if ftype is not None:
+            return ftype
+    return None
+
+
+def _leaf_type(cls: Any, dotted: str) -> Any:
+    """The type of leaf ``dotted`` under dataclass ``cls``, or None."""
+    from medfoundry.config.loader import resolved_hints
+
     ftype: Any = None
     for part in dotted.split("."):
         if not dataclasses.is_dataclass(cls):
             return None
-        hints = _resolved_hints(cls)
+        hints = resolved_hints(cls)
         if part not in hints:
             return None
         ftype = cls = hints[part]

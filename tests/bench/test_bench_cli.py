@@ -19,7 +19,7 @@ from medfoundry.bench.step import (
 )
 from medfoundry.cli import main
 from medfoundry.config.schema import ModelConfig
-from medfoundry.methods.dino import DINOMethod
+from medfoundry.methods.dino.method import DINOMethod
 from medfoundry.models.registry import create_backbone
 
 

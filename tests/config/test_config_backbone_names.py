@@ -45,5 +45,6 @@ def test_cli_config_rejects_unregistered_distill_teacher(capsys) -> None:
 
 def test_every_registered_name_and_an_unset_teacher_load() -> None:
     for name in REGISTERED:
-        assert load_config(None, [f"model.name={name}", f"distill.teacher_name={name}"]).model.name == name
-    assert load_config(None, ["distill.teacher_name="]).distill.teacher_name == ""
+        assert load_config(None, ["method=distill", f"model.name={name}",
+                                  f"distill.teacher_name={name}"]).model.name == name
+    assert load_config(None, ["method=distill", "distill.teacher_name="]).distill.teacher_name == ""

@@ -1,4 +1,4 @@
-"""Config-time value checks (``config/checks.py``) and the run-start path check (``train/input_paths.py``)."""
+"""Config-time value checks (``config/checks.py``) and the run-start path check (``methods/input_paths.py``)."""
 
 from __future__ import annotations
 
@@ -13,16 +13,24 @@ import torch
 
 from medfoundry.config import ConfigError, load_config
 from medfoundry.config.checks import RULES, UNBOUNDED, leaves
-from medfoundry.config.loader import _resolved_hints
+from medfoundry.config.loader import resolved_hints
+from medfoundry.config.names import registered_methods, run_config_class
 from medfoundry.config.schema import RunConfig
-from medfoundry.train.input_paths import check_paths
+from medfoundry.methods.input_paths import check_paths
 
 
-def _numeric_keys(cls: type = RunConfig, prefix: str = "") -> list[str]:
-    """Dotted keys of every int/float field (plain, Optional or list) of the schema."""
+def _run_config_classes() -> list[type]:
+    """Every registered method's run config class (the common sections are in each)."""
+    return [run_config_class(m) for m in registered_methods()]
+
+
+def _numeric_keys(cls: type | None = None, prefix: str = "") -> list[str]:
+    """Dotted keys of every int/float field (plain, Optional or list) of every method's run config."""
+    if cls is None:
+        return sorted({k for c in _run_config_classes() for k in _numeric_keys(c)})
     keys = []
     for f in dataclasses.fields(cls):
-        t = _resolved_hints(cls)[f.name]
+        t = resolved_hints(cls)[f.name]
         if dataclasses.is_dataclass(t):
             keys += _numeric_keys(t, f"{prefix}{f.name}.")
             continue
@@ -39,7 +47,7 @@ def test_every_numeric_field_has_a_rule_or_a_reason() -> None:
 
 
 def test_every_rule_pattern_matches_a_field() -> None:
-    keys = [k for k, _ in leaves(RunConfig())]
+    keys = [k for c in _run_config_classes() for k, _ in leaves(c())]
     stale = [p for p in list(RULES) + list(UNBOUNDED) if not any(fnmatch.fnmatchcase(k, p) for k in keys)]
     assert not stale, f"patterns that match no field (renamed?): {stale}"
 
@@ -51,7 +59,7 @@ def test_every_rule_pattern_matches_a_field() -> None:
     "crops.global_scale=[1.0, 1.0]", "train.device=cuda:1", "data.value_range=[-1000, 400]",
 ])
 def test_documented_edge_values_are_accepted(override: str) -> None:
-    load_config(None, [override])
+    load_config(None, ["method=clip", override] if override.startswith("clip.") else [override])
 
 
 def test_message_names_where_the_value_was_set(tmp_path: Path) -> None:
@@ -99,9 +107,10 @@ def test_paths_accept_the_weight_layouts_the_loader_reads(tmp_path: Path, png_fo
 
 def test_paths_of_unused_sections_are_not_checked(tmp_path: Path, png_folder: Path) -> None:
     missing = str(tmp_path / "missing")
-    check_paths(_cfg(f"data.root={png_folder}", f"distill.teacher_checkpoint={missing}",  # method is dino
-                     f"dino.gram_anchor={missing}",  # gram_weight is 0
+    check_paths(_cfg(f"data.root={png_folder}", f"dino.gram_anchor={missing}",  # gram_weight is 0
                      f"eval.data={missing}"))  # evaluation is off
+    with pytest.raises(ConfigError, match="section 'distill' belongs to method distill"):  # not a dino run's key
+        _cfg(f"data.root={png_folder}", f"distill.teacher_checkpoint={missing}")
 
 
 def test_clip_paths_are_checked_and_the_demo_source_is_not(tmp_path: Path) -> None:

@@ -95,7 +95,7 @@ def test_per_view_windows_through_the_loader_on_real_ct(tmp_path: Path) -> None:
     """The training loader on real CT DICOM (pydicom-data) with DINO-X's per-view windows."""
     from pydicom.data import get_testdata_file
 
-    from medfoundry.data.loader import build_dino_loader
+    from medfoundry.methods.dino.loader import build_dino_loader
     from medfoundry.recipes import resolve_recipe
 
     (tmp_path / "ct").mkdir()

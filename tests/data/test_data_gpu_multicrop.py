@@ -18,12 +18,12 @@ from medfoundry.data.gpu_multicrop import (
     CanvasViews,
     CropPlan,
     GPUMultiCrop,
-    build_gpu_dino_loader,
     crop_views,
     fit_to_canvas,
     sample_crop_boxes,
 )
 from medfoundry.data.multicrop import MultiCropTransform, random_resized_crop_box
+from medfoundry.methods.dino.loader import build_gpu_dino_loader
 from medfoundry.recipes import resolve_recipe
 
 N = 3000

@@ -8,7 +8,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from medfoundry.config import load_config
-from medfoundry.methods.dino import DINOMethod
+from medfoundry.methods.dino.method import DINOMethod
 
 pytestmark = pytest.mark.slow  # multi-process (see pyproject's markers)
 

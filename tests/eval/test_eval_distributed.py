@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from medfoundry.eval.in_training import read_eval_history
-from medfoundry.eval.load import load_backbone
+from medfoundry.methods.checkpoint_backbone import load_backbone
 from medfoundry.recipes import recipes_dir
 from medfoundry.train.run_logger import read_metrics
 

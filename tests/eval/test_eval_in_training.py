@@ -12,7 +12,7 @@ from PIL import Image
 
 from medfoundry.config import load_config
 from medfoundry.eval.in_training import EvaluationHook, build, read_eval_history
-from medfoundry.eval.load import load_backbone
+from medfoundry.methods.checkpoint_backbone import load_backbone
 from medfoundry.recipes import resolve_recipe
 from medfoundry.train.loop import train
 from medfoundry.train.run_logger import read_metrics

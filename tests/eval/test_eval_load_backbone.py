@@ -1,6 +1,6 @@
 """Evaluation loads only the evaluated backbone: a distilled student evaluates once its teacher is gone.
 
-``medfoundry.eval.load.load_backbone`` builds just the backbone the method evaluates (the registry
+``medfoundry.methods.checkpoint_backbone.load_backbone`` builds just the backbone the method evaluates (the registry
 entry's ``build_eval_backbone``) and loads the checkpoint keys under its ``eval_prefix``; no external
 weights (the distillation teacher, ``model.pretrained``) are read. Its random initialisation is the
 run's step-0 backbone, bit for bit.
@@ -20,8 +20,8 @@ from medfoundry.checkpoints.format import latest_checkpoint, load_checkpoint
 from medfoundry.cli import main
 from medfoundry.config import load_config
 from medfoundry.config.schema import RunConfig
-from medfoundry.eval.load import build_eval_backbone, load_backbone
 from medfoundry.methods import get_method_entry
+from medfoundry.methods.checkpoint_backbone import build_eval_backbone, load_backbone
 from medfoundry.recipes import resolve_recipe
 
 TINY = ["model.img_size=32", "crops.global_size=32", "crops.local_size=16", "dino.head.out_dim=64",
@@ -94,14 +94,16 @@ def test_random_init_after_teacher_deletion_is_the_step0_student(student_without
     assert rc == 0
 
 
-@pytest.mark.parametrize("overrides", [
-    ["adapt.lora_rank=2", "model.drop_path_rate=0.1"],  # dino: the EMA teacher, LoRA structure, no drop-path
-    ["method=clip", "clip.embed_dim=16", "clip.text.width=32", "clip.text.heads=2", "clip.text.layers=1",
-     "clip.text.context_length=48", "clip.preprocess.size=32", "train.seed=3"],  # clip: the image tower
+@pytest.mark.parametrize(("recipe", "overrides"), [
+    ("tiny_dino_cpu", [*TINY, "adapt.lora_rank=2", "model.drop_path_rate=0.1"]),  # dino: the EMA teacher, LoRA, no
+    # drop-path
+    ("tiny_clip_cpu", ["model.img_size=32", "clip.embed_dim=16", "clip.text.width=32", "clip.text.heads=2",
+                       "clip.text.layers=1", "clip.text.context_length=48", "clip.preprocess.stored_size=36",
+                       "clip.preprocess.size=32", "train.seed=3"]),  # clip: the image tower
 ], ids=["dino_lora", "clip"])
-def test_eval_backbone_is_the_methods_step0_backbone(overrides: list[str], tmp_path: Path) -> None:
+def test_eval_backbone_is_the_methods_step0_backbone(recipe: str, overrides: list[str], tmp_path: Path) -> None:
     """The registry's eval backbone equals, bit for bit, the whole method's under the same seed."""
-    cfg = load_config(resolve_recipe("tiny_dino_cpu"), [*TINY, f"output_dir={tmp_path}", *overrides])
+    cfg = load_config(resolve_recipe(recipe), [f"output_dir={tmp_path}", *overrides])
     expected = _state(_step0_eval_backbone(cfg))
     rng_before = torch.get_rng_state()
     backbone, prefix = build_eval_backbone(cfg)

@@ -13,15 +13,21 @@ import torch
 from PIL import Image
 
 from medfoundry.config import load_config
-from medfoundry.eval.in_training import MonitorHook, build, read_monitor_warnings
+from medfoundry.eval.in_training import MonitorHook, read_monitor_warnings
 from medfoundry.eval.monitors import RepresentationHealthError
 from medfoundry.losses import DINOLoss
-from medfoundry.methods.dino import teacher_target_stats
+from medfoundry.methods import get_method_entry
+from medfoundry.methods.dino.method import teacher_target_stats
 from medfoundry.recipes import resolve_recipe
 from medfoundry.train.loop import train
 from medfoundry.train.run_logger import read_metrics
 
 K = 256
+
+
+def build(cfg) -> list:
+    """The hooks the run's method builds (the DINO entry turns on the prototype detectors)."""
+    return get_method_entry(cfg.method).build_hooks(cfg)
 
 
 def _monitor(*overrides: str) -> MonitorHook:

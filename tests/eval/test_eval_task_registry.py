@@ -75,7 +75,7 @@ def view_inputs(png_folder: Path) -> EvalInputs:
 def clip_inputs(folder: Path) -> EvalInputs:
     """A tiny random-init CLIP method, a zero-shot manifest (one binary finding and a class column) and 8
     image-report pairs."""
-    from medfoundry.methods.clip import ClipMethod
+    from medfoundry.methods.clip.method import ClipMethod
 
     names = []
     for i in range(8):

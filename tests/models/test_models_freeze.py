@@ -7,7 +7,7 @@ import torch
 
 from medfoundry.config import load_config
 from medfoundry.config.schema import ModelConfig, OptimConfig
-from medfoundry.methods.dino import DINOMethod
+from medfoundry.methods.dino.method import DINOMethod
 from medfoundry.models.freeze import (
     apply_freezing,
     block_index,

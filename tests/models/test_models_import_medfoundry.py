@@ -12,7 +12,7 @@ from medfoundry.checkpoints.format import capture_rng, save_checkpoint
 from medfoundry.config import load_config
 from medfoundry.config.loader import to_dict
 from medfoundry.config.schema import ModelConfig
-from medfoundry.methods.dino import DINOMethod
+from medfoundry.methods.dino.method import DINOMethod
 from medfoundry.models.lora import has_lora
 from medfoundry.models.pretrained import (
     LoadReport,

@@ -8,7 +8,7 @@ from models_testutil import eva_backbone, perturb
 
 from medfoundry.config import load_config
 from medfoundry.config.schema import ModelConfig, OptimConfig
-from medfoundry.methods.dino import DINOMethod
+from medfoundry.methods.dino.method import DINOMethod
 from medfoundry.models.lora import apply_lora, has_lora, lora_parameter_names, merge_lora, merged_copy
 from medfoundry.models.registry import create_backbone
 from medfoundry.train.optim import build_optimizer

@@ -52,7 +52,7 @@ def test_hf_tower_pools_the_local_model_output(pooling: str):
 
 @needs_minilm
 def test_hf_tokenizer_counts_truncation_and_method_trains(tmp_path):
-    from medfoundry.methods.clip import ClipMethod
+    from medfoundry.methods.clip.method import ClipMethod
     from medfoundry.models.text.tokenize import HFTokenizer
 
     tok = HFTokenizer(_minilm_path(), context_length=6)
@@ -76,7 +76,7 @@ def test_medclip_recipe_has_about_425m_parameters(tmp_path):
     """ViT-L/14 + BERT-base (vocabulary 30,522) + projections, built on the meta device (no memory, no weights)."""
     from transformers import BertConfig
 
-    from medfoundry.methods.clip import ClipMethod
+    from medfoundry.methods.clip.method import ClipMethod
 
     BertConfig().save_pretrained(tmp_path)  # a local BERT-base folder: config only
     cfg = load_config("recipes/medclip_vitl14_bert.yaml", [f"clip.text.hf_path={tmp_path}"])

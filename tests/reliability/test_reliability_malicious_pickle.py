@@ -209,7 +209,7 @@ def test_trust_opt_in_loads_a_trusted_legacy_file(tmp_path: Path, monkeypatch: p
 def test_old_checkpoint_with_numpy_rng_state_loads_without_trust(tmp_path: Path) -> None:
     """Older checkpoints stored ``np.random.get_state()`` (a tuple with a uint32 array) as is: the allow-list
     covers it, so they load through the safe reader, as a pretrained start and for evaluation."""
-    from medfoundry.eval.load import load_backbone
+    from medfoundry.methods.checkpoint_backbone import load_backbone
     from medfoundry.models.pretrained import load_pretrained_backbone, read_weights
     from medfoundry.models.registry import create_backbone
 

@@ -130,8 +130,8 @@ def bench_end_to_end(spec: StepSpec, crops_on: Literal["cpu", "gpu"] = "cpu", wo
         image_size: side of the PNG files.
         storage_size: canvas side for ``crops_on=gpu`` (default ``image_size``).
     """
-    from medfoundry.data.loader import build_dino_loader
-    from medfoundry.methods.dino import DINOMethod
+    from medfoundry.methods.dino.loader import build_dino_loader
+    from medfoundry.methods.dino.method import DINOMethod
 
     device = resolve_device(spec.device)
     precision = resolve_precision(spec.precision, device)
@@ -147,7 +147,7 @@ def bench_end_to_end(spec: StepSpec, crops_on: Literal["cpu", "gpu"] = "cpu", wo
         patch = method.student["backbone"].patch_size
         transform = None
         if crops_on == "gpu":
-            from medfoundry.data.gpu_multicrop import build_gpu_dino_loader
+            from medfoundry.methods.dino.loader import build_gpu_dino_loader
 
             gpu_loader = build_gpu_dino_loader(cfg, patch, 0, 0, 1, storage_size or image_size, device=device)
             loader, transform = gpu_loader.loader, gpu_loader.transform

@@ -128,7 +128,7 @@ def run_quality(spec: QualitySpec, log=print) -> dict:
     from medfoundry.eval.eval_images import eval_transform_from_config
     from medfoundry.eval.features import compute_feature_set
     from medfoundry.eval.labelled_set import load_labelled_set
-    from medfoundry.eval.load import load_backbone
+    from medfoundry.methods.checkpoint_backbone import load_backbone
     from medfoundry.recipes import resolve_recipe
     from medfoundry.train.loop import train
 
@@ -157,8 +157,9 @@ def run_quality(spec: QualitySpec, log=print) -> dict:
         entry: dict = {"seed": seed, "train_seconds": train_s, "steps": cfg.train.steps}
         for name, random_init in (("pretrained", False), ("random_init", True)):
             lb = load_backbone(run_dir, random_init=random_init)
-            transform = eval_transform_from_config(lb.cfg, 0)
-            fs = compute_feature_set(lb.backbone, lset, transform, lb.cfg.eval.feature, lb.cfg.eval.batch_size)
+            transform = eval_transform_from_config(lb.sections, 0)
+            ec = lb.sections.eval
+            fs = compute_feature_set(lb.backbone, lset, transform, ec.feature, ec.batch_size)
             entry[name] = _evaluate(fs, spec.n_bootstrap, seed, spec.tasks)
             if raw is None:  # kNN on the pixels themselves, the linear probe on their 256 leading components
                 pixels = raw_pixel_features(lset, transform)  # read once; the probe gets the PCA of it

@@ -210,7 +210,7 @@ def largest_batch(try_batch: Callable[[int], None], start: int, limit: int = 163
 
 def bench_dino_step(spec: StepSpec) -> BenchResult:
     """Model-only benchmark of a DINOv2-style step: images/s, FLOPs (counted and analytic), MFU, memory."""
-    from medfoundry.methods.dino import DINOMethod
+    from medfoundry.methods.dino.method import DINOMethod
 
     cfg = dino_run_config(spec)
     device = resolve_device(spec.device)
@@ -335,7 +335,7 @@ def _linear_flops(module: torch.nn.Module) -> float:
 
 def bench_clip_step(spec: ClipStepSpec) -> BenchResult:
     """Model-only benchmark of a CLIP step: image-text pairs/s, FLOPs, MFU, memory."""
-    from medfoundry.methods.clip import ClipMethod
+    from medfoundry.methods.clip.method import ClipMethod
 
     cfg = clip_run_config(spec)
     device = resolve_device(spec.device)

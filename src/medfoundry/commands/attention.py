@@ -26,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from medfoundry.eval.attention import save_attention_maps
-    from medfoundry.eval.load import load_backbone
+    from medfoundry.methods.checkpoint_backbone import load_backbone
 
     missing = [p for p in args.images if not Path(p).exists()]
     if missing:
@@ -37,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     loaded = load_backbone(args.checkpoint, random_init=args.random_init, which="best" if args.best else "latest",
                            device=args.device)
-    files = save_attention_maps(loaded.backbone, args.images, args.out, loaded.cfg, args.img_size, loaded.label)
+    files = save_attention_maps(loaded.backbone, args.images, args.out, loaded.sections, args.img_size, loaded.label)
     for f in files:
         print(f["panel"])
     print(f"{len(files)} image(s) written to {args.out} ({loaded.checkpoint}, {loaded.label})")

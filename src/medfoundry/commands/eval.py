@@ -108,8 +108,8 @@ def _checkpoint_method(path: Path) -> str | None:
 
 def run(args: argparse.Namespace) -> int:
     from medfoundry.eval import registry
-    from medfoundry.eval.load import load_backbone
     from medfoundry.eval.tasks import evaluate_backbone, format_results
+    from medfoundry.methods.checkpoint_backbone import load_backbone
 
     path = Path(args.checkpoint)
     if not path.exists():
@@ -135,8 +135,8 @@ def run(args: argparse.Namespace) -> int:
     all_results: dict = {}
     for random_init in variants:
         loaded = load_backbone(path, random_init=random_init, which=which, device=args.device)
-        tasks = feature_tasks or list(loaded.cfg.eval.tasks)
-        data = args.data or loaded.cfg.eval.data
+        tasks = feature_tasks or list(loaded.sections.eval.tasks)
+        data = args.data or loaded.sections.eval.data
         retrieval = {"retrieval_root": args.retrieval_data, "retrieval_kind": args.retrieval_kind,
                      "retrieval_images": args.retrieval_images}
         try:
@@ -157,7 +157,7 @@ def run(args: argparse.Namespace) -> int:
         all_results.setdefault("meta", {"checkpoint": str(loaded.checkpoint), "step": loaded.step,
                                         "data": str(data), "summary": lset.summary() if lset else "",
                                         "classes": lset.classes if lset else [],
-                                        "label_column": args.label_column or loaded.cfg.eval.label_column})
+                                        "label_column": args.label_column or loaded.sections.eval.label_column})
     if args.compare_random:
         meta = all_results["meta"]
         comparison = {"checkpoint": meta["checkpoint"], "step": meta["step"], "labels": {

@@ -2,7 +2,7 @@
 
 The ``eval`` command hands its tasks with ``needs="clip"`` (:mod:`medfoundry.eval.registry`: ``zeroshot``,
 ``clip_retrieval``, alias ``retrieval``) to :func:`run_task`; :func:`add_arguments` adds their options.
-:func:`run_task` rebuilds the :class:`~medfoundry.methods.clip.ClipMethod` from the config saved in the
+:func:`run_task` rebuilds the :class:`~medfoundry.methods.clip.method.ClipMethod` from the config saved in the
 checkpoint (no pretrained weights are read: the checkpoint holds them), applies overrides
 (``--override clip.eval.zeroshot.labels=other.csv``; ``--data`` is a shortcut for the labelled set or the
 pair manifest), runs the registered task and prints the results as JSON.
@@ -63,7 +63,7 @@ def load_clip_checkpoint_method(path: str | Path, overrides: list[str] | tuple[s
     """``(method, cfg, checkpoint_path, step)`` rebuilt from a medfoundry checkpoint of a ``method: clip`` run."""
     from medfoundry.checkpoints.format import load_checkpoint
     from medfoundry.config.loader import apply_override, from_dict, parse_override, validate
-    from medfoundry.methods.clip import ClipMethod
+    from medfoundry.methods.clip.method import ClipMethod
     from medfoundry.precision import resolve_device
 
     ckpt = resolve_checkpoint(path, best)
@@ -71,12 +71,12 @@ def load_clip_checkpoint_method(path: str | Path, overrides: list[str] | tuple[s
     if "config" not in state or "method" not in state:
         raise ValueError(f"{ckpt} is not a medfoundry training or best checkpoint (no 'config'/'method')")
     cfg = from_dict(state["config"], source=str(ckpt))
+    if not hasattr(cfg, "clip"):  # the tasks need the run's clip section (text tower, evaluation sets)
+        raise ValueError(f"{ckpt} comes from a method={cfg.method} run; zero-shot/retrieval need method=clip")
     for item in overrides or ():
         key, value = parse_override(item)
         apply_override(cfg, key, value, source=f"override '{item}'")
     validate(cfg)
-    if cfg.method != "clip":
-        raise ValueError(f"{ckpt} comes from a method={cfg.method} run; zero-shot/retrieval need method=clip")
     method = ClipMethod(cfg, load_pretrained=False)
     method.load_state_dict(state["method"])
     method.to(resolve_device(device)).eval()

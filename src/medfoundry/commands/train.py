@@ -18,8 +18,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from medfoundry.config import load_config
     from medfoundry.eval.monitors import RepresentationHealthError
+    from medfoundry.methods.input_paths import check_paths
     from medfoundry.recipes import resolve_recipe
-    from medfoundry.train.input_paths import check_paths
     from medfoundry.train.loop import BadDataError, NonFiniteLossError, train
     from medfoundry.train.preemption import PREEMPTED_EXIT_CODE
 

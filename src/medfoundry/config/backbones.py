@@ -9,12 +9,8 @@ its catalog of names (:mod:`medfoundry.config.names`) when it is imported; confi
 from __future__ import annotations
 
 import difflib
-from typing import TYPE_CHECKING
 
 from medfoundry.config.names import registered_names
-
-if TYPE_CHECKING:
-    from medfoundry.config.schema import RunConfig
 
 
 def registered_backbone_names() -> list[str] | None:
@@ -34,16 +30,14 @@ def unknown_backbone_message(key: str, value: str, names: list[str]) -> str:
             f"'{nearest_name(value, names)}' (run `medfoundry models` for the full list)")
 
 
-def check_backbone_names(cfg: RunConfig) -> None:
-    """Raise :class:`ConfigError` when ``model.name`` or a set ``distill.teacher_name`` is not registered.
+def check_backbone_names(given: list[tuple[str, str]]) -> None:
+    """Raise :class:`ConfigError` when a ``(key, backbone name)`` pair names an unregistered backbone.
 
-    An empty ``distill.teacher_name`` is left to ``method: distill``, which reports it as missing.
+    Skipped before :mod:`medfoundry.models.registry` is imported (it registers its catalog then; train()
+    checks again).
     """
     from medfoundry.config.loader import ConfigError
 
-    given = [("model.name", cfg.model.name)]
-    if cfg.distill.teacher_name:
-        given.append(("distill.teacher_name", cfg.distill.teacher_name))
     names = registered_backbone_names()
     if names is None:  # the registry registers its catalog on import; train() checks again then
         return

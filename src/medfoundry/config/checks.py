@@ -3,7 +3,7 @@
 :func:`check_values` runs inside :func:`~medfoundry.config.loader.load_config`, so ``medfoundry config``,
 ``train``, ``sweep`` and ``launch`` refuse a bad value before any work (and before a sweep starts its
 arms). It checks only what the config itself can tell; whether files and folders exist is checked once
-at the start of a run by :func:`medfoundry.train.input_paths.check_paths` (``medfoundry config`` must work
+at the start of a run by :func:`medfoundry.methods.input_paths.check_paths` (``medfoundry config`` must work
 for a recipe whose data are not downloaded yet).
 
 Every float anywhere in the tree must be finite. Each int/float leaf then has a rule in :data:`RULES`
@@ -25,7 +25,9 @@ from typing import TYPE_CHECKING, Any
 from medfoundry.config.names import PRETRAINED_FORMATS, registered_names
 
 if TYPE_CHECKING:
-    from medfoundry.config.schema import RunConfig
+    from medfoundry.config.data import DataConfig
+    from medfoundry.config.evaluation import EvalConfig
+    from medfoundry.config.schema import CropsConfig, RunConfig
 
 
 @dataclass(frozen=True)
@@ -253,19 +255,23 @@ def _floats(value: Any) -> list[float]:
     return []
 
 
-def _default_of(key: str) -> Any:
-    from medfoundry.config.schema import RunConfig
-
-    node: Any = RunConfig()
+def _default_of(key: str, root: type) -> Any:
+    node: Any = root()
     for part in key.split("."):
         node = getattr(node, part)
     return node
 
 
-def value_error(key: str, value: Any, requirement: str, origins: dict[str, str] | None = None) -> str:
-    """The message for ``key = value`` breaking ``requirement``: where it was set, and the default to go back to."""
+def value_error(key: str, value: Any, requirement: str, origins: dict[str, str] | None = None,
+                root: type | None = None) -> str:
+    """The message for ``key = value`` breaking ``requirement``: where it was set, and the default to go back to.
+
+    ``root`` is the class of the run config the key belongs to (default: the common sections).
+    """
+    from medfoundry.config.schema import RunConfig
+
     where = (origins or {}).get(key)
-    default = _default_of(key)
+    default = _default_of(key, root or RunConfig)
     return f"{where + ': ' if where else ''}'{key}' = {value!r} must be {requirement} (schema default: {default!r})"
 
 
@@ -277,49 +283,51 @@ def check_values(cfg: RunConfig, origins: dict[str, str] | None = None) -> None:
         if value is None or isinstance(value, bool):
             continue
         if any(not math.isfinite(x) for x in _floats(value)):
-            raise ConfigError(value_error(key, value, "a finite number (not nan or inf)", origins))
+            raise ConfigError(value_error(key, value, "a finite number (not nan or inf)", origins, type(cfg)))
         for rule in rules_for(key):
             if not rule.test(value):
-                raise ConfigError(value_error(key, value, rule.requirement, origins))
+                raise ConfigError(value_error(key, value, rule.requirement, origins, type(cfg)))
 
 
 def check_cross_fields(cfg: RunConfig) -> None:
-    """Checks that relate two fields (a range's ends, list lengths against channel counts)."""
+    """Checks that relate two fields of the common sections (a method's own are its run config's ``check()``)."""
+
+
+def check_eval_section(ec: EvalConfig) -> None:
+    """``eval.split_fractions`` must have a positive sum (for the methods whose run config has ``eval``)."""
     from medfoundry.config.loader import ConfigError
 
-    d = cfg.dino
-    if d.mask_ratio_min > d.mask_ratio_max:
-        raise ConfigError(f"'dino.mask_ratio_min' = {d.mask_ratio_min} must be <= 'dino.mask_ratio_max' = "
-                          f"{d.mask_ratio_max}")
-    if sum(cfg.eval.split_fractions) <= 0:
-        raise ConfigError(f"'eval.split_fractions' = {cfg.eval.split_fractions} must have a positive sum "
+    if sum(ec.split_fractions) <= 0:
+        raise ConfigError(f"'eval.split_fractions' = {ec.split_fractions} must have a positive sum "
                           "(train, val, test shares, e.g. [0.6, 0.2, 0.2])")
-    if cfg.method != "clip":  # the image pipeline of data + crops (clip has its own preprocessing)
-        _check_channels(cfg)
 
 
-def _check_channels(cfg: RunConfig) -> None:
+def check_image_pipeline(data: DataConfig, crops: CropsConfig) -> None:
     """``crops.mean``/``crops.std`` fit ``data.channels``; HU windows x slices give ``data.channels``."""
+    _check_channels(data, crops)
+
+
+def _check_channels(data: DataConfig, crops: CropsConfig) -> None:
     from medfoundry.config.loader import ConfigError
 
-    channels = cfg.data.channels
+    channels = data.channels
     for key in ("mean", "std"):
-        values = getattr(cfg.crops, key)
+        values = getattr(crops, key)
         if len(values) not in (1, channels) and channels != 1:
             raise ConfigError(f"'crops.{key}' = {values} has {len(values)} values but 'data.channels' = {channels}; "
                               f"give 1 or {channels} values")
-    if cfg.data.intensity != "window":
+    if data.intensity != "window":
         return
     from medfoundry.config.windows import parse_window
 
-    for i, spec in enumerate(cfg.data.windows):
+    for i, spec in enumerate(data.windows):
         try:
             parse_window(spec)
         except ValueError as err:
             raise ConfigError(f"'data.windows[{i}]' = {spec!r}: {err}") from None
-    produced = cfg.data.slices * len(cfg.data.windows)
+    produced = data.slices * len(data.windows)
     if produced not in (1, channels):
-        raise ConfigError(f"'data.slices' = {cfg.data.slices} x {len(cfg.data.windows)} window(s) in 'data.windows' "
+        raise ConfigError(f"'data.slices' = {data.slices} x {len(data.windows)} window(s) in 'data.windows' "
                           f"give {produced} channels but 'data.channels' = {channels}; set data.channels (and "
                           f"model.in_chans) to {produced}")
 
@@ -327,35 +335,47 @@ def _check_channels(cfg: RunConfig) -> None:
 _BACKENDS = ("auto", "nccl", "gloo", "mpi", "ucc")
 
 
-def check_names(cfg: RunConfig) -> None:
-    """Registered names: data kinds, pretrained formats, evaluation tasks, device, backend, backbones.
-
-    Backbones, data kinds and evaluation tasks are checked against the catalogs their packages registered
-    (:mod:`medfoundry.config.names`); a catalog not registered yet (its package not imported) is skipped
-    here and checked again by ``train()``.
-    """
-    from medfoundry.config.backbones import check_backbone_names, nearest_name
+def one_of(key: str, value: str, names: list[str] | tuple[str, ...] | None) -> None:
+    """Raise :class:`ConfigError` unless ``value`` is in ``names`` (None: catalog not registered, skip)."""
+    from medfoundry.config.backbones import nearest_name
     from medfoundry.config.loader import ConfigError
 
-    def one_of(key: str, value: str, names: list[str] | tuple[str, ...] | None) -> None:
-        if names is not None and value not in names:
-            raise ConfigError(f"'{key}' = {value!r} is not one of {sorted(names)}; nearest: "
-                              f"'{nearest_name(value, list(names))}'")
+    if names is not None and value not in names:
+        raise ConfigError(f"'{key}' = {value!r} is not one of {sorted(names)}; nearest: "
+                          f"'{nearest_name(value, list(names))}'")
 
-    kinds = registered_names("data.kind")
-    one_of("data.kind", cfg.data.kind, kinds)
-    if cfg.eval.retrieval_kind:
-        one_of("eval.retrieval_kind", cfg.eval.retrieval_kind, kinds)
+
+def check_names(cfg: RunConfig) -> None:
+    """Registered names of the common sections: pretrained format, device, backend, backbone.
+
+    Backbones are checked against the catalog the registry registered (:mod:`medfoundry.config.names`);
+    a catalog not registered yet (its package not imported) is skipped here and checked again by
+    ``train()``. A method's own names (data kinds, evaluation tasks, a teacher's backbone) are checked by
+    its run config's ``check()`` with :func:`check_data_names` / :func:`check_eval_names`.
+    """
+    from medfoundry.config.backbones import check_backbone_names
+
     one_of("model.pretrained_format", cfg.model.pretrained_format, PRETRAINED_FORMATS)
-    one_of("distill.teacher_format", cfg.distill.teacher_format, PRETRAINED_FORMATS)
-    if cfg.eval.every_steps > 0:  # the task list matters only when evaluation is on
-        tasks = registered_names("eval.task")
-        for i, task in enumerate(cfg.eval.tasks):
-            one_of(f"eval.tasks[{i}]", task, tasks)
     _check_device(cfg.train.device)
     if cfg.dist.backend not in _BACKENDS and ":" not in cfg.dist.backend:  # "cpu:gloo,cuda:nccl" is torch's form
         one_of("dist.backend", cfg.dist.backend, _BACKENDS)
-    check_backbone_names(cfg)
+    check_backbone_names([("model.name", cfg.model.name)])
+    cfg.check_names()
+
+
+def check_data_names(data: DataConfig) -> None:
+    """``data.kind`` is a registered source kind."""
+    one_of("data.kind", data.kind, registered_names("data.kind"))
+
+
+def check_eval_names(ec: EvalConfig) -> None:
+    """``eval.retrieval_kind`` is a source kind and, when evaluation is on, every ``eval.tasks`` entry a task."""
+    if ec.retrieval_kind:
+        one_of("eval.retrieval_kind", ec.retrieval_kind, registered_names("data.kind"))
+    if ec.every_steps > 0:  # the task list matters only when evaluation is on
+        tasks = registered_names("eval.task")
+        for i, task in enumerate(ec.tasks):
+            one_of(f"eval.tasks[{i}]", task, tasks)
 
 
 def _check_device(name: str) -> None:

@@ -1,6 +1,7 @@
-"""Configuration of image-report contrastive training (method=clip).
+"""Component configs of image-report contrastive training (method=clip; its section ``clip`` is composed of
+these in ``medfoundry.methods.clip.config``).
 
-One section, ``clip``, with nested parts: the image tower (any registered backbone from ``model`` plus
+The parts: the image tower (any registered backbone from ``model`` plus
 a projection), the text tower (OpenAI/CheXzero CLIP text transformer via ``open_clip_torch`` or an HF
 BERT-family model from a local folder), the loss (symmetric InfoNCE of Radford et al. 2021 or SigLIP
 of Zhai et al. 2023), image preprocessing, the image-report data and in-training evaluation
@@ -170,52 +171,7 @@ class ClipEvalConfig:
     best_mode: Literal["max", "min"] = "max"  # whether larger or smaller is better
 
 
-@dataclass
-class ClipConfig:
-    """Towers, loss, preprocessing, data and evaluation of CLIP-style image-report training."""
-
-    embed_dim: int = 512  # shared embedding width
-    image: ClipImageConfig = field(default_factory=ClipImageConfig)
-    text: ClipTextConfig = field(default_factory=ClipTextConfig)
-    loss: ClipLossConfig = field(default_factory=ClipLossConfig)
-    preprocess: ClipPreprocessConfig = field(default_factory=ClipPreprocessConfig)
-    data: ClipDataConfig = field(default_factory=ClipDataConfig)
-    eval: ClipEvalConfig = field(default_factory=ClipEvalConfig)
-
-
-def check_clip_config(c: ClipConfig) -> None:
-    """Cross-field checks of the ``clip`` section; raises ``ConfigError`` naming the key (called by the method)."""
-    from medfoundry.config.loader import ConfigError
-
-    p, t, lo = c.preprocess, c.text, c.loss
-    if len(p.crop_scale) != 2 or not (0 < p.crop_scale[0] <= p.crop_scale[1] <= 1):
-        raise ConfigError(f"'clip.preprocess.crop_scale' = {p.crop_scale} must be [low, high], 0 < low <= high <= 1")
-    if p.size < 1 or p.stored_size < p.size:
-        raise ConfigError(f"'clip.preprocess.stored_size' = {p.stored_size} must be >= 'clip.preprocess.size' = "
-                          f"{p.size}")
-    if p.normalize == "custom" and (not p.mean or len(p.mean) != len(p.std)):
-        raise ConfigError("'clip.preprocess.normalize' = 'custom' needs 'clip.preprocess.mean' and '.std' "
-                          "of equal length")
-    if not 0.0 <= p.hflip_prob <= 1.0:
-        raise ConfigError(f"'clip.preprocess.hflip_prob' = {p.hflip_prob} must be in [0, 1]")
-    _check_color_jitter(p)
-    if t.context_length < 3 or not 0 <= t.keep_positions < t.context_length:
-        raise ConfigError(f"'clip.text.context_length' = {t.context_length} must be >= 3 and exceed "
-                          f"'clip.text.keep_positions' = {t.keep_positions}")
-    if t.kind == "hf" and not t.hf_path:
-        raise ConfigError("'clip.text.kind' = 'hf' needs 'clip.text.hf_path' (a local model folder)")
-    if t.kind == "clip" and t.width % t.heads:
-        raise ConfigError(f"'clip.text.width' = {t.width} must be divisible by 'clip.text.heads' = {t.heads}")
-    if lo.temperature <= 0 or lo.max_logit_scale <= 0 or lo.siglip_init_scale <= 0:
-        raise ConfigError("'clip.loss.temperature', 'max_logit_scale' and 'siglip_init_scale' must be > 0")
-    if c.eval.every_steps < 0:
-        raise ConfigError(f"'clip.eval.every_steps' = {c.eval.every_steps} must be >= 0")
-    _check_val_loss(c.eval.val_loss)
-    if c.embed_dim < 1:
-        raise ConfigError(f"'clip.embed_dim' = {c.embed_dim} must be >= 1")
-
-
-def _check_color_jitter(p: ClipPreprocessConfig) -> None:
+def check_color_jitter(p: ClipPreprocessConfig) -> None:
     """``color_jitter_prob`` in [0, 1]; four strengths, brightness/contrast/saturation >= 0, hue in [0, 0.5]."""
     from medfoundry.config.loader import ConfigError
 
@@ -227,7 +183,7 @@ def _check_color_jitter(p: ClipPreprocessConfig) -> None:
                           "with the first three >= 0 and hue in [0, 0.5]")
 
 
-def _check_val_loss(v: ValLossConfig) -> None:
+def check_val_loss(v: ValLossConfig) -> None:
     """Non-negative interval/sizes; a pair source that names its files when the validation loss is on."""
     from medfoundry.config.loader import ConfigError
 

@@ -5,7 +5,7 @@ one flat YAML document validated against it (no stacking of files), and command-
 applied on top. Unknown keys and wrong types raise :class:`ConfigError`, whose message names the
 source, the dotted key, the offending value and the nearest valid key. After loading, every value is
 checked (:mod:`medfoundry.config.checks`: finite numbers, ranges, registered names); whether files exist
-is checked when a run starts (:func:`medfoundry.train.input_paths.check_paths`).
+is checked when a run starts (:func:`medfoundry.methods.input_paths.check_paths`).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 import yaml
 
 from medfoundry.config.checks import check_cross_fields, check_names, check_values
+from medfoundry.config.names import DEFAULT_METHOD, registered_methods, run_config_class
 from medfoundry.config.schema import RunConfig
 from medfoundry.errors import UserError
 
@@ -29,15 +30,18 @@ class ConfigError(UserError, ValueError):
 
 
 def load_config(recipe: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
-    """Build a :class:`RunConfig` from defaults, an optional YAML recipe and dotted overrides.
+    """Build the run config of the recipe's method from defaults, an optional YAML recipe and dotted overrides.
 
     Overrides have the form ``a.b.c=value``; the value is parsed as YAML (so ``true``, ``3``,
-    ``[0.5, 1.0]`` and ``null`` work) and then coerced to the field's declared type.
+    ``[0.5, 1.0]`` and ``null`` work) and then coerced to the field's declared type. ``method`` (an
+    override wins over the recipe, default ``dino``) selects the config class the method package
+    registered (:mod:`medfoundry.config.names`): the common sections plus that method's own.
     """
-    cfg = RunConfig()
-    origins: dict[str, str] = {}  # dotted key -> the recipe or override that set it, for error messages
+    data: dict = {}
+    source = "defaults"
     if recipe is not None:
         path = Path(recipe)
+        source = str(path)
         if not path.is_file():
             raise ConfigError(f"recipe file not found: {path} (list bundled recipes with `medfoundry recipes`)")
         try:
@@ -46,12 +50,37 @@ def load_config(recipe: str | Path | None = None, overrides: list[str] | tuple[s
             raise ConfigError(f"{path}: not valid YAML: {err}") from err
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: a recipe must be a mapping of config sections, got {type(data).__name__}")
-        apply_mapping(cfg, data, source=str(path), origins=origins)
-    for item in overrides:
-        key, value = parse_override(item)
+    parsed = [(item, *parse_override(item)) for item in overrides]
+    method, method_source = data.get("method", DEFAULT_METHOD), source
+    for item, key, value in parsed:
+        if key == "method":
+            method, method_source = value, f"override '{item}'"
+    cfg = new_run_config(method, method_source)
+    origins: dict[str, str] = {}  # dotted key -> the recipe or override that set it, for error messages
+    if data:
+        apply_mapping(cfg, data, source=source, origins=origins)
+    for item, key, value in parsed:
         apply_override(cfg, key, value, source=f"override '{item}'", origins=origins)
     validate(cfg, origins)
     return cfg
+
+
+def new_run_config(method: Any, source: str = "config") -> RunConfig:
+    """A default run config of ``method`` (its registered class); an unknown method lists the registered ones."""
+    cls = run_config_class(method) if isinstance(method, str) else None
+    if cls is None:
+        known = registered_methods()
+        hint = (f"one of {known}" if known else
+                "no method is registered yet: import medfoundry.methods first (the CLI and train() do)")
+        raise ConfigError(f"{source}: 'method' = {method!r} is not a registered method; use {hint}")
+    cfg = cls()
+    cfg.method = method
+    return cfg
+
+
+def _other_method_of(section: str, cfg: Any) -> list[str]:
+    """Registered methods whose run config has top-level ``section`` while ``cfg``'s class has not."""
+    return [m for m in registered_methods() if section in {f.name for f in dataclasses.fields(run_config_class(m))}]
 
 
 def split_override(item: str, kind: str = "override", form: str = "key.sub=value") -> tuple[str, str]:
@@ -82,12 +111,22 @@ def apply_override(cfg: Any, dotted: str, value: Any, source: str, origins: dict
     for _i, part in enumerate(parts[:-1]):
         child = getattr(node, part, None) if dataclasses.is_dataclass(node) else None
         if child is None or not dataclasses.is_dataclass(child):
-            raise ConfigError(
-                f"{source}: unknown key '{dotted}' (value {value!r}); nearest valid key: '{_nearest(dotted)}'"
-            )
+            raise ConfigError(_unknown_key(source, dotted, value, type(cfg)))
         node = child
     apply_mapping(node, {parts[-1]: value}, source, prefix=".".join(parts[:-1]) + "." if parts[:-1] else "",
-                  origins=origins)
+                  origins=origins, root=type(cfg))
+
+
+def _unknown_key(source: str, dotted: str, value: Any, root: type) -> str:
+    """The message for an unknown key: the method that owns its section, else the nearest valid key."""
+    section = dotted.split(".")[0]
+    names = {f.name for f in dataclasses.fields(root)}
+    owners = _other_method_of(section, root) if section not in names else []
+    if owners:
+        this = getattr(root, "__name__", "this run")
+        return (f"{source}: unknown key '{dotted}' (value {value!r}): section '{section}' belongs to method "
+                f"{' / '.join(owners)}, not to this run's config ({this}); set method={owners[0]} or drop the key")
+    return f"{source}: unknown key '{dotted}' (value {value!r}); nearest valid key: '{_nearest(dotted, root)}'"
 
 
 def all_keys(cls: type = RunConfig, prefix: str = "") -> list[str]:
@@ -96,30 +135,33 @@ def all_keys(cls: type = RunConfig, prefix: str = "") -> list[str]:
     for f in dataclasses.fields(cls):
         name = prefix + f.name
         keys.append(name)
-        ftype = _resolved_hints(cls)[f.name]
+        ftype = resolved_hints(cls)[f.name]
         if dataclasses.is_dataclass(ftype):
             keys.extend(all_keys(ftype, name + "."))
     return keys
 
 
-def _nearest(key: str) -> str:
-    candidates = all_keys()
+def _nearest(key: str, root: type = RunConfig) -> str:
+    candidates = all_keys(root)
     close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.0)
     if close:
         return close[0]
     return ""
 
 
-def apply_mapping(obj: Any, data: dict, source: str, prefix: str = "", origins: dict[str, str] | None = None) -> None:
-    """Set fields of dataclass ``obj`` from ``data`` recursively, strictly typed; ``origins[key] = source``."""
-    hints = _resolved_hints(type(obj))
+def apply_mapping(obj: Any, data: dict, source: str, prefix: str = "", origins: dict[str, str] | None = None,
+                  root: type | None = None) -> None:
+    """Set fields of dataclass ``obj`` from ``data`` recursively, strictly typed; ``origins[key] = source``.
+
+    ``root`` is the class of the whole tree (default: ``obj``'s), for the nearest-key suggestion.
+    """
+    root = root or type(obj)
+    hints = resolved_hints(type(obj))
     names = {f.name for f in dataclasses.fields(obj)}
     for key, value in data.items():
         dotted = prefix + str(key)
         if key not in names:
-            raise ConfigError(
-                f"{source}: unknown key '{dotted}' (value {value!r}); nearest valid key: '{_nearest(dotted)}'"
-            )
+            raise ConfigError(_unknown_key(source, dotted, value, root))
         ftype = hints[key]
         current = getattr(obj, key)
         if dataclasses.is_dataclass(ftype):
@@ -127,7 +169,7 @@ def apply_mapping(obj: Any, data: dict, source: str, prefix: str = "", origins: 
                 raise ConfigError(
                     f"{source}: '{dotted}' is a section; give a mapping of its keys, not {value!r}"
                 )
-            apply_mapping(current, value, source, dotted + ".", origins)
+            apply_mapping(current, value, source, dotted + ".", origins, root)
         else:
             setattr(obj, key, coerce(value, ftype, dotted, source))
             if origins is not None:
@@ -201,22 +243,22 @@ def coerce(value: Any, ftype: Any, key: str, source: str) -> Any:
 def validate(cfg: RunConfig, origins: dict[str, str] | None = None) -> None:
     """Every value check that needs no file: ranges and finiteness, cross-field rules, registered names.
 
-    ``origins`` (dotted key -> recipe or override) lets a message say where a bad value came from.
+    ``origins`` (dotted key -> recipe or override) lets a message say where a bad value came from. The
+    method's own cross-field rules are its run config's :meth:`~medfoundry.config.schema.RunConfig.check`.
     """
     check_values(cfg, origins)
     check_cross_fields(cfg)
-    if cfg.method == "clip":
-        from medfoundry.config.clip import check_clip_config
-
-        check_clip_config(cfg.clip)
-    if cfg.dino.gram_weight > 0 and cfg.dino.gram_mode == "anchor" and not cfg.dino.gram_anchor:
-        raise ConfigError("'dino.gram_mode' = 'anchor' needs 'dino.gram_anchor' (a checkpoint path)")
+    cfg.check()
     check_names(cfg)
 
 
 def to_dict(cfg: Any) -> dict:
-    """Plain nested dict of a config dataclass (for YAML/JSON output)."""
-    return dataclasses.asdict(cfg)
+    """Plain nested dict of a config dataclass (for YAML/JSON output); a run config's keys in its ``print_order``."""
+    out = dataclasses.asdict(cfg)
+    order = getattr(type(cfg), "print_order", ())
+    if order:
+        out = {**{k: out[k] for k in order if k in out}, **{k: v for k, v in out.items() if k not in order}}
+    return out
 
 
 def to_yaml(cfg: Any) -> str:
@@ -233,17 +275,22 @@ def save_config(cfg: Any, path: str | Path) -> None:
 
 
 def from_dict(data: dict, source: str = "saved config") -> RunConfig:
-    """Rebuild a :class:`RunConfig` from a dict written by :func:`to_dict` (e.g. in a checkpoint)."""
-    cfg = RunConfig()
-    apply_mapping(cfg, data, source=source)
+    """Rebuild a run config from a dict written by :func:`to_dict` (e.g. in a checkpoint).
+
+    Checkpoints written before the methods owned their sections hold every method's sections; the
+    top-level sections that belong only to other registered methods are left out.
+    """
+    cfg = new_run_config(data.get("method", DEFAULT_METHOD), source)
+    names = {f.name for f in dataclasses.fields(cfg)}
+    own = {k: v for k, v in data.items() if k in names or not _other_method_of(k, cfg)}
+    apply_mapping(cfg, own, source=source)
     return cfg
 
 
 _HINTS_CACHE: dict[type, dict[str, Any]] = {}
 
 
-def _resolved_hints(cls: type) -> dict[str, Any]:
+def resolved_hints(cls: type) -> dict[str, Any]:
     if cls not in _HINTS_CACHE:
-        module = __import__(cls.__module__, fromlist=["_"])
-        _HINTS_CACHE[cls] = typing.get_type_hints(cls, globalns=vars(module))
+        _HINTS_CACHE[cls] = typing.get_type_hints(cls)  # each base's annotations in its own module
     return _HINTS_CACHE[cls]

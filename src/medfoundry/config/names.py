@@ -29,3 +29,28 @@ def registered_names(kind: str) -> list[str] | None:
     """The names of ``kind`` sorted, or None when no package has registered that catalog yet."""
     provider = _CATALOGS.get(kind)
     return None if provider is None else sorted(provider())
+
+
+#: The method a recipe without ``method:`` runs.
+DEFAULT_METHOD = "dino"
+
+_RUN_CONFIGS: dict[str, type] = {}
+
+
+def register_run_config(method: str, cls: type) -> None:
+    """Make ``cls`` (a :class:`~medfoundry.config.schema.RunConfig` subclass) the config tree of ``method``.
+
+    Called by a method package when it is imported (:mod:`medfoundry.methods.registry`), so the config
+    package loads a recipe of that method without importing the method.
+    """
+    _RUN_CONFIGS[method] = cls
+
+
+def run_config_class(method: str) -> type | None:
+    """The run config class registered for ``method``, or None."""
+    return _RUN_CONFIGS.get(method)
+
+
+def registered_methods() -> list[str]:
+    """Every method name with a registered run config, sorted."""
+    return sorted(_RUN_CONFIGS)

@@ -1,19 +1,17 @@
-"""The typed configuration schema: one tree of dataclasses, the single source of truth.
+"""The typed configuration schema: the sections every run has and the component configs below the methods.
 
 Every field has a default and a one-line comment; ``medfoundry config RECIPE`` prints the resolved
-tree. Each component receives only its own section (e.g. the backbone factory gets ``ModelConfig``),
-never the whole tree.
+tree. A method's own sections live in its package (``methods/dino/config.py``, ``methods/clip/config.py``,
+``methods/distill/config.py``), which also defines the method's run config (these common sections +
+its own). Each component receives only its own section (e.g. the backbone factory gets ``ModelConfig``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import ClassVar, Literal, Optional
 
-from medfoundry.config.adapt import AdaptConfig, DistillConfig
-from medfoundry.config.clip import ClipConfig
-from medfoundry.config.data import DataConfig
-from medfoundry.config.evaluation import EvalConfig
+from medfoundry.config.adapt import AdaptConfig
 
 
 @dataclass
@@ -38,37 +36,6 @@ class HeadConfig:
     hidden_dim: int = 2048  # MLP hidden width (0 = the backbone's width, as DINO-X's Linear(d, d))
     bottleneck_dim: int = 256  # kind=dino: L2-normalised bottleneck before the prototypes
     nlayers: int = 3  # linear layers before the prototypes (dino) / in all (mlp), >= 1
-
-
-@dataclass
-class DinoConfig:
-    """The DINO-family objective: DINO + optional iBOT, KoLeo, KDE and Gram terms."""
-
-    head: HeadConfig = field(default_factory=HeadConfig)  # image-level (class token) head
-    ibot_separate_head: bool = False  # separate iBOT patch head (DINOv2 default for large models)
-    ibot_head: HeadConfig = field(default_factory=HeadConfig)  # used when ibot_separate_head
-    student_temp: float = 0.1  # student softmax temperature
-    teacher_temp: float = 0.07  # teacher temperature after warm-up
-    warmup_teacher_temp: float = 0.04  # teacher temperature at step 0
-    warmup_teacher_temp_steps: int = 0  # linear teacher-temperature warm-up length
-    centering: Literal["center", "sinkhorn"] = "center"  # DINOv1 centering or DINOv2 Sinkhorn-Knopp
-    center_momentum: float = 0.9  # EMA of the center; 0.999 avoids the CT "entropy wall" (DINO-X)
-    sinkhorn_iterations: int = 3  # Sinkhorn-Knopp iterations
-    teacher_momentum: float = 0.996  # EMA momentum of the teacher at step 0
-    teacher_momentum_end: float = 1.0  # EMA momentum at the last step (cosine schedule)
-    dino_weight: float = 1.0  # weight of the class-token DINO loss
-    ibot_weight: float = 0.0  # weight of the iBOT masked-patch loss (0 = off)
-    mask_probability: float = 0.5  # share of global crops that get an iBOT mask
-    mask_ratio_min: float = 0.1  # smallest masked-patch ratio
-    mask_ratio_max: float = 0.5  # largest masked-patch ratio
-    koleo_weight: float = 0.0  # KoLeo on student class tokens, summed over global crops as DINOv2 (0 = off)
-    kde_weight: float = 0.0  # KDE uniformity term, summed over global crops as OpenMidnight (0 = off)
-    kde_temperature: float = 2.5  # kernel sharpness t of the KDE term (OpenMidnight kappa=5 -> t=2.5)
-    gram_weight: float = 0.0  # Gram loss on patch tokens (0 = off)
-    gram_mode: Literal["ema", "anchor"] = "ema"  # target: EMA teacher (DINO-X) or frozen checkpoint (DINOv3)
-    gram_anchor: Optional[str] = None  # checkpoint of the Gram anchor when gram_mode=anchor
-    gram_start_step: int = 0  # first step at which the Gram term is active
-    freeze_last_layer_steps: int = 0  # keep the prototype layer frozen for this many steps
 
 
 @dataclass
@@ -146,18 +113,26 @@ class DistConfig:
 
 @dataclass
 class RunConfig:
-    """One run: everything a training job needs, written to ``OUTPUT/config.yaml``."""
+    """The sections every run has; a method's run config (in its package, e.g. ``methods/dino/config.py``) adds its own.
+
+    ``method`` selects that class when a recipe is loaded (:func:`medfoundry.config.loader.load_config`
+    looks it up in the catalog the method packages register, :mod:`medfoundry.config.names`), so a run's
+    ``config.yaml`` holds the common sections and only the selected method's sections.
+    """
 
     output_dir: str = "runs/default"  # run folder (config, metrics, checkpoints, TensorBoard)
-    method: Literal["dino", "clip", "distill"] = "dino"  # training method
+    method: str = "dino"  # training method (registered: `medfoundry train --help`)
     model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    crops: CropsConfig = field(default_factory=CropsConfig)
-    dino: DinoConfig = field(default_factory=DinoConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     dist: DistConfig = field(default_factory=DistConfig)
     adapt: AdaptConfig = field(default_factory=AdaptConfig)
-    distill: DistillConfig = field(default_factory=DistillConfig)
-    clip: ClipConfig = field(default_factory=ClipConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    #: Top-level keys in the order ``config.yaml`` prints them (sections of the method class included).
+    print_order: ClassVar[tuple[str, ...]] = ("output_dir", "method", "model", "optim", "train", "dist", "adapt")
+
+    def check(self) -> None:
+        """Cross-field rules of the method's own sections (overridden by a method's run config); raise ConfigError."""
+
+    def check_names(self) -> None:
+        """Registered names in the method's own sections (overridden by a method's run config); raise ConfigError."""

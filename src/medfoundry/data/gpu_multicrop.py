@@ -18,7 +18,8 @@ images and all views are then produced on the device at once:
    scale range, aspect ratio log-uniform in [3/4, 4/3], the first of ten tries that fits, else a
    centred square. :func:`sample_crop_boxes` draws them for all views and images at once from a
    ``torch.Generator`` on the device (seeded per step, :meth:`GPUMultiCrop.generator_for`); the
-   training loader (:func:`build_gpu_dino_loader`) instead draws them on the workers with exactly the
+   training loader (:func:`medfoundry.methods.dino.loader.build_gpu_dino_loader`) instead draws them on the
+   workers with exactly the
    CPU path's per-sample seeded calls, so sample ``k`` keeps the same crops for any number of
    workers or ranks (the :mod:`medfoundry.data.views` contract).
 3. **Resampling.** ``backend="grid_sample"``: one affine grid per view
@@ -48,7 +49,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from medfoundry.config.schema import CropsConfig, RunConfig
+from medfoundry.config.schema import CropsConfig
 from medfoundry.data.multicrop import _RATIO, _per_channel, random_resized_crop_box
 from medfoundry.data.views import sample_seed
 
@@ -368,44 +369,3 @@ class GPUCropLoader:
     def __iter__(self) -> Iterator[dict]:
         for batch in self.loader:
             yield self.transform(batch)
-
-
-def build_gpu_dino_loader(
-    cfg: RunConfig,
-    patch_size: int,
-    start_step: int,
-    rank: int,
-    world_size: int,
-    storage_size: int = 512,
-    backend: Backend = "grid_sample",
-    device: torch.device | None = None,
-) -> GPUCropLoader:
-    """Like :func:`medfoundry.data.loader.build_dino_loader`, with the crops made on ``device``.
-
-    Workers decode, intensity-map and place each image on a ``storage_size`` canvas and draw its crop
-    boxes, flips and masks under the sample's seed; the device crops the whole batch at once.
-    ``device`` defaults to ``train.device`` resolved as the training loop does.
-    """
-    from medfoundry.data.loader import (
-        build_intensity,
-        build_mask_sampler,
-        check_crop_sizes,
-        per_view_intensity,
-        step_loader,
-    )
-    from medfoundry.data.sources import build_source
-    from medfoundry.data.views import SeededViews, ViewsSpec
-    from medfoundry.precision import resolve_device
-
-    c = cfg.crops
-    check_crop_sizes(c, patch_size)
-    if per_view_intensity(cfg.data):
-        raise ValueError("data.random_window_per_view is not implemented by crops.device=gpu (workers map intensity "
-                         "once per image); set crops.device=cpu or data.random_window_per_view=false")
-    device = device or resolve_device(cfg.train.device)
-    grid = (c.global_size // patch_size, c.global_size // patch_size)
-    views = CanvasViews(c, cfg.data.channels, storage_size, build_mask_sampler(cfg.dino), grid)
-    dataset = SeededViews(build_source(cfg.data), views, intensity=build_intensity(cfg), seed=cfg.train.seed,
-                          spec=ViewsSpec(None, patch_size, c.global_size))
-    loader = step_loader(dataset, cfg, start_step, rank, world_size, collate_canvas, device.type == "cuda")
-    return GPUCropLoader(loader, GPUMultiCrop(c, cfg.data.channels, backend, cfg.train.seed), device)

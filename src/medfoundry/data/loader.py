@@ -1,4 +1,4 @@
-"""The multi-crop training loader for DINO-family methods, and the pieces the GPU-crop loader shares."""
+"""Pieces of the multi-crop training loaders (the loaders themselves: ``medfoundry.methods.dino.loader``)."""
 
 from __future__ import annotations
 
@@ -7,18 +7,16 @@ from collections.abc import Callable
 from torch.utils.data import DataLoader, Dataset
 
 from medfoundry.config.data import DataConfig
-from medfoundry.config.schema import CropsConfig, DinoConfig, RunConfig
+from medfoundry.config.schema import CropsConfig
 from medfoundry.data.masking import MaskSampler
-from medfoundry.data.multicrop import MultiCropTransform
-from medfoundry.data.sources import build_source
-from medfoundry.data.views import SeededViews, StepBatchSampler, ViewsSpec, collate_views
+from medfoundry.data.views import StepBatchSampler
 
 
-def build_intensity(cfg: RunConfig):
+def build_intensity(data: DataConfig):
     """The configured intensity mapping from source units (HU ...) to [0, 1]."""
     from medfoundry.data.intensity import build_intensity_transform
 
-    return build_intensity_transform(cfg.data)
+    return build_intensity_transform(data)
 
 
 def per_view_intensity(data: DataConfig) -> bool:
@@ -39,38 +37,23 @@ def check_crop_sizes(crops: CropsConfig, patch_size: int) -> None:
         raise ValueError(f"crops.local_size={crops.local_size} must be a multiple of the patch size {patch_size}")
 
 
-def build_mask_sampler(dino: DinoConfig) -> MaskSampler | None:
-    """iBOT block masks for global crops when the iBOT term is on."""
-    if dino.ibot_weight <= 0:
+def build_mask_sampler(ibot_weight: float, probability: float, ratio_min: float,
+                       ratio_max: float) -> MaskSampler | None:
+    """iBOT block masks for global crops when the iBOT term is on (``ibot_weight > 0``)."""
+    if ibot_weight <= 0:
         return None
-    return MaskSampler(dino.mask_probability, dino.mask_ratio_min, dino.mask_ratio_max)
+    return MaskSampler(probability, ratio_min, ratio_max)
 
 
-def step_loader(dataset: Dataset, cfg: RunConfig, start_step: int, rank: int, world_size: int,
+def step_loader(dataset: Dataset, batch_size: int, num_workers: int, start_step: int, rank: int, world_size: int,
                 collate: Callable, pin_memory: bool = False) -> DataLoader:
     """Infinite DataLoader over run sample counters for one rank, positioned at ``start_step``."""
-    workers = cfg.data.num_workers
     return DataLoader(
         dataset,
-        batch_sampler=StepBatchSampler(start_step, cfg.train.batch_size, rank, world_size),
-        num_workers=workers,
+        batch_sampler=StepBatchSampler(start_step, batch_size, rank, world_size),
+        num_workers=num_workers,
         collate_fn=collate,
         pin_memory=pin_memory,
-        persistent_workers=workers > 0,
-        prefetch_factor=4 if workers > 0 else None,
+        persistent_workers=num_workers > 0,
+        prefetch_factor=4 if num_workers > 0 else None,
     )
-
-
-def build_dino_loader(cfg: RunConfig, patch_size: int, start_step: int, rank: int, world_size: int) -> DataLoader:
-    """Infinite loader of view-major multi-crop batches for this rank, positioned at ``start_step``."""
-    check_crop_sizes(cfg.crops, patch_size)
-    intensity = build_intensity(cfg)
-    per_view = per_view_intensity(cfg.data)
-    dataset = SeededViews(
-        build_source(cfg.data),
-        MultiCropTransform(cfg.crops, cfg.data.channels, view_intensity=intensity if per_view else None),
-        intensity=None if per_view else intensity,
-        seed=cfg.train.seed,
-        spec=ViewsSpec(build_mask_sampler(cfg.dino), patch_size, cfg.crops.global_size),
-    )
-    return step_loader(dataset, cfg, start_step, rank, world_size, collate_views)

@@ -42,7 +42,6 @@ from medfoundry.distributed.setup import all_reduce_mean_
 from medfoundry.distributed.setup import is_main_process as _is_main
 from medfoundry.distributed.setup import say as _say
 from medfoundry.eval.best import BestCheckpoint
-from medfoundry.eval.hooks import Hook
 
 if TYPE_CHECKING:
     from medfoundry.eval.registry import EvalInputs
@@ -113,7 +112,7 @@ class _EvalMode:
 
 
 class ClipEvaluator:
-    """Embeds and scores the configured evaluation sets with a :class:`~medfoundry.methods.clip.ClipMethod`.
+    """Embeds and scores the configured evaluation sets with a :class:`~medfoundry.methods.clip.method.ClipMethod`.
 
     Sets are read and preprocessed once and kept in memory when small enough.
     """
@@ -335,14 +334,6 @@ class ClipEvalHook:
         if self.best.value is not None:
             results = {**results, f"best/{self.best_metric}": self.best.value}
         return results
-
-
-def build(cfg: RunConfig) -> list[Hook]:
-    """A :class:`ClipEvalHook` for ``method: clip`` runs with ``clip.eval.every_steps`` or
-    ``clip.eval.val_loss.every_steps`` > 0."""
-    if cfg.method != "clip" or (cfg.clip.eval.every_steps <= 0 and cfg.clip.eval.val_loss.every_steps <= 0):
-        return []
-    return [ClipEvalHook(cfg)]
 
 
 # -- the registered tasks ``zeroshot`` and ``clip_retrieval`` (medfoundry.eval.registry) ---------------------------

@@ -166,7 +166,7 @@ def cached_features(
 ) -> tuple[FeatureSet, bool]:
     """Features of ``lset``, read from the disk cache when the same checkpoint and set were seen before.
 
-    ``identity`` names the weights (see :func:`medfoundry.eval.load.checkpoint_identity`); an empty
+    ``identity`` names the weights (see :func:`medfoundry.methods.checkpoint_backbone.checkpoint_identity`); an empty
     identity disables the cache. Returns ``(features, from_cache)``. Cache files are ``KEY.npz``
     holding the features and a JSON description; they are written atomically.
     """

@@ -1,6 +1,6 @@
 """Training hooks: periodic frozen-feature evaluation, best-checkpoint tracking and health monitors.
 
-:func:`build` (listed in :data:`medfoundry.train.hooks.HOOK_BUILDERS`) returns
+:func:`build` (called by the DINO-family methods' ``build_hooks``, :mod:`medfoundry.methods.registry`) returns
 
 * an :class:`EvaluationHook` when ``eval.every_steps > 0`` and ``eval.data`` names a labelled set (or
   ``eval.tasks`` holds a label-free task such as ``retrieval``, DINO-X's view-retrieval ratio on the
@@ -11,7 +11,8 @@
   and the best value of ``eval.best_metric`` so far selects ``RUN/best.pt`` (+ ``RUN/best.json``);
 * a :class:`MonitorHook` (unless every monitor is disabled) that feeds, every step, the logged
   ``dino_loss_frac`` (DINO loss / ln K) to the entropy-wall detector, ``teacher_effective_prototypes_frac``
-  to the prototype-collapse detector (both ``method=dino`` only) and the teacher feature std to the
+  to the prototype-collapse detector (both only with the method's ``PrototypeTargets``,
+  ``method=dino``) and the teacher feature std to the
   collapse detector; the evaluation hook hands it the evaluated health statistics (``eval/health_feature_std``,
   ``eval/health_active_dims_frac``) for a second collapse detector. A warning is printed, appended
   to ``RUN/monitors.jsonl`` and logged as ``monitor/<name> = 1``; with ``fatal`` the detector
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -185,27 +187,42 @@ def _hu_like(cfg: RunConfig) -> bool:
     return d.intensity == "window" or d.random_window_prob > 0 or d.kind in ("dicom", "nifti")
 
 
+@dataclass(frozen=True)
+class PrototypeTargets:
+    """What the entropy-wall and prototype-collapse detectors know of a method's prototype head and its targets.
+
+    A method with a DINO head (``method: dino``) passes it to :func:`build`; without it those two detectors
+    stay off (the collapse detector on feature statistics works for every method).
+    """
+
+    out_dim: int  # number of prototypes K
+    center_momentum: float
+    centering: str  # center | sinkhorn
+    teacher_temp: float
+
+
 class MonitorHook:
     """Feeds the training-metric stream (and evaluated health) to the entropy-wall, prototype-collapse and
     collapse detectors."""
 
-    def __init__(self, cfg: RunConfig) -> None:
+    def __init__(self, cfg: RunConfig, prototypes: PrototypeTargets | None = None) -> None:
         ew, pc, co = cfg.eval.entropy_wall, cfg.eval.prototype_collapse, cfg.eval.collapse
         self.entropy: EntropyWallDetector | None = None
         self.prototypes: PrototypeCollapseDetector | None = None
         self.collapse: CollapseDetector | None = None
         self.eval_collapse: CollapseDetector | None = None
-        if ew.enabled and cfg.method == "dino":
-            self.entropy = EntropyWallDetector(cfg.dino.head.out_dim, ew.after_steps, ew.patience,
+        p = prototypes
+        if ew.enabled and p is not None:
+            self.entropy = EntropyWallDetector(p.out_dim, ew.after_steps, ew.patience,
                                                ew.threshold_frac, ew.fatal, metric_key="dino_loss_frac",
-                                               center_momentum=cfg.dino.center_momentum,
-                                               centering=cfg.dino.centering, hu_data=_hu_like(cfg),
+                                               center_momentum=p.center_momentum,
+                                               centering=p.centering, hu_data=_hu_like(cfg),
                                                lr=cfg.optim.lr)
-        if pc.enabled and cfg.method == "dino":
+        if pc.enabled and p is not None:
             self.prototypes = PrototypeCollapseDetector(
-                cfg.dino.head.out_dim, pc.after_steps, pc.patience, pc.min_effective_frac, pc.fatal,
-                center_momentum=cfg.dino.center_momentum, centering=cfg.dino.centering,
-                teacher_temp=cfg.dino.teacher_temp, metric_key="teacher_effective_prototypes_frac")
+                p.out_dim, pc.after_steps, pc.patience, pc.min_effective_frac, pc.fatal,
+                center_momentum=p.center_momentum, centering=p.centering,
+                teacher_temp=p.teacher_temp, metric_key="teacher_effective_prototypes_frac")
         if co.enabled:
             self.collapse = CollapseDetector(co.min_feature_std, co.min_active_dims_frac, co.after_steps,
                                              co.patience, co.fatal, std_key="teacher_feature_std",
@@ -255,10 +272,14 @@ class MonitorHook:
         _append_jsonl(run_dir / "monitors.jsonl", {"step": step, "monitor": name, "fatal": fatal, "message": message})
 
 
-def build(cfg: RunConfig) -> list[Hook]:
-    """The evaluation hook (if ``eval.every_steps`` and ``eval.data`` are set) and the monitor hook."""
+def build(cfg: RunConfig, prototypes: PrototypeTargets | None = None) -> list[Hook]:
+    """The evaluation hook (if ``eval.every_steps`` and ``eval.data`` are set) and the monitor hook.
+
+    ``cfg`` is a run config with ``data``, ``crops`` and ``eval`` sections (the DINO-family methods');
+    ``prototypes`` turns on the entropy-wall and prototype-collapse detectors.
+    """
     hooks: list[Hook] = []
-    monitor = MonitorHook(cfg)
+    monitor = MonitorHook(cfg, prototypes)
     if cfg.eval.every_steps > 0:
         if cfg.eval.data or _label_free(cfg):
             evaluation = EvaluationHook(cfg)
@@ -303,4 +324,4 @@ def read_monitor_warnings(run_dir: str | Path) -> list[dict[str, Any]]:
     return out
 
 
-__all__ = ["EvaluationHook", "MonitorHook", "build", "read_eval_history", "read_monitor_warnings"]
+__all__ = ["EvaluationHook", "MonitorHook", "PrototypeTargets", "build", "read_eval_history", "read_monitor_warnings"]

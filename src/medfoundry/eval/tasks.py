@@ -42,7 +42,7 @@ from medfoundry.eval.registry import EvalInputs, EvalSettings
 from medfoundry.eval.retrieval import view_retrieval_metrics
 
 if TYPE_CHECKING:
-    from medfoundry.eval.load import LoadedBackbone
+    from medfoundry.eval.loaded import LoadedBackbone
 
 __all__ = ["EvalSettings", "default_feature_cache", "evaluate_backbone", "evaluate_features", "format_results",
            "health_metrics", "knn_metrics", "linear_metrics", "view_retrieval_metrics"]
@@ -141,7 +141,7 @@ def evaluate_backbone(
     from medfoundry.eval.features import cached_features
     from medfoundry.eval.labelled_set import load_labelled_set
 
-    cfg = loaded.cfg
+    cfg = loaded.sections  # data, crops, eval (the run config of a DINO-family run)
     ec = cfg.eval
     data = data or ec.data
     feature = feature or ec.feature

@@ -376,7 +376,7 @@ def backbone_from_weights(
     picks the tower: ``auto`` - the run's evaluated one -, ``teacher`` or ``student``); for other
     formats pass ``model`` (a ``ModelConfig``) naming the registered architecture. LoRA adapters are
     merged, so the result is a plain backbone. To evaluate a run (its backbone exactly as trained,
-    or its random initialisation) use :func:`medfoundry.eval.load.load_backbone`. ``preloaded`` and
+    or its random initialisation) use :func:`medfoundry.methods.checkpoint_backbone.load_backbone`. ``preloaded`` and
     ``what`` are as in :func:`load_pretrained_backbone`.
     """
     from medfoundry.config.schema import ModelConfig

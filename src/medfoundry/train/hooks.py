@@ -3,8 +3,9 @@
 A hook is any object with ``on_step_end(step, metrics, method, run_dir) -> dict[str, float] | None``
 (:class:`medfoundry.eval.hooks.Hook`); returned values are logged with the step's metrics. Hooks run on
 every rank (evaluations may need collectives) and must return the same keys on every rank.
-:data:`HOOK_BUILDERS` lists the builders ``(cfg) -> list[Hook]``, the evaluation package's first; add your
-own with :func:`register_hook_builder`. The loop knows nothing about what they do.
+The method's entry builds its own hooks (``MethodEntry.build_hooks``: frozen-feature evaluation and monitors
+for the DINO family, zero-shot/retrieval for CLIP); :data:`HOOK_BUILDERS` holds further builders
+``(cfg) -> list[Hook]`` added with :func:`register_hook_builder`. The loop knows nothing about what they do.
 """
 
 from __future__ import annotations
@@ -12,22 +13,23 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from medfoundry.config.schema import RunConfig
-from medfoundry.eval import clip_hook, in_training
 from medfoundry.eval.hooks import Hook
+from medfoundry.methods.registry import get_method_entry
 
-#: Builders consulted by :func:`build_hooks`, in order.
-HOOK_BUILDERS: list[Callable[[RunConfig], list[Hook]]] = [in_training.build, clip_hook.build]
+#: Builders consulted by :func:`build_hooks` after the method's own, in order.
+HOOK_BUILDERS: list[Callable[[RunConfig], list[Hook]]] = []
 
 
 def register_hook_builder(fn: Callable[[RunConfig], list[Hook]]) -> Callable[[RunConfig], list[Hook]]:
-    """Decorator: add a builder ``(cfg) -> list[Hook]`` consulted by :func:`build_hooks` (after the built-in ones)."""
+    """Decorator: add a builder ``(cfg) -> list[Hook]`` consulted by :func:`build_hooks` (after the method's)."""
     HOOK_BUILDERS.append(fn)
     return fn
 
 
 def build_hooks(cfg: RunConfig) -> list[Hook]:
-    """All hooks the config asks for, from every builder in :data:`HOOK_BUILDERS`."""
-    return [hook for builder in HOOK_BUILDERS for hook in builder(cfg)]
+    """All hooks the config asks for: the method's (its entry's ``build_hooks``), then every :data:`HOOK_BUILDERS`'."""
+    builders = [get_method_entry(cfg.method).build_hooks, *HOOK_BUILDERS]
+    return [hook for builder in builders for hook in builder(cfg)]
 
 
 __all__ = ["HOOK_BUILDERS", "Hook", "build_hooks", "register_hook_builder"]

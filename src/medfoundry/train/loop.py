@@ -32,10 +32,10 @@ from medfoundry.distributed.parallelize import is_sharded, parallelize, unwrap
 from medfoundry.distributed.setup import DistInfo, init_distributed
 from medfoundry.errors import UserError
 from medfoundry.methods import get_method_entry
+from medfoundry.methods.input_paths import check_paths
 from medfoundry.precision import autocast, resolve_device, resolve_precision
 from medfoundry.safe_load import load_torch_file
 from medfoundry.train.hooks import build_hooks
-from medfoundry.train.input_paths import check_paths
 from medfoundry.train.optim import apply_schedules, build_optimizer
 from medfoundry.train.preemption import PREEMPTED_EXIT_CODE, StopFlag, agree_step
 from medfoundry.train.resume import check_resume_config, select_checkpoint
@@ -251,11 +251,12 @@ def _track_bad(bad: list, bad_files: dict, cfg: RunConfig, logger: RunLogger, lo
     if not bad:
         return
     total = len(loader.dataset)
-    if len(bad_files) / max(1, total) > cfg.data.max_bad_fraction:
+    limit = get_method_entry(cfg.method).max_bad_fraction(cfg)
+    if len(bad_files) / max(1, total) > limit:
         listed = "\n  ".join(f"{p}: {r}" for p, r in list(bad_files.items())[:20])
         raise BadDataError(
             f"{len(bad_files)} of {total} files are unreadable, more than data.max_bad_fraction="
-            f"{cfg.data.max_bad_fraction}:\n  {listed}\nFix or remove them (medfoundry prepare reports them)."
+            f"{limit}:\n  {listed}\nFix or remove them (medfoundry prepare reports them)."
         )
 
 

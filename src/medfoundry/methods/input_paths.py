@@ -14,6 +14,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from medfoundry.config.loader import ConfigError
+
 if TYPE_CHECKING:
     from medfoundry.config.clip import ClipDataConfig
     from medfoundry.config.schema import RunConfig
@@ -24,13 +26,9 @@ Need = tuple[str, str, Callable[[str, Path], None]]  # (config key, path as give
 def check_paths(cfg: RunConfig) -> None:
     """Raise :class:`ConfigError` for the first input file or folder of this run that is missing or unusable.
 
+    The paths are ``model.pretrained`` and what the method's entry lists (``MethodEntry.needed_paths``).
     Call it at the start of training (``medfoundry train`` does), before the run folder is written.
     """
-    from medfoundry.config.loader import ConfigError
-
-    if cfg.method in ("dino", "distill") and not cfg.data.root:
-        raise ConfigError(f"'data.root' is not set: give the training images (data.kind={cfg.data.kind}), "
-                          "e.g. data.root=path/to/images")
     for key, value, check in needed_paths(cfg):
         path = Path(value).expanduser()
         if not path.exists():
@@ -40,72 +38,37 @@ def check_paths(cfg: RunConfig) -> None:
 
 def needed_paths(cfg: RunConfig) -> Iterator[Need]:
     """Every ``(key, path, check)`` the configured run will read (paths only where set and used)."""
+    from medfoundry.methods.registry import get_method_entry
+
     if cfg.model.pretrained:
-        yield "model.pretrained", cfg.model.pretrained, _weights
-    if cfg.method == "distill" and cfg.distill.teacher_checkpoint:
-        yield "distill.teacher_checkpoint", cfg.distill.teacher_checkpoint, _weights
-    if cfg.dino.gram_weight > 0 and cfg.dino.gram_mode == "anchor" and cfg.dino.gram_anchor:
-        yield "dino.gram_anchor", cfg.dino.gram_anchor, _weights
-    if cfg.method in ("dino", "distill"):
-        yield "data.root", cfg.data.root, _data_root(cfg.data.kind, cfg.data.extensions)
-        if cfg.data.hdf5_reports:
-            yield "data.hdf5_reports", cfg.data.hdf5_reports, _file
-    ec = cfg.eval
-    if ec.every_steps > 0 and ec.data:
-        yield "eval.data", ec.data, _any
-    if ec.every_steps > 0 and "retrieval" in ec.tasks and ec.retrieval_root:
-        yield "eval.retrieval_root", ec.retrieval_root, _any
-    if cfg.method == "clip":
-        yield from _clip_paths(cfg)
+        yield "model.pretrained", cfg.model.pretrained, weights
+    yield from get_method_entry(cfg.method).needed_paths(cfg)
 
 
-def _clip_paths(cfg: RunConfig) -> Iterator[Need]:
-    c = cfg.clip
-    yield from _pair_paths("clip.data", c.data)
-    if c.text.pretrained:
-        yield "clip.text.pretrained", c.text.pretrained, _weights_file
-    if c.text.kind == "hf" and c.text.hf_path:
-        yield "clip.text.hf_path", c.text.hf_path, _folder
-    if c.eval.every_steps > 0:
-        z = c.eval.zeroshot
-        if z.kind in ("manifest", "hdf5") and z.labels:
-            yield "clip.eval.zeroshot.labels", z.labels, _file
-        if z.kind == "hdf5" and z.hdf5:
-            yield "clip.eval.zeroshot.hdf5", z.hdf5, _file
-        if z.image_root:
-            yield "clip.eval.zeroshot.image_root", z.image_root, _folder
-        if c.eval.retrieval.source == "data":
-            yield from _pair_paths("clip.eval.retrieval.data", c.eval.retrieval.data)
-    if c.eval.val_loss.every_steps > 0:
-        yield from _pair_paths("clip.eval.val_loss.data", c.eval.val_loss.data)
-
-
-def _pair_paths(prefix: str, d: ClipDataConfig) -> Iterator[Need]:
+def pair_paths(prefix: str, d: ClipDataConfig) -> Iterator[Need]:
     """The files of an image-report pair source (the demo source writes its own)."""
     if d.kind == "demo":
         return
     if d.manifest:
-        yield f"{prefix}.manifest", d.manifest, _file
+        yield f"{prefix}.manifest", d.manifest, regular_file
     if d.kind == "chexzero" and d.hdf5:
-        yield f"{prefix}.hdf5", d.hdf5, _file
+        yield f"{prefix}.hdf5", d.hdf5, regular_file
     if d.image_root:
-        yield f"{prefix}.image_root", d.image_root, _folder
+        yield f"{prefix}.image_root", d.image_root, folder
 
 
 # ---------------------------------------------------------------- checks of one existing path
 
 
 def _error(key: str, path: Path, problem: str) -> Exception:
-    from medfoundry.config.loader import ConfigError
-
     return ConfigError(f"'{key}' = '{path}' {problem}")
 
 
-def _any(key: str, path: Path) -> None:
+def any_path(key: str, path: Path) -> None:
     """Exists (checked by the caller): a file or a folder both work."""
 
 
-def _file(key: str, path: Path) -> None:
+def regular_file(key: str, path: Path) -> None:
     """A non-empty regular file."""
     if path.is_dir():
         raise _error(key, path, "is a folder; give the file")
@@ -113,7 +76,7 @@ def _file(key: str, path: Path) -> None:
         raise _error(key, path, "is empty (0 bytes): the write or download that produced it did not finish")
 
 
-def _folder(key: str, path: Path) -> None:
+def folder(key: str, path: Path) -> None:
     """A folder with at least one file in it (at any depth)."""
     if not path.is_dir():
         raise _error(key, path, "is a file; give the folder")
@@ -121,7 +84,7 @@ def _folder(key: str, path: Path) -> None:
         raise _error(key, path, "is an empty folder")
 
 
-def _weights(key: str, path: Path) -> None:
+def weights(key: str, path: Path) -> None:
     """A weights file, or a folder that resolves to one (run folder, export folder, HF folder)."""
     if path.is_dir():
         from medfoundry.models.pretrained import PretrainedLoadError, resolve_source
@@ -133,16 +96,16 @@ def _weights(key: str, path: Path) -> None:
         if resolved.is_dir():
             return  # an HF folder or a sharded checkpoint: its files are checked when it is read
         path = resolved
-    _weights_file(key, path)
+    weights_file(key, path)
 
 
-def _weights_file(key: str, path: Path) -> None:
+def weights_file(key: str, path: Path) -> None:
     """A non-empty file that starts like a PyTorch (zip, pickle or old tar) or safetensors file.
 
     Reads 512 bytes: enough to tell a weights file from a text note, a saved HTML error page or a Git LFS
     pointer. A file that starts right but is truncated or corrupt inside is reported when it is loaded.
     """
-    _file(key, path)
+    regular_file(key, path)
     with open(path, "rb") as fh:
         head = fh.read(512)
     zip_or_pickle = head.startswith((b"PK\x03\x04", b"PK\x05\x06")) or head[:1] == b"\x80"
@@ -166,22 +129,22 @@ def _looks_like(head: bytes) -> str:
     return " (a text file)"
 
 
-def _data_root(kind: str, extensions: list[str]) -> Callable[[str, Path], None]:
+def data_root(kind: str, extensions: list[str]) -> Callable[[str, Path], None]:
     """The check of ``data.root`` for source ``kind`` (what each source reads, see data/medical_sources.py)."""
     def check(key: str, path: Path) -> None:
         if kind == "image_folder":
             _image_folder(key, path, extensions)
         elif kind in ("hdf5", "manifest"):
-            _file(key, path)
+            regular_file(key, path)
             if kind == "manifest":
                 _manifest_columns(key, path, ["path"])
         elif kind == "prepared":
             if not (path / "manifest.csv").is_file():
                 raise _error(key, path, f"has no manifest.csv; run `medfoundry prepare SRC --out {path}` first")
         elif path.is_dir():
-            _folder(key, path)
+            folder(key, path)
         else:
-            _file(key, path)
+            regular_file(key, path)
 
     return check
 

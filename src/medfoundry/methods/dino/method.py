@@ -15,9 +15,10 @@ import torch
 from torch import Tensor, nn
 
 from medfoundry.config.adapt import AdaptConfig
-from medfoundry.config.schema import DinoConfig, ModelConfig, RunConfig
+from medfoundry.config.schema import ModelConfig
 from medfoundry.losses import DINOLoss, GramLoss, IBOTPatchLoss, KDEUniformityLoss, KoLeoLoss
 from medfoundry.methods.base import Method
+from medfoundry.methods.dino.config import DinoConfig, DinoRunConfig
 from medfoundry.models.backbone import Backbone
 from medfoundry.models.heads import DINOHead
 from medfoundry.models.registry import create_backbone
@@ -281,13 +282,13 @@ def teacher_target_stats(t_probs: Tensor, dino_loss: Tensor | None = None) -> di
     return out
 
 
-def init_eval_backbone(cfg: RunConfig) -> Backbone:
+def init_eval_backbone(cfg: DinoRunConfig) -> Backbone:
     """The EMA teacher's backbone as :class:`DINOMethod` initialises it, without the rest of the method.
 
     The teacher starts as a copy of the student backbone, the first thing the method draws from the
     RNG (then the student's LoRA adapters), so under the run's seed this is bit-identical to the run's
     step-0 teacher backbone; heads, the other tower and external weights (``model.pretrained``, the
-    Gram anchor) are neither built nor read. For evaluation (:mod:`medfoundry.eval.load`).
+    Gram anchor) are neither built nor read. For evaluation (:mod:`medfoundry.methods.checkpoint_backbone`).
     """
     from medfoundry.models.lora import adapt_backbone
 

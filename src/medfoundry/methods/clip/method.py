@@ -28,10 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from medfoundry.config.clip import ClipImageConfig, check_clip_config
-from medfoundry.config.schema import RunConfig
+from medfoundry.config.clip import ClipImageConfig
 from medfoundry.losses.clip import ClipInfoNCELoss, SigLIPLoss
 from medfoundry.methods.base import Method
+from medfoundry.methods.clip.config import ClipRunConfig, check_clip_config
 from medfoundry.models.backbone import Backbone
 from medfoundry.models.projection import ProjectionHead
 
@@ -78,12 +78,12 @@ def apply_text_lora(module: nn.Module, rank: int, alpha: float, targets: Sequenc
     return names
 
 
-def init_eval_backbone(cfg: RunConfig) -> Backbone:
+def init_eval_backbone(cfg: ClipRunConfig) -> Backbone:
     """The image tower's backbone as :class:`ClipMethod` initialises it, without projection or text tower.
 
     The image backbone is the first thing the method draws from the RNG, so under the run's seed this
     is bit-identical to the run's step-0 image backbone; no pretrained image or text weights are read
-    (:mod:`medfoundry.eval.load`).
+    (:mod:`medfoundry.methods.checkpoint_backbone`).
     """
     from medfoundry.models.lora import adapt_backbone
     from medfoundry.models.registry import create_backbone
@@ -103,7 +103,7 @@ class ClipMethod(Method):
             medfoundry checkpoint is loaded over the method, e.g. for evaluation).
     """
 
-    def __init__(self, cfg: RunConfig, load_pretrained: bool = True) -> None:
+    def __init__(self, cfg: ClipRunConfig, load_pretrained: bool = True) -> None:
         super().__init__()
         from medfoundry.data.pair_loader import preset_pixel_stats
         from medfoundry.models.registry import create_backbone
@@ -241,26 +241,3 @@ class ClipMethod(Method):
     def after_optimizer_step(self, step: int) -> None:
         """Clamp ``exp(logit_scale)`` to at most ``clip.loss.max_logit_scale`` (CLIP's 100)."""
         self.logit_scale.clamp_(max=self.max_log_scale)
-
-
-def build_clip_loader(cfg: RunConfig, method: ClipMethod, start_step: int, rank: int, world_size: int):
-    """The image-report loader of ``clip.data`` for one rank at ``start_step`` (see :mod:`medfoundry.data.pair_loader`).
-
-    Also sets dataset normalisation statistics on ``method`` (``normalize=dataset``) and warns with
-    counts when reports are longer than the text context.
-    """
-    from medfoundry.data.pair_loader import PairImageTransform, build_pair_loader, estimate_pixel_stats
-    from medfoundry.data.pairs import build_pairs
-    from medfoundry.models.text.tokenize import check_truncation
-
-    c = cfg.clip
-    pairs = build_pairs(c.data)
-    channels = cfg.model.in_chans
-    if c.preprocess.normalize == "dataset":
-        mean, std = estimate_pixel_stats(pairs, PairImageTransform(c.preprocess, channels, train=False),
-                                         c.preprocess.stats_samples)
-        method.set_pixel_stats(mean, std)
-    hint = "Or train on a section (clip.data.sections=[impression])."  # the tokenizer adds its tower's advice
-    check_truncation(method.tokenizer, pairs.texts, c.text.truncation_check, "reports", hint)
-    return build_pair_loader(pairs, c.preprocess, channels, method.tokenizer, cfg.train.batch_size, cfg.train.seed,
-                             start_step, rank, world_size, c.data.num_workers)

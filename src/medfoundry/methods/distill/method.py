@@ -26,23 +26,24 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from medfoundry.config.schema import HeadConfig, ModelConfig, RunConfig
+from medfoundry.config.schema import HeadConfig, ModelConfig
 from medfoundry.losses import DINOLoss
 from medfoundry.losses.distill import CosineFeatureLoss, match_patch_grid
 from medfoundry.methods.base import Method
-from medfoundry.methods.dino import teacher_target_stats
+from medfoundry.methods.dino.method import teacher_target_stats
+from medfoundry.methods.distill.config import DistillRunConfig
 from medfoundry.models.backbone import Backbone
 from medfoundry.models.heads import DINOHead
 from medfoundry.models.registry import create_backbone
 from medfoundry.schedules import linear_warmup_constant
 
 
-def init_eval_backbone(cfg: RunConfig) -> Backbone:
+def init_eval_backbone(cfg: DistillRunConfig) -> Backbone:
     """The student backbone as :class:`DistillMethod` initialises it, without the teacher or heads.
 
     The student is the first thing the method draws from the RNG, so under the run's seed this is
     bit-identical to the run's step-0 student; the teacher checkpoint and ``model.pretrained`` are not
-    read, so a student evaluates after its teacher's run folder is gone (:mod:`medfoundry.eval.load`).
+    read, so a student evaluates after its teacher's run folder is gone (:mod:`medfoundry.methods.checkpoint_backbone`).
     """
     from medfoundry.models.lora import adapt_backbone
 
@@ -60,7 +61,7 @@ class DistillMethod(Method):
             ``optim.freeze_backbone_steps``.
     """
 
-    def __init__(self, cfg: RunConfig) -> None:
+    def __init__(self, cfg: DistillRunConfig) -> None:
         super().__init__()
         from medfoundry.models.lora import adapt_backbone
         from medfoundry.models.pretrained import load_pretrained_backbone, read_weights, resolve_source

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -23,26 +22,9 @@ from torch import Tensor
 
 from medfoundry.checkpoints.format import latest_checkpoint, load_checkpoint
 from medfoundry.config.schema import RunConfig
+from medfoundry.eval.loaded import LoadedBackbone
+from medfoundry.methods.registry import get_method_entry
 from medfoundry.models.backbone import Backbone
-
-
-@dataclass
-class LoadedBackbone:
-    """A backbone ready for evaluation and where it came from."""
-
-    backbone: Backbone
-    cfg: RunConfig
-    checkpoint: Path
-    step: int | None
-    identity: str  # names the weights, for feature caches
-    random_init: bool = False
-
-    @property
-    def label(self) -> str:
-        """Short human-readable name: ``step 1200`` or ``random init``."""
-        if self.random_init:
-            return "random init"
-        return f"step {self.step}" if self.step is not None else self.checkpoint.name
 
 
 def resolve_checkpoint(path: str | Path, which: str = "latest") -> Path:
@@ -93,7 +75,11 @@ def config_from_checkpoint(data: dict, source: str = "checkpoint") -> RunConfig:
         return from_dict(data, source=source)
     except ConfigError:
         dropped: list[str] = []
-        pruned = _prune(RunConfig, data, "", dropped)
+        from medfoundry.config.loader import new_run_config
+        from medfoundry.config.names import DEFAULT_METHOD
+
+        root = type(new_run_config(data.get("method", DEFAULT_METHOD), source))
+        pruned = _prune(root, data, "", dropped)
         cfg = from_dict(pruned, source=source)
         print(f"warning: {source}: ignored config keys unknown to this version: {', '.join(dropped)}", file=sys.stderr)
         return cfg
@@ -103,7 +89,7 @@ def _prune(cls: type, data: dict, prefix: str, dropped: list[str]) -> dict:
     import dataclasses
     import typing
 
-    hints = typing.get_type_hints(cls, globalns=vars(sys.modules[cls.__module__]))
+    hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     out = {}
     for key, value in data.items():
@@ -124,8 +110,6 @@ def build_eval_backbone(cfg: RunConfig) -> tuple[Backbone, str]:
     Built under ``train.seed`` (as the training loop builds the method) in a forked RNG, so the
     caller's random state is untouched.
     """
-    from medfoundry.methods import get_method_entry
-
     entry = get_method_entry(cfg.method)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.train.seed)
@@ -177,4 +161,10 @@ def load_backbone(
     backbone = backbone.to(device).eval()
     backbone.requires_grad_(False)
     step = state.get("step")
-    return LoadedBackbone(backbone, cfg, ckpt, int(step) if step is not None else None, identity, random_init)
+    sections = get_method_entry(cfg.method).frozen_eval_sections(cfg)
+    return LoadedBackbone(backbone, cfg, ckpt, int(step) if step is not None else None, identity, random_init,
+                          sections)
+
+
+__all__ = ["LoadedBackbone", "build_eval_backbone", "checkpoint_identity", "config_from_checkpoint", "load_backbone",
+           "resolve_checkpoint"]

@@ -1,0 +1,69 @@
+"""The ``clip`` method's pipeline: reads a CLIP run's whole config and hands each part its section (method,
+image-report loader, evaluated image backbone, zero-shot/retrieval hook, input paths). Registered as :data:`ENTRY`."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from medfoundry.config.data import DataConfig
+from medfoundry.eval.clip_hook import ClipEvalHook
+from medfoundry.eval.hooks import Hook
+from medfoundry.eval.loaded import FrozenEvalSections
+from medfoundry.methods import input_paths as paths
+from medfoundry.methods.clip.config import ClipRunConfig
+from medfoundry.methods.clip.loader import build_clip_loader
+from medfoundry.methods.clip.method import ClipMethod, init_eval_backbone
+from medfoundry.methods.registry import MethodEntry, Need
+from medfoundry.models.pretrained import record_load_reports
+
+
+def build(cfg: ClipRunConfig) -> ClipMethod:
+    """Image and text towers and the contrastive loss; load reports recorded in the run folder."""
+    method = ClipMethod(cfg)
+    record_load_reports(method.load_reports, cfg.output_dir)
+    return method
+
+
+def build_hooks(cfg: ClipRunConfig) -> list[Hook]:
+    """A :class:`ClipEvalHook` when ``clip.eval.every_steps`` or ``clip.eval.val_loss.every_steps`` is > 0."""
+    if cfg.clip.eval.every_steps <= 0 and cfg.clip.eval.val_loss.every_steps <= 0:
+        return []
+    return [ClipEvalHook(cfg)]
+
+
+def needed_paths(cfg: ClipRunConfig) -> Iterator[Need]:
+    """The pair data, the text tower's weights and the evaluation sets of ``clip``."""
+    c = cfg.clip
+    yield from paths.pair_paths("clip.data", c.data)
+    if c.text.pretrained:
+        yield "clip.text.pretrained", c.text.pretrained, paths.weights_file
+    if c.text.kind == "hf" and c.text.hf_path:
+        yield "clip.text.hf_path", c.text.hf_path, paths.folder
+    if c.eval.every_steps > 0:
+        z = c.eval.zeroshot
+        if z.kind in ("manifest", "hdf5") and z.labels:
+            yield "clip.eval.zeroshot.labels", z.labels, paths.regular_file
+        if z.kind == "hdf5" and z.hdf5:
+            yield "clip.eval.zeroshot.hdf5", z.hdf5, paths.regular_file
+        if z.image_root:
+            yield "clip.eval.zeroshot.image_root", z.image_root, paths.folder
+        if c.eval.retrieval.source == "data":
+            yield from paths.pair_paths("clip.eval.retrieval.data", c.eval.retrieval.data)
+    if c.eval.val_loss.every_steps > 0:
+        yield from paths.pair_paths("clip.eval.val_loss.data", c.eval.val_loss.data)
+
+
+def max_bad_fraction(cfg: ClipRunConfig) -> float:
+    """The share of unreadable pair images after which the run stops: the ``data`` section's default, as before
+    the methods owned their sections (``clip.data`` has no key of its own for it yet)."""
+    return DataConfig().max_bad_fraction
+
+
+def frozen_eval_sections(cfg: ClipRunConfig) -> FrozenEvalSections:
+    """Default ``data``/``crops``/``eval`` sections (what frozen evaluation of a CLIP image backbone used before the
+    methods owned their sections; evaluating it through ``clip.preprocess`` instead is its own issue)."""
+    return FrozenEvalSections()
+
+
+ENTRY = MethodEntry("clip", ClipRunConfig, build, build_clip_loader, "image", init_eval_backbone, build_hooks,
+                    needed_paths, max_bad_fraction, frozen_eval_sections)

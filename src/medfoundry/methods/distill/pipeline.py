@@ -1,0 +1,41 @@
+"""The ``distill`` method's pipeline: reads a distillation run's whole config and hands each part its section.
+Registered as :data:`ENTRY`; the loader and the evaluation sets are the DINO pipeline's."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from medfoundry.eval import in_training
+from medfoundry.eval.hooks import Hook
+from medfoundry.methods import input_paths as paths
+from medfoundry.methods.dino.loader import build_loader
+from medfoundry.methods.dino.pipeline import frozen_eval_sections, image_paths, max_bad_fraction
+from medfoundry.methods.distill.config import DistillRunConfig
+from medfoundry.methods.distill.method import DistillMethod, init_eval_backbone
+from medfoundry.methods.registry import MethodEntry, Need
+from medfoundry.models.pretrained import record_load_reports
+
+
+def build(cfg: DistillRunConfig) -> DistillMethod:
+    """Teacher and student; load reports recorded in the run folder."""
+    method = DistillMethod(cfg)
+    record_load_reports(method.load_reports, cfg.output_dir)
+    return method
+
+
+def build_hooks(cfg: DistillRunConfig) -> list[Hook]:
+    """Frozen-feature evaluation of the student (``eval``) and the feature-collapse monitors."""
+    return in_training.build(cfg)
+
+
+def needed_paths(cfg: DistillRunConfig) -> Iterator[Need]:
+    """The teacher's weights, a Gram anchor if one is configured, then the images and evaluation sets."""
+    if cfg.distill.teacher_checkpoint:
+        yield "distill.teacher_checkpoint", cfg.distill.teacher_checkpoint, paths.weights
+    if cfg.dino.gram_weight > 0 and cfg.dino.gram_mode == "anchor" and cfg.dino.gram_anchor:
+        yield "dino.gram_anchor", cfg.dino.gram_anchor, paths.weights
+    yield from image_paths(cfg)
+
+
+ENTRY = MethodEntry("distill", DistillRunConfig, build, build_loader, "student", init_eval_backbone, build_hooks,
+                    needed_paths, max_bad_fraction, frozen_eval_sections)
