@@ -7,6 +7,7 @@ the parameters that require grad, and checkpoints ``state_dict()`` (student, tea
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from medfoundry.models.backbone import Backbone
@@ -36,3 +37,35 @@ class Method(nn.Module):
     def metrics_after_step(self, step: int) -> dict[str, float]:
         """Scalars to log once the optimizer step is done (e.g. the EMA momentum just used); none by default."""
         return {}
+
+
+class StudentTeacherMethod(Method):
+    """A method with a trained ``student`` and a ``teacher`` that never trains (EMA or frozen): DINO, distillation.
+
+    ``self.student`` and ``self.teacher`` are ``nn.ModuleDict``s with a ``"backbone"``; the student's backbone is
+    the trainable one, and ``train()`` keeps the teacher in eval mode (no dropout/drop-path, frozen norms).
+    """
+
+    student: nn.ModuleDict
+    teacher: nn.ModuleDict
+
+    def backbones(self) -> dict[str, Backbone]:
+        """The student's backbone (the only one with trainable parameters)."""
+        return {"student.backbone": self.student["backbone"]}
+
+    def student_crop_logits(self, global_cls: Tensor, local: Tensor | None, n_global: int, batch: int) -> Tensor:
+        """Student DINO-head logits of every crop, ``(n_global + n_local, batch, K)`` float: the global crops'
+        class tokens ``global_cls`` first, then the local crops ``local`` ``(n_local, batch, C, h, w)`` (if any)
+        through the student backbone (the multi-crop student side of Caron et al. 2021)."""
+        head = self.student["dino_head"]
+        logits = [head(global_cls).view(n_global, batch, -1)]
+        if local is not None:
+            s_local = self.student["backbone"].forward_features(local.flatten(0, 1))
+            logits.append(head(s_local.cls).view(local.shape[0], batch, -1))
+        return torch.cat(logits, dim=0).float()
+
+    def train(self, mode: bool = True) -> StudentTeacherMethod:
+        """Set ``mode`` on the student; the teacher stays in eval mode."""
+        super().train(mode)
+        self.teacher.eval()
+        return self

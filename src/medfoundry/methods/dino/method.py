@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from medfoundry.config.adapt import AdaptConfig
 from medfoundry.config.schema import ModelConfig
 from medfoundry.losses import DINOLoss, GramLoss, IBOTPatchLoss, KDEUniformityLoss, KoLeoLoss
-from medfoundry.methods.base import Method
+from medfoundry.methods.base import StudentTeacherMethod
 from medfoundry.methods.dino.config import DinoConfig, DinoRunConfig
 from medfoundry.models.backbone import Backbone
 from medfoundry.models.heads import DINOHead
@@ -25,7 +25,7 @@ from medfoundry.models.registry import create_backbone
 from medfoundry.schedules import cosine, linear_warmup_constant
 
 
-class DINOMethod(Method):
+class DINOMethod(StudentTeacherMethod):
     """Student and EMA teacher (backbone + DINO head [+ iBOT head]) and the configured loss terms.
 
     Args:
@@ -101,12 +101,8 @@ class DINOMethod(Method):
         """The teacher backbone: DINO's better and smoother model, the one evaluated and exported."""
         return self.teacher["backbone"]
 
-    def backbones(self) -> dict[str, Backbone]:
-        return {"student.backbone": self.student["backbone"]}
-
     def train(self, mode: bool = True) -> DINOMethod:
         super().train(mode)
-        self.teacher.eval()
         if self.gram_anchor is not None:
             self.gram_anchor.eval()
         return self
@@ -158,12 +154,7 @@ class DINOMethod(Method):
                 )
 
         s_out = self.student["backbone"].forward_features(glob, masks=masks)
-        s_logits = [self.student["dino_head"](s_out.cls).view(n_g, b, -1)]
-        if local is not None:
-            n_l = local.shape[0]
-            s_local = self.student["backbone"].forward_features(local.flatten(0, 1))
-            s_logits.append(self.student["dino_head"](s_local.cls).view(n_l, b, -1))
-        student_logits = torch.cat(s_logits, dim=0).float()
+        student_logits = self.student_crop_logits(s_out.cls, local, n_g, b)
         teacher_probs = t_probs.view(n_g, b, -1)
 
         terms: dict[str, Tensor] = {}

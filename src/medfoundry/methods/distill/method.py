@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from medfoundry.config.schema import HeadConfig, ModelConfig
 from medfoundry.losses import DINOLoss
 from medfoundry.losses.distill import CosineFeatureLoss, match_patch_grid
-from medfoundry.methods.base import Method
+from medfoundry.methods.base import StudentTeacherMethod
 from medfoundry.methods.dino.method import teacher_target_stats
 from medfoundry.methods.distill.config import DistillRunConfig
 from medfoundry.models.backbone import Backbone
@@ -52,7 +52,7 @@ def init_eval_backbone(cfg: DistillRunConfig) -> Backbone:
     return student
 
 
-class DistillMethod(Method):
+class DistillMethod(StudentTeacherMethod):
     """Frozen teacher (backbone [+ DINO head]) and trainable student (backbone + head + projectors).
 
     Args:
@@ -123,14 +123,6 @@ class DistillMethod(Method):
         """The student backbone: the model being produced."""
         return self.student["backbone"]
 
-    def backbones(self) -> dict[str, Backbone]:
-        return {"student.backbone": self.student["backbone"]}
-
-    def train(self, mode: bool = True) -> DistillMethod:
-        super().train(mode)
-        self.teacher.eval()
-        return self
-
     def teacher_temperature(self, step: int) -> float:
         """Teacher softmax temperature at ``step`` (the ``dino`` section's warm-up schedule)."""
         c = self.cfg.dino
@@ -159,12 +151,7 @@ class DistillMethod(Method):
         terms: dict[str, Tensor] = {}
         weights: dict[str, float] = {}
         if use_dino:
-            s_logits = [self.student["dino_head"](s_out.cls).view(n_g, b, -1)]
-            if local is not None:
-                n_l = local.shape[0]
-                s_local = self.student["backbone"].forward_features(local.flatten(0, 1))
-                s_logits.append(self.student["dino_head"](s_local.cls).view(n_l, b, -1))
-            student_logits = torch.cat(s_logits, dim=0).float()
+            student_logits = self.student_crop_logits(s_out.cls, local, n_g, b)
             terms["dino_loss"] = self.dino_loss(student_logits, t_probs.view(n_g, b, -1), skip_same_view=False)
             weights["dino_loss"] = d.dino_weight
             self._pending = t_logits.detach()
