@@ -289,10 +289,6 @@ def check_values(cfg: RunConfig, origins: dict[str, str] | None = None) -> None:
                 raise ConfigError(value_error(key, value, rule.requirement, origins, type(cfg)))
 
 
-def check_cross_fields(cfg: RunConfig) -> None:
-    """Checks that relate two fields of the common sections (a method's own are its run config's ``check()``)."""
-
-
 def check_eval_section(ec: EvalConfig) -> None:
     """``eval.split_fractions`` must have a positive sum (for the methods whose run config has ``eval``)."""
     from medfoundry.config.loader import ConfigError
@@ -304,10 +300,6 @@ def check_eval_section(ec: EvalConfig) -> None:
 
 def check_image_pipeline(data: DataConfig, crops: CropsConfig) -> None:
     """``crops.mean``/``crops.std`` fit ``data.channels``; HU windows x slices give ``data.channels``."""
-    _check_channels(data, crops)
-
-
-def _check_channels(data: DataConfig, crops: CropsConfig) -> None:
     from medfoundry.config.loader import ConfigError
 
     channels = data.channels

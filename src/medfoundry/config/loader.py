@@ -19,7 +19,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 
-from medfoundry.config.checks import check_cross_fields, check_names, check_values
+from medfoundry.config.checks import check_names, check_values
 from medfoundry.config.names import DEFAULT_METHOD, registered_methods, run_config_class
 from medfoundry.config.schema import RunConfig
 from medfoundry.errors import UserError
@@ -78,8 +78,8 @@ def new_run_config(method: Any, source: str = "config") -> RunConfig:
     return cfg
 
 
-def _other_method_of(section: str, cfg: Any) -> list[str]:
-    """Registered methods whose run config has top-level ``section`` while ``cfg``'s class has not."""
+def _methods_with_section(section: str) -> list[str]:
+    """Registered methods whose run config has the top-level section ``section``."""
     return [m for m in registered_methods() if section in {f.name for f in dataclasses.fields(run_config_class(m))}]
 
 
@@ -121,7 +121,7 @@ def _unknown_key(source: str, dotted: str, value: Any, root: type) -> str:
     """The message for an unknown key: the method that owns its section, else the nearest valid key."""
     section = dotted.split(".")[0]
     names = {f.name for f in dataclasses.fields(root)}
-    owners = _other_method_of(section, root) if section not in names else []
+    owners = _methods_with_section(section) if section not in names else []
     if owners:
         this = getattr(root, "__name__", "this run")
         return (f"{source}: unknown key '{dotted}' (value {value!r}): section '{section}' belongs to method "
@@ -247,7 +247,6 @@ def validate(cfg: RunConfig, origins: dict[str, str] | None = None) -> None:
     method's own cross-field rules are its run config's :meth:`~medfoundry.config.schema.RunConfig.check`.
     """
     check_values(cfg, origins)
-    check_cross_fields(cfg)
     cfg.check()
     check_names(cfg)
 
@@ -282,7 +281,7 @@ def from_dict(data: dict, source: str = "saved config") -> RunConfig:
     """
     cfg = new_run_config(data.get("method", DEFAULT_METHOD), source)
     names = {f.name for f in dataclasses.fields(cfg)}
-    own = {k: v for k, v in data.items() if k in names or not _other_method_of(k, cfg)}
+    own = {k: v for k, v in data.items() if k in names or not _methods_with_section(k)}
     apply_mapping(cfg, own, source=source)
     return cfg
 

@@ -11,10 +11,10 @@
   and the best value of ``eval.best_metric`` so far selects ``RUN/best.pt`` (+ ``RUN/best.json``);
 * a :class:`MonitorHook` (unless every monitor is disabled) that feeds, every step, the logged
   ``dino_loss_frac`` (DINO loss / ln K) to the entropy-wall detector, ``teacher_effective_prototypes_frac``
-  to the prototype-collapse detector (both only with the method's ``PrototypeTargets``,
-  ``method=dino``) and the teacher feature std to the
-  collapse detector; the evaluation hook hands it the evaluated health statistics (``eval/health_feature_std``,
-  ``eval/health_active_dims_frac``) for a second collapse detector. A warning is printed, appended
+  to the prototype-collapse detector (both only when the method passes its ``PrototypeTargets``, as
+  ``method=dino`` does) and the teacher feature std to the collapse detector; the evaluation hook hands
+  it the evaluated health statistics (``eval/health_feature_std``, ``eval/health_active_dims_frac``) for
+  a second collapse detector. A warning is printed, appended
   to ``RUN/monitors.jsonl`` and logged as ``monitor/<name> = 1``; with ``fatal`` the detector
   raises :class:`~medfoundry.eval.monitors.RepresentationHealthError`, which stops the run.
 

@@ -36,11 +36,8 @@ class LoadedBackbone:
     step: int | None
     identity: str  # names the weights, for feature caches
     random_init: bool = False
-    sections: Any = None  # ``data``, ``crops``, ``eval`` for frozen evaluation: the run config or FrozenEvalSections
-
-    def __post_init__(self) -> None:
-        if self.sections is None:
-            self.sections = FrozenEvalSections()
+    #: ``data``, ``crops``, ``eval`` for frozen evaluation: the run config itself, or FrozenEvalSections
+    sections: Any = field(default_factory=FrozenEvalSections)
 
     @property
     def label(self) -> str:

@@ -69,15 +69,13 @@ def config_from_checkpoint(data: dict, source: str = "checkpoint") -> RunConfig:
     Checkpoints outlive schema changes (a section gains, renames or loses keys); for evaluation only
     the model, data, crops and method sections matter, so unknown keys elsewhere are not fatal.
     """
-    from medfoundry.config.loader import ConfigError, from_dict
+    from medfoundry.config.loader import ConfigError, from_dict, new_run_config
+    from medfoundry.config.names import DEFAULT_METHOD
 
     try:
         return from_dict(data, source=source)
     except ConfigError:
         dropped: list[str] = []
-        from medfoundry.config.loader import new_run_config
-        from medfoundry.config.names import DEFAULT_METHOD
-
         root = type(new_run_config(data.get("method", DEFAULT_METHOD), source))
         pruned = _prune(root, data, "", dropped)
         cfg = from_dict(pruned, source=source)
@@ -87,9 +85,10 @@ def config_from_checkpoint(data: dict, source: str = "checkpoint") -> RunConfig:
 
 def _prune(cls: type, data: dict, prefix: str, dropped: list[str]) -> dict:
     import dataclasses
-    import typing
 
-    hints = typing.get_type_hints(cls)
+    from medfoundry.config.loader import resolved_hints
+
+    hints = resolved_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     out = {}
     for key, value in data.items():

@@ -9,7 +9,8 @@ from medfoundry.eval import in_training
 from medfoundry.eval.hooks import Hook
 from medfoundry.methods import input_paths as paths
 from medfoundry.methods.dino.loader import build_loader
-from medfoundry.methods.dino.pipeline import frozen_eval_sections, image_paths, max_bad_fraction
+from medfoundry.methods.dino.pipeline import frozen_eval_sections, max_bad_fraction
+from medfoundry.methods.dino.pipeline import needed_paths as dino_paths
 from medfoundry.methods.distill.config import DistillRunConfig
 from medfoundry.methods.distill.method import DistillMethod, init_eval_backbone
 from medfoundry.methods.registry import MethodEntry, Need
@@ -32,9 +33,7 @@ def needed_paths(cfg: DistillRunConfig) -> Iterator[Need]:
     """The teacher's weights, a Gram anchor if one is configured, then the images and evaluation sets."""
     if cfg.distill.teacher_checkpoint:
         yield "distill.teacher_checkpoint", cfg.distill.teacher_checkpoint, paths.weights
-    if cfg.dino.gram_weight > 0 and cfg.dino.gram_mode == "anchor" and cfg.dino.gram_anchor:
-        yield "dino.gram_anchor", cfg.dino.gram_anchor, paths.weights
-    yield from image_paths(cfg)
+    yield from dino_paths(cfg)
 
 
 ENTRY = MethodEntry("distill", DistillRunConfig, build, build_loader, "student", init_eval_backbone, build_hooks,
