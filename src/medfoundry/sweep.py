@@ -1,10 +1,9 @@
-"""Grid sweeps over config overrides: expand ``key=a,b``, run the arms, tabulate the results.
+"""Grid sweeps over config overrides: expand ``key=a,b`` and run the arms (the results table: ``sweep_results``).
 
 ``expand_grid(["dino.center_momentum=0.9,0.999", "train.steps=20"])`` gives two arms; each arm trains into
 ``SWEEP_DIR/arm_XX_<key>-<value>...`` either in this process one after another (:func:`run_local`) or as a
-submitit job array (:func:`submit_array`). :func:`collect` reads every arm's ``metrics.jsonl`` and
-``sweep_arm.json`` (status, wall time, devices) and :func:`write_table` writes ``results.csv`` and ``results.md``
-with the overrides, final and best loss and evaluation metrics, GPU-hours and cost.
+submitit job array (:func:`submit_array`). :mod:`medfoundry.sweep_results` tabulates them (``results.csv``,
+``results.md``).
 
 An arm's status is ``ok``, ``failed`` or ``interrupted``: stopped by SIGTERM/SIGUSR1 (pre-emption), after the loop
 wrote a checkpoint at the end of the current step. An interrupted arm is not done: running the sweep again resumes
@@ -18,12 +17,9 @@ the whole value is one list, as in ``medfoundry train``.
 from __future__ import annotations
 
 import contextlib
-import csv
 import dataclasses
-import io
 import itertools
 import json
-import math
 import re
 import time
 from collections.abc import Callable, Iterator
@@ -36,9 +32,6 @@ from medfoundry.config.loader import ConfigError, split_override
 if TYPE_CHECKING:
     from medfoundry.distributed.slurm import SlurmSpec
 
-#: Substrings of metric keys reported as evaluation columns besides the registered tasks' ``key_parts``: any AUC.
-EXTRA_EVAL_KEY_PARTS = ("auc",)
-_SKIP_SUFFIXES = ("_ci_low", "_ci_high", "n_pos", "seconds")
 ARM_RECORD = "sweep_arm.json"
 PLAN_FILE = "sweep.json"
 
@@ -277,7 +270,7 @@ def run_arm(recipe: str, overrides: list[str], output_dir: str) -> dict:
 
     info = env_dist_info()
     out = Path(output_dir)
-    previous = _read_record(out)
+    previous = read_arm_record(out)
     t0 = time.perf_counter()
     status, error, device_type = "ok", "", "cpu"
     stopped: list[int] = []  # the step at which a signal stopped the loop, if one did
@@ -317,7 +310,7 @@ def run_arm(recipe: str, overrides: list[str], output_dir: str) -> dict:
     return record
 
 
-def _read_record(output_dir: Path) -> dict:
+def read_arm_record(output_dir: Path) -> dict:
     path = Path(output_dir) / ARM_RECORD
     if not path.is_file():
         return {}
@@ -329,7 +322,7 @@ def _read_record(output_dir: Path) -> dict:
 
 def arm_done(arm: Arm) -> bool:
     """True when the arm already finished successfully (status ``ok``, not interrupted) with exactly these overrides."""
-    rec = _read_record(Path(arm.output_dir))
+    rec = read_arm_record(Path(arm.output_dir))
     return rec.get("status") == "ok" and rec.get("overrides") == arm.overrides
 
 
@@ -344,7 +337,7 @@ def run_local(plan: SweepPlan, rerun: bool = False, log: Callable[[str], Any] = 
     for pos, arm in enumerate(plan.arms):
         if not rerun and arm_done(arm):
             log(f"[{arm.index + 1}/{len(plan.arms)}] {arm.name}: already finished, skipped")
-            records.append(_read_record(Path(arm.output_dir)))
+            records.append(read_arm_record(Path(arm.output_dir)))
             continue
         log(f"[{arm.index + 1}/{len(plan.arms)}] {arm.name}: {arm.label or '(no grid values)'}")
         rec = run_arm(plan.recipe, arm.overrides, arm.output_dir)
@@ -395,155 +388,14 @@ def submit_array(plan: SweepPlan, spec: SlurmSpec, dry_run: bool = False, wait: 
         try:
             job.result()
         except Exception as err:  # the job died (time limit, node failure): record it unless the arm finished
-            if _read_record(Path(arm.output_dir)).get("status") != "ok":  # interrupted is not finished either
+            if read_arm_record(Path(arm.output_dir)).get("status") != "ok":  # interrupted is not finished either
                 Path(arm.output_dir).mkdir(parents=True, exist_ok=True)
                 rec = {"status": "failed", "error": f"job {job.job_id}: {type(err).__name__}: {err}"[:2000],
                        "overrides": arm.overrides, "wall_s": 0.0, "device": "?", "processes": spec.world_size,
                        "gpus": spec.nodes * spec.gpus_per_node}
                 (Path(arm.output_dir) / ARM_RECORD).write_text(json.dumps(rec, indent=2))
             continue
-        rec = _read_record(Path(arm.output_dir))
+        rec = read_arm_record(Path(arm.output_dir))
         if rec.get("status") == "interrupted":
             log(f"{arm.name}: interrupted ({rec.get('error', '')}); submit the sweep again to resume it")
     return jobs
-
-
-# -- results -------------------------------------------------------------------------------------------------------
-def _numbers(records: list[dict], key: str) -> list[float]:
-    out = []
-    for r in records:
-        v = r.get(key)
-        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
-            out.append(float(v))
-    return out
-
-
-def eval_key_parts() -> tuple[str, ...]:
-    """Substrings marking evaluation metric keys: the registered tasks' ``key_parts``
-    (:func:`medfoundry.eval.registry.key_parts`: knn, linear, zeroshot, recall) and :data:`EXTRA_EVAL_KEY_PARTS`."""
-    from medfoundry.eval.registry import key_parts  # the eval package imports torch: only when results are read
-
-    return tuple(dict.fromkeys(key_parts() + EXTRA_EVAL_KEY_PARTS))
-
-
-def eval_keys(records: list[dict]) -> list[str]:
-    """Logged evaluation metric keys (containing one of :func:`eval_key_parts`), without CI bounds."""
-    parts = eval_key_parts()
-    keys: set[str] = set()
-    for r in records:
-        for k in r:
-            low = k.lower()
-            if any(p in low for p in parts) and not low.endswith(_SKIP_SUFFIXES):
-                keys.add(k)
-    return sorted(keys)
-
-
-def _best(values: list[float], key: str) -> float | None:
-    if not values:
-        return None
-    lower_is_better = "loss" in key.lower() or "err" in key.lower()
-    return min(values) if lower_is_better else max(values)
-
-
-def collect(plan: SweepPlan, price_per_gpu_hour: float = 2.0) -> tuple[list[dict], list[str]]:
-    """One row per arm (in grid order) and the column names; missing values are ``None``."""
-    from medfoundry.train.run_logger import read_metrics
-
-    per_arm = []
-    all_eval: set[str] = set()
-    for arm in plan.arms:
-        out = Path(arm.output_dir)
-        try:
-            metrics = read_metrics(out)
-        except (OSError, json.JSONDecodeError):
-            metrics = []
-        per_arm.append((arm, _read_record(out), metrics))
-        all_eval.update(eval_keys(metrics))
-    ekeys = sorted(all_eval)
-    columns = ["arm", "status", "overrides", "steps", "final_loss", "best_loss"]
-    for k in ekeys:
-        columns += [f"final {k}", f"best {k}"]
-    columns += ["device", "processes", "gpus", "wall_hours", "gpu_hours", "cost", "error"]
-    rows = []
-    for arm, rec, metrics in per_arm:
-        losses = _numbers(metrics, "loss")
-        steps = [r["step"] for r in metrics if isinstance(r.get("step"), int)]
-        status = rec.get("status") or ("incomplete" if metrics else "not run")
-        error = rec.get("error", "")
-        if status == "failed" and not error and (out_err := Path(arm.output_dir) / "error.log").is_file():
-            error = out_err.read_text().strip().splitlines()[-1]
-        wall_h = float(rec.get("wall_s", 0.0)) / 3600.0
-        gpus = int(rec.get("gpus", 0) or 0)
-        gpu_h = wall_h * gpus
-        row: dict[str, Any] = {
-            "arm": arm.name,
-            "status": status,
-            "overrides": arm.label,
-            "steps": max(steps) if steps else None,
-            "final_loss": losses[-1] if losses else None,
-            "best_loss": min(losses) if losses else None,
-        }
-        for k in ekeys:
-            vals = _numbers(metrics, k)
-            row[f"final {k}"] = vals[-1] if vals else None
-            row[f"best {k}"] = _best(vals, k)
-        row.update({
-            "device": rec.get("device", ""),
-            "processes": rec.get("processes"),
-            "gpus": gpus,
-            "wall_hours": wall_h,
-            "gpu_hours": gpu_h,
-            "cost": gpu_h * price_per_gpu_hour,
-            "error": error,
-        })
-        rows.append(row)
-    return rows, columns
-
-
-def _fmt(v: Any) -> str:
-    if v is None:
-        return ""
-    if isinstance(v, float):
-        if v == 0:
-            return "0"
-        return f"{v:.4g}" if abs(v) >= 1e-3 else f"{v:.2e}"
-    return str(v)
-
-
-def write_table(plan: SweepPlan, rows: list[dict], columns: list[str], price_per_gpu_hour: float = 2.0,
-                currency: str = "USD") -> tuple[Path, Path]:
-    """Write ``SWEEP_DIR/results.csv`` (full precision) and ``SWEEP_DIR/results.md``; returns both paths."""
-    plan.sweep_dir.mkdir(parents=True, exist_ok=True)
-    cost_col = f"cost_{currency.lower()}"
-    header = [cost_col if c == "cost" else c for c in columns]
-    buf = io.StringIO()
-    writer = csv.writer(buf)
-    writer.writerow(header)
-    for row in rows:
-        writer.writerow(["" if row.get(c) is None else row.get(c) for c in columns])
-    csv_path = plan.sweep_dir / "results.csv"
-    csv_path.write_text(buf.getvalue())
-
-    n_stopped = sum(r["status"] == "interrupted" for r in rows)
-    interrupted = f", {n_stopped} interrupted (run the sweep again to resume)" if n_stopped else ""
-    lines = [
-        f"# Sweep results: {Path(plan.recipe).name}",
-        "",
-        f"- recipe: `{plan.recipe}`",
-        f"- sweep folder: `{plan.sweep_dir}`",
-        f"- fixed overrides: {' '.join(f'`{f}`' for f in plan.fixed) or '(none)'}",
-        "- grid: " + ("; ".join(f"`{k}` in {', '.join(f'`{v}`' for v in vals)}" for k, vals in plan.axes)
-                      or "(single arm)"),
-        f"- cost: GPU-hours x {price_per_gpu_hour:g} {currency} per GPU-hour (CPU arms: 0 GPU-hours)",
-        f"- loss: final and best (minimum) of the logged training loss; {len(rows)} arm(s), "
-        f"{sum(r['status'] == 'ok' for r in rows)} ok{interrupted}",
-        "",
-        "| " + " | ".join(header) + " |",
-        "|" + "|".join("---" for _ in header) + "|",
-    ]
-    for row in rows:
-        cells = [_fmt(row.get(c)).replace("|", "\\|").replace("\n", " ") for c in columns]
-        lines.append("| " + " | ".join(cells) + " |")
-    md_path = plan.sweep_dir / "results.md"
-    md_path.write_text("\n".join(lines) + "\n")
-    return csv_path, md_path

@@ -156,7 +156,7 @@ def test_cli_help_lists_every_task(capsys: pytest.CaptureFixture) -> None:
 
 
 def test_lookup_helpers_read_the_registry() -> None:
-    from medfoundry import sweep
+    from medfoundry import sweep_results
     from medfoundry.eval.tasks import FEATURE_TASKS, TASKS
 
     assert TASKS == registry.task_names() == ("knn", "linear", "retrieval", "health")
@@ -169,7 +169,7 @@ def test_lookup_helpers_read_the_registry() -> None:
         "knn_top1_k10", "knn_top1_k20", "knn_auc_k20", "linear_auc", "health_feature_std"]
     assert registry.metric_direction("health_mean_pairwise_cosine") == "min"
     assert registry.metric_direction("knn_top1_k5") == "max" and registry.metric_direction("loss") is None
-    assert set(sweep.eval_key_parts()) == {"knn", "linear", "auc", "zeroshot", "recall"}  # the sweep's columns
+    assert set(sweep_results.eval_key_parts()) == {"knn", "linear", "auc", "zeroshot", "recall"}  # the sweep's columns
 
 
 # -- a toy evaluator: one module (here: this test module) + one registry line -------------------------------------

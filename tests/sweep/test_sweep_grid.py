@@ -14,12 +14,11 @@ from medfoundry.sweep import (
     Arm,
     SweepPlan,
     arm_name,
-    collect,
     expand_grid,
     plan_sweep,
     split_values,
-    write_table,
 )
+from medfoundry.sweep_results import collect, write_table
 
 RECIPE = recipes_dir() / "tiny_dino_cpu.yaml"
 

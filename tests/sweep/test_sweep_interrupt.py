@@ -9,7 +9,8 @@ from pathlib import Path
 
 from medfoundry.checkpoints.format import list_checkpoints
 from medfoundry.recipes import resolve_recipe
-from medfoundry.sweep import arm_done, collect, plan_sweep, run_local, write_table
+from medfoundry.sweep import arm_done, plan_sweep, run_local
+from medfoundry.sweep_results import collect, write_table
 from medfoundry.train.hooks import HOOK_BUILDERS
 
 FAST = ["crops.global_size=32", "crops.local_size=16", "model.img_size=32", "train.batch_size=4",

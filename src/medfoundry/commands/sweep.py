@@ -105,7 +105,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _write(plan: SweepPlan, args: argparse.Namespace) -> int:
-    from medfoundry.sweep import collect, write_table
+    from medfoundry.sweep_results import collect, write_table
 
     rows, columns = collect(plan, args.price_per_gpu_hour)
     csv_path, md_path = write_table(plan, rows, columns, args.price_per_gpu_hour, args.currency)
