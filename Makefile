@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m medfoundry demo
+	$(BIN)/python -m medfoundry_cli demo
 
 test: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks

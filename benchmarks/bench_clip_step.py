@@ -1,6 +1,6 @@
 """CLIP image-report training-step benchmark: pairs/s, MFU, peak memory and the largest batch that fits.
 
-Presets (the library does the work: :func:`medfoundry.bench.step.bench_clip_step`):
+Presets (the library does the work: :func:`medfoundry_cli.bench.step.bench_clip_step`):
 
 * ``--quick``: tiny towers (patch-8 ViT at 64 px, 2-layer 32-wide text transformer) on CPU, one torch thread.
 * ``--full``: the hybrid recipe (``recipes/hybrid_dinov3_chexzero.yaml``: DINOv3 ViT-B/16 at 224 px + the
@@ -30,8 +30,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from medfoundry.bench.results import describe_machine, report_results
-    from medfoundry.bench.step import ClipStepSpec, bench_clip_step
+    from medfoundry_cli.bench.results import describe_machine, report_results
+    from medfoundry_cli.bench.step import ClipStepSpec, bench_clip_step
 
     if args.full:
         if not torch.cuda.is_available():

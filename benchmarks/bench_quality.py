@@ -1,6 +1,6 @@
 """Pretraining-quality benchmark on real data: pretrained vs random init vs raw pixels vs majority class.
 
-The library does the work (:mod:`medfoundry.bench.quality`, data from :mod:`medfoundry.bench.quality_data`,
+The library does the work (:mod:`medfoundry_cli.bench.quality`, data from :mod:`medfoundry_cli.bench.quality_data`,
 fetched through pip/apt into ``--cache`` on first use). For each seed it pretrains the dataset's recipe for
 its fixed number of steps on the CPU, then runs the weighted kNN (k = 20) and the logistic-regression probe on
 the held-out split and prints a table with the seed-to-seed spread.
@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = parser.parse_args(argv)
 
-    from medfoundry.bench.quality import QualitySpec, report_quality
+    from medfoundry_cli.bench.quality import QualitySpec, report_quality
 
     spec = QualitySpec(dataset=args.dataset, recipe=args.recipe, overrides=args.overrides,
                        seeds=tuple(int(s) for s in args.seeds.split(",")), steps=args.steps, cache=args.cache,

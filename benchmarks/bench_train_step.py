@@ -1,6 +1,6 @@
 """DINOv2-style training-step benchmark: images/s, MFU, peak memory, largest batch, augmentation and end to end.
 
-Presets (the library does the work: :mod:`medfoundry.bench`):
+Presets (the library does the work: :mod:`medfoundry_cli.bench`):
 
 * ``--quick``: tiny ViT (patch 8) at 2x64 + 8x32 on CPU, one torch thread; every mode in well under a minute.
 * ``--full``: ViT-S/16, ViT-B/16 and ViT-L/16 at 2x224 + 8x96, bf16 autocast, drop-path 0, on CUDA: model-only
@@ -36,10 +36,10 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from medfoundry.bench.data import bench_cpu_multicrop, bench_end_to_end, bench_gpu_multicrop
-    from medfoundry.bench.flops import cpu_threads
-    from medfoundry.bench.results import describe_machine, format_table, report_results
-    from medfoundry.bench.step import StepSpec, bench_dino_step
+    from medfoundry_cli.bench.data import bench_cpu_multicrop, bench_end_to_end, bench_gpu_multicrop
+    from medfoundry_cli.bench.flops import cpu_threads
+    from medfoundry_cli.bench.results import describe_machine, format_table, report_results
+    from medfoundry_cli.bench.step import StepSpec, bench_dino_step
 
     workers = args.workers or max(1, cpu_threads() - 2)
     results = []

@@ -19,7 +19,6 @@ from medfoundry.safe_load import (
     is_torchscript_archive,
     load_torch_file,
     load_torchscript,
-    main,
     to_plain_data,
 )
 
@@ -65,7 +64,7 @@ def test_a_pickle_that_runs_code_is_refused_naming_file_purpose_globals_and_fix(
     assert isinstance(err.value, UserError)
     assert f"refused to load model.pretrained {path}" in text
     assert "pathlib" in text and "arbitrary code" in text
-    assert f"python -m medfoundry.safe_load {path} {tmp_path / 'evil.safe.pt'}" in text
+    assert f"medfoundry convert {path} {tmp_path / 'evil.safe.pt'}" in text
     assert "--trust-pickle" in text and TRUST_ENV in text
 
 
@@ -125,25 +124,9 @@ def test_torchscript_archives_need_trust(tmp_path: Path) -> None:
         load_torchscript(tmp_path / "plain.pt", "clip.text.pretrained", trust=True)
 
 
-def test_convert_legacy_file_makes_it_load_safely(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    src, dst = tmp_path / "legacy.pth", tmp_path / "legacy.safe.pth"
-    torch.save({"teacher": {"w": torch.arange(3.0)}, "args": argparse.Namespace(arch="vit_small", lr=5e-4),
-                "rng": np.random.get_state()}, src)
-    assert main([str(src), str(dst)]) == 0
-    assert "loads with the safe reader" in capsys.readouterr().out
-    out = load_torch_file(dst, "model.pretrained", trust=False)
-    assert out["args"] == {"arch": "vit_small", "lr": 5e-4}
-    torch.testing.assert_close(out["teacher"]["w"], torch.arange(3.0))
-
-
-def test_convert_names_what_is_not_plain_data(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_to_plain_data_names_what_is_not_plain_data(tmp_path: Path) -> None:
     with pytest.raises(TypeError, match=r"\['extra'\]\[0\].*fractions.Fraction"):
         to_plain_data({"extra": [fractions.Fraction(1, 2)]})
-    src = tmp_path / "odd.pt"
-    torch.save({"extra": fractions.Fraction(1, 2)}, src)
-    assert main([str(src), str(tmp_path / "out.pt")]) == 2
-    assert "fractions.Fraction" in capsys.readouterr().err
-    assert not (tmp_path / "out.pt").exists()
     with pytest.raises(CorruptFileError):
         convert_legacy_file(tmp_path / "missing.pt", tmp_path / "o.pt")
 

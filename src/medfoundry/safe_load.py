@@ -13,18 +13,17 @@ compiles the code stored in the archive and runs its ``__setstate__`` methods wh
 can touch the file system (``torch.from_file`` creates files). :func:`load_torchscript` therefore needs the
 same explicit trust; :func:`load_torch_file` refuses such an archive with :class:`UnsafeFileError`.
 
-:func:`convert_legacy_file` (``python -m medfoundry.safe_load IN OUT``) rewrites a trusted legacy file as
+:func:`convert_legacy_file` (``medfoundry convert IN OUT``) rewrites a trusted legacy file as
 plain data (dicts, lists, tensors, numpy arrays) that loads safely from then on.
 """
 
 from __future__ import annotations
 
-import argparse
+import argparse  # Namespace objects stored in checkpoints (to_plain_data)
 import os
 import pickle
 import re
 import struct
-import sys
 import warnings
 import zipfile
 from collections.abc import Mapping
@@ -43,7 +42,7 @@ def convert_hint(path: str | Path) -> str:
     out = path.with_name(f"{path.stem}.safe{path.suffix or '.pt'}")
     return (
         "If you trust the file (you or a colleague wrote it), convert it once into plain data that loads safely:\n"
-        f"  python -m medfoundry.safe_load {path} {out}\n"
+        f"  medfoundry convert {path} {out}\n"
         "and use the new file, or load it as it is with --trust-pickle "
         f"(environment {TRUST_ENV}=1). Never do either for a file from an unknown source."
     )
@@ -245,24 +244,3 @@ def convert_legacy_file(src: str | Path, dst: str | Path) -> Path:
     torch.save(to_plain_data(obj), dst)
     load_torch_file(dst, "converted file", trust=False)
     return dst
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m medfoundry.safe_load IN OUT``: convert a trusted legacy file (see :func:`convert_legacy_file`)."""
-    parser = argparse.ArgumentParser(prog="python -m medfoundry.safe_load",
-                                     description="Rewrite a trusted legacy torch file as plain data that loads "
-                                                 "without running code. Reading IN runs its code: trusted files only.")
-    parser.add_argument("src", help="the legacy file (you or a colleague wrote it)")
-    parser.add_argument("dst", help="where to write the converted file")
-    args = parser.parse_args(argv)
-    try:
-        out = convert_legacy_file(args.src, args.dst)
-    except (TypeError, CorruptFileError) as err:
-        print(f"medfoundry.safe_load: {err}", file=sys.stderr)
-        return 2
-    print(f"wrote {out}: loads with the safe reader")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,5 +1,5 @@
-"""Architecture rules read from the source: package layering without cycles, who may import the root config,
-and where method names may be compared.
+"""Architecture rules read from the source: package layering without cycles, the library/application split,
+who may import the root config, and where method names may be compared.
 
 Imports are collected with :mod:`ast` from every module of ``src/medfoundry`` (module level and inside
 functions), plus ``importlib.import_module("medfoundry....")`` string literals, so a hidden upward import
@@ -17,6 +17,8 @@ from collections import defaultdict
 from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[2] / "src" / "medfoundry"
+#: The application (CLI, demo, sweep and benchmark drivers): it may import any of the library, never the reverse.
+APP = SRC.parent / "medfoundry_cli"
 
 #: Packages (or top-level modules) by layer, lowest first; a module may import its own layer and lower ones.
 LAYERS: list[set[str]] = [
@@ -28,8 +30,7 @@ LAYERS: list[set[str]] = [
     {"eval"},
     {"methods"},
     {"train"},
-    {"bench", "recipes"},
-    {"demo", "sweep", "sweep_results", "commands", "cli", "__main__"},
+    {"recipes"},
 ]
 
 #: Package edges that break the layering today (source package -> imported package). Strike them as they go.
@@ -53,7 +54,6 @@ BUILDERS: set[str] = {
 
 #: Modules besides the builders that still take a whole run config (they should get their sections): a ratchet.
 KNOWN_ROOT_CONFIG: set[str] = {
-    "bench/step.py",
     "eval/clip_hook.py",
     "eval/eval_images.py",
     "eval/in_training.py",
@@ -65,16 +65,16 @@ KNOWN_ROOT_CONFIG: set[str] = {
 }
 
 
-def _modules() -> dict[str, ast.Module]:
-    return {str(p.relative_to(SRC)): ast.parse(p.read_text()) for p in sorted(SRC.rglob("*.py"))}
+def _modules(root: Path = SRC) -> dict[str, ast.Module]:
+    return {str(p.relative_to(root)): ast.parse(p.read_text()) for p in sorted(root.rglob("*.py"))}
 
 
 def _package(rel: str) -> str:
     return Path(rel).parts[0].removesuffix(".py")
 
 
-def _imported(tree: ast.Module) -> set[str]:
-    """Dotted ``medfoundry.*`` modules a module imports, including function-level and importlib strings."""
+def _imported(tree: ast.Module, prefix: str = "medfoundry.") -> set[str]:
+    """Dotted modules under ``prefix`` that a module imports, including function-level and importlib strings."""
     names: set[str] = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
@@ -84,7 +84,7 @@ def _imported(tree: ast.Module) -> set[str]:
         elif isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", "")) in (
                 "import_module", "__import__") and node.args and isinstance(node.args[0], ast.Constant):
             names.add(str(node.args[0].value))
-    return {n for n in names if n.startswith("medfoundry.")}
+    return {n for n in names if n == prefix.rstrip(".") or n.startswith(prefix)}
 
 
 def package_edges() -> dict[tuple[str, str], list[str]]:
@@ -196,4 +196,29 @@ def test_no_method_name_is_compared_outside_the_method_packages() -> None:
     """``cfg.method == "clip"`` belongs in no module outside ``methods/`` (the library and the application alike):
     what differs by method is a field of its registry entry (``methods/registry.py``)."""
     branching = {rel for rel, tree in _modules().items() if _package(rel) != "methods" and _compares_method_name(tree)}
+    branching |= {f"medfoundry_cli/{rel}" for rel, tree in _modules(APP).items() if _compares_method_name(tree)}
     assert not branching, f"core code branching on a method name (use the method registry): {sorted(branching)}"
+
+
+def test_the_library_never_imports_the_application() -> None:
+    """open_clip's split: ``medfoundry`` is importable and usable without ``medfoundry_cli``."""
+    upward = {rel: sorted(_imported(tree, "medfoundry_cli.")) for rel, tree in _modules().items()
+              if _imported(tree, "medfoundry_cli.")}
+    assert not upward, f"library modules import the application: {upward}"
+
+
+def _parses_argv_or_runs_pip(tree: ast.Module) -> list[str]:
+    """``sys.argv``, an ``ArgumentParser``/``parse_args`` call, or a ``"pip"`` string literal (a pip command)."""
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and node.attr in ("argv", "ArgumentParser", "parse_args"):
+            found.append(node.attr)
+        elif isinstance(node, ast.Constant) and node.value == "pip":
+            found.append("'pip'")
+    return found
+
+
+def test_nothing_in_the_library_parses_argv_or_runs_pip() -> None:
+    offending = {rel: hits for rel, tree in _modules().items() if (hits := _parses_argv_or_runs_pip(tree))}
+    assert not offending, f"argv parsing / pip belongs in medfoundry_cli: {offending}"
+    assert any(_parses_argv_or_runs_pip(tree) for tree in _modules(APP).values()), "the rule would never fire"

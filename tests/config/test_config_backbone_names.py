@@ -6,10 +6,10 @@ import re
 
 import pytest
 
-from medfoundry.cli import main
 from medfoundry.config import ConfigError, load_config
 from medfoundry.models.registry import list_backbones
 from medfoundry.recipes import recipes_dir
+from medfoundry_cli.cli import main
 
 REGISTERED = [spec.name for spec in list_backbones()]
 

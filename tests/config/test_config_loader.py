@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from medfoundry.cli import main
 from medfoundry.config import ConfigError, from_dict, load_config, to_dict
 from medfoundry.recipes import list_recipes, recipes_dir
+from medfoundry_cli.cli import main
 
 
 @pytest.mark.parametrize("name", [n for n, _ in list_recipes()])

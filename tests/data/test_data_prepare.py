@@ -92,7 +92,7 @@ def test_killed_midway_then_rerun_completes_without_redoing(raw) -> None:
         f"""
         import os, signal, sys
         import medfoundry.data.prepare as p
-        from medfoundry.cli import main
+        from medfoundry_cli.cli import main
         done = []
         write_record, save_npy = p._write_record, p._save_npy
         def record(path, rec):
@@ -133,7 +133,7 @@ def test_killed_midway_then_rerun_completes_without_redoing(raw) -> None:
 
 def test_cli_reports_and_exit_code(raw) -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "medfoundry", "prepare", str(raw["src"]), "--out", str(raw["out"]), "--no-progress"],
+        [sys.executable, "-m", "medfoundry_cli", "prepare", str(raw["src"]), "--out", str(raw["out"]), "--no-progress"],
         capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 0, proc.stderr

@@ -22,7 +22,6 @@ import pandas as pd
 import pytest
 from medical_testdata import downsample, render_level, write_ct_series, write_pyramid
 
-from medfoundry.cli import main as cli_main
 from medfoundry.config.data import DataConfig
 from medfoundry.data.prepare import PrepareOptions, prepare
 from medfoundry.data.readers import (
@@ -44,6 +43,7 @@ from medfoundry.data.readers import (
 from medfoundry.data.readers.base import check_finite
 from medfoundry.data.readers.interface import READER_KINDS
 from medfoundry.data.sources import build_source
+from medfoundry_cli.cli import main as cli_main
 
 # ---------------------------------------------------------------- the toy reader: one module's worth of code
 

@@ -22,7 +22,7 @@ ARGS = ["crops.global_size=32", "crops.local_size=16", "model.img_size=32", "tra
 def _train(out: Path, root: Path, steps: int, nproc: int, port: int) -> None:
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
                 "--master_port", str(port)] if nproc > 1 else [sys.executable]
-    cmd = [*launcher, "-m", "medfoundry", "train", str(recipes_dir() / "tiny_dino_cpu.yaml"), *ARGS,
+    cmd = [*launcher, "-m", "medfoundry_cli", "train", str(recipes_dir() / "tiny_dino_cpu.yaml"), *ARGS,
            f"output_dir={out}", f"data.root={root}", f"train.steps={steps}"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]

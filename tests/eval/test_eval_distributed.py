@@ -38,7 +38,7 @@ def test_evalx_in_training_eval_two_ranks(strategy: str, tmp_path: Path, free_po
     data = _pngs(tmp_path / "data")
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port),
-           "-m", "medfoundry", "train", str(recipes_dir() / "tiny_dino_cpu.yaml"), f"output_dir={out}",
+           "-m", "medfoundry_cli", "train", str(recipes_dir() / "tiny_dino_cpu.yaml"), f"output_dir={out}",
            f"data.root={data}", f"eval.data={data}", "train.steps=3", "eval.every_steps=2", f"dist.strategy={strategy}",
            "crops.global_size=32", "crops.local_size=16", "model.img_size=32", "train.batch_size=4",
            "dino.head.out_dim=32", "dino.head.hidden_dim=32", "dino.head.bottleneck_dim=16", "dino.koleo_weight=0",

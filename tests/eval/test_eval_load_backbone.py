@@ -17,12 +17,12 @@ import torch
 from labelled_images import make_labelled_pngs
 
 from medfoundry.checkpoints.format import latest_checkpoint, load_checkpoint
-from medfoundry.cli import main
 from medfoundry.config import load_config
 from medfoundry.config.schema import RunConfig
 from medfoundry.methods import get_method_entry
 from medfoundry.methods.checkpoint_backbone import build_eval_backbone, load_backbone
 from medfoundry.recipes import resolve_recipe
+from medfoundry_cli.cli import main
 
 TINY = ["model.img_size=32", "crops.global_size=32", "crops.local_size=16", "dino.head.out_dim=64",
         "dino.head.hidden_dim=32", "dino.head.bottleneck_dim=16", "train.batch_size=4", "train.steps=2",

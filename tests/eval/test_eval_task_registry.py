@@ -13,12 +13,12 @@ import pytest
 import torch
 from PIL import Image
 
-from medfoundry.cli import main
 from medfoundry.config import ConfigError, load_config
 from medfoundry.eval import registry
 from medfoundry.eval.features import FeatureSet
 from medfoundry.eval.registry import EvalInputs, EvalSettings, EvalTask, Metric
 from medfoundry.recipes import resolve_recipe
+from medfoundry_cli.cli import main
 
 BUILTIN = [t.name for t in registry.BUILTIN_TASKS]
 TINY_DINO = ["model.img_size=32", "crops.global_size=32", "crops.local_size=16", "crops.n_local=2",
@@ -156,8 +156,8 @@ def test_cli_help_lists_every_task(capsys: pytest.CaptureFixture) -> None:
 
 
 def test_lookup_helpers_read_the_registry() -> None:
-    from medfoundry import sweep_results
     from medfoundry.eval.tasks import FEATURE_TASKS, TASKS
+    from medfoundry_cli import sweep_results
 
     assert TASKS == registry.task_names() == ("knn", "linear", "retrieval", "health")
     assert FEATURE_TASKS == ("knn", "linear", "health")

@@ -50,8 +50,8 @@ def run_traces(work: Path) -> dict[str, list[dict[str, float]]]:
 
 
 def _run_traces(work: Path) -> dict[str, list[dict[str, float]]]:
-    from medfoundry.cli import main
     from medfoundry.recipes import resolve_recipe
+    from medfoundry_cli.cli import main
 
     pngs = write_grey_pngs(work / "pngs")
     small = ["crops.global_size=32", "crops.local_size=16", "model.img_size=32", "train.batch_size=4"]

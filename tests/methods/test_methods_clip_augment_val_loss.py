@@ -283,7 +283,7 @@ _MISSING = importlib.util.find_spec("torchxrayvision") is None or importlib.util
 
 @pytest.mark.skipif(_MISSING, reason="the tiny recipe needs torchxrayvision (report text) and pydicom-data (images)")
 def test_tiny_run_logs_val_loss_and_keeps_the_lowest(tmp_path: Path):
-    from medfoundry.cli import main
+    from medfoundry_cli.cli import main
 
     run = tmp_path / "run"
     demo = ROOT / ".cache" / "clip_demo"  # exported pydicom-data frames are reused between runs

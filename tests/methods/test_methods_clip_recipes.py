@@ -57,8 +57,8 @@ _MISSING = importlib.util.find_spec("torchxrayvision") is None or importlib.util
 
 @pytest.mark.skipif(_MISSING, reason="the tiny recipe needs torchxrayvision (report text) and pydicom-data (images)")
 def test_tiny_recipe_trains_on_real_reports_and_retrieval_beats_chance(tmp_path: Path, capsys):
-    from medfoundry.cli import main
-    from medfoundry.commands.eval_clip import run_task
+    from medfoundry_cli.cli import main
+    from medfoundry_cli.commands.eval_clip import run_task
 
     run = tmp_path / "run"
     demo = ROOT / ".cache" / "clip_demo"  # exported pydicom-data frames are reused between runs

@@ -15,12 +15,12 @@ import pytest
 import torch
 from labelled_images import write_grey_pngs
 
-from medfoundry.cli import main
 from medfoundry.config import load_config
 from medfoundry.config.loader import to_dict
 from medfoundry.config.schema import RunConfig
 from medfoundry.methods import METHODS, get_method_entry
 from medfoundry.recipes import resolve_recipe
+from medfoundry_cli.cli import main
 
 COMMON = ["train.progress=false", "train.tensorboard=false", "train.log_every=1", "train.device=cpu",
           "train.schedule_steps=2", "train.checkpoint_every=1"]

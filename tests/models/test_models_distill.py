@@ -8,13 +8,13 @@ import pytest
 import torch
 from models_testutil import perturb
 
-from medfoundry.cli import main
 from medfoundry.config import load_config
 from medfoundry.config.schema import ModelConfig
 from medfoundry.losses.distill import CosineFeatureLoss, match_patch_grid
 from medfoundry.models.pretrained import PretrainedLoadError
 from medfoundry.models.registry import create_backbone
 from medfoundry.recipes import resolve_recipe
+from medfoundry_cli.cli import main
 
 
 def test_models_cosine_feature_loss():

@@ -86,10 +86,10 @@ def test_models_export_safetensors_round_trip(tmp_path):
 def test_models_export_cli_from_run(tmp_path, capsys):
     """`medfoundry export RUN --to hf` on a LoRA dino run: the evaluated (teacher) backbone, merged."""
     from medfoundry.checkpoints.format import capture_rng, save_checkpoint
-    from medfoundry.cli import main
     from medfoundry.config import load_config
     from medfoundry.config.loader import to_dict
     from medfoundry.methods.dino.method import DINOMethod
+    from medfoundry_cli.cli import main
 
     cfg = load_config(None, ["model.name=vit_tiny_patch8_rope", "model.img_size=64", "model.in_chans=1",
                              "dino.head.out_dim=32", "dino.head.hidden_dim=16", "dino.head.bottleneck_dim=8",

@@ -69,6 +69,6 @@ def inject(fault: str) -> None:
 
 if __name__ == "__main__":
     inject(os.environ.get("MF_FAULT", ""))
-    from medfoundry.cli import main
+    from medfoundry_cli.cli import main
 
     sys.exit(main(sys.argv[1:]))

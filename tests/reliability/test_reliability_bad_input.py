@@ -1,6 +1,6 @@
 """Issue 12: a corpus of bad inputs, each refused before work with a message naming the key or the file.
 
-Every case goes through the entry point a user would use: the real CLI (``medfoundry.cli.main``, stderr
+Every case goes through the entry point a user would use: the real CLI (``medfoundry_cli.cli.main``, stderr
 captured) or, for the data loader, the function the training dataset calls. A refused command exits with
 code 2 and prints one ``medfoundry <command>: error: ...`` line (no traceback); ``medfoundry prepare``
 instead lists a bad file among its skipped items (or notes) in ``report.json``. Commands that fail must
@@ -86,10 +86,10 @@ import pytest
 import torch
 from PIL import Image
 
-from medfoundry.cli import main, user_message
 from medfoundry.data.views import load_with_substitutes
 from medfoundry.errors import UnreadableDataError
 from medfoundry.safe_load import TRUST_ENV
+from medfoundry_cli.cli import main, user_message
 
 FAST = ["model.img_size=32", "crops.global_size=32", "crops.local_size=16", "crops.n_local=2",
         "dino.head.out_dim=64", "dino.head.hidden_dim=32", "dino.head.bottleneck_dim=16",
@@ -493,7 +493,7 @@ def test_failing_prepare_leaves_a_finished_output_unchanged(tmp_path: Path, caps
 def test_trust_pickle_flag_sets_the_opt_in_for_the_command(argv: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
     """trust_pickle_flag"""
     seen: list[str | None] = []
-    commands = importlib.import_module("medfoundry.commands.models")
+    commands = importlib.import_module("medfoundry_cli.commands.models")
     monkeypatch.setattr(commands, "run", lambda args: seen.append(os.environ.get(TRUST_ENV)) or 0)
     assert main(argv) == 0
     assert seen == ["1"]

@@ -8,10 +8,10 @@ import pytest
 from reliability_testutil import FAST, RECIPE
 
 from medfoundry.checkpoints.format import list_checkpoints
-from medfoundry.cli import main
 from medfoundry.config import load_config
 from medfoundry.train.loop import train
 from medfoundry.train.resume import ConfigMismatchError, config_differences
+from medfoundry_cli.cli import main
 
 
 def _cfg(out: Path, root: Path, *extra: str):

@@ -22,7 +22,7 @@ ARGS = [*FAST, "dist.strategy=fsdp", "dino.koleo_weight=0", "train.checkpoint_ev
 
 def _train(out: Path, root: Path, steps: int, port: int) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-           "-m", "medfoundry", "train", str(RECIPE), *ARGS, f"output_dir={out}", f"data.root={root}",
+           "-m", "medfoundry_cli", "train", str(RECIPE), *ARGS, f"output_dir={out}", f"data.root={root}",
            f"train.steps={steps}"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=child_env())
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -20,13 +20,13 @@ import numpy as np
 import pytest
 import torch
 
-from medfoundry.cli import main
 from medfoundry.config import load_config
 from medfoundry.config.loader import to_dict
 from medfoundry.errors import UnsafeFileError
 from medfoundry.methods import get_method_entry
 from medfoundry.recipes import resolve_recipe
 from medfoundry.safe_load import TRUST_ENV
+from medfoundry_cli.cli import main
 
 FAST = ["model.img_size=32", "crops.global_size=32", "crops.local_size=16", "crops.n_local=2",
         "dino.head.out_dim=64", "dino.head.hidden_dim=32", "dino.head.bottleneck_dim=16",
@@ -95,7 +95,7 @@ def assert_refused(call: Callable[[], Any], marker: Path, source: Path, capsys: 
     finally:
         assert not marker.exists(), "unpickling the hostile file ran code"
     assert "refused to load" in message and str(source) in message, message
-    assert "--trust-pickle" in message and "python -m medfoundry.safe_load" in message, message
+    assert "--trust-pickle" in message and "medfoundry convert" in message, message
     if what is not None:
         assert what in message, message
     return message

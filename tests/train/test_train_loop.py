@@ -12,12 +12,12 @@ import pytest
 import torch
 
 from medfoundry.checkpoints.format import list_checkpoints
-from medfoundry.cli import main
 from medfoundry.config import load_config
 from medfoundry.methods import METHODS
 from medfoundry.recipes import recipes_dir
 from medfoundry.train.loop import NonFiniteLossError, train
 from medfoundry.train.run_logger import read_metrics
+from medfoundry_cli.cli import main
 
 RECIPE = recipes_dir() / "tiny_dino_cpu.yaml"
 FAST = ["crops.global_size=32", "crops.local_size=16", "model.img_size=32", "train.batch_size=4",
@@ -110,7 +110,7 @@ def test_too_many_unreadable_files_stop_with_their_names(tmp_path: Path, png_fol
 def test_torchrun_two_processes(tmp_path: Path, png_folder: Path, free_port: int) -> None:
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port),
-           "-m", "medfoundry", "train", str(RECIPE), *FAST, f"output_dir={out}", f"data.root={png_folder}",
+           "-m", "medfoundry_cli", "train", str(RECIPE), *FAST, f"output_dir={out}", f"data.root={png_folder}",
            "train.steps=3"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]

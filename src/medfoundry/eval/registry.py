@@ -1,6 +1,6 @@
 """The evaluation tasks, registered once and read by every place that names them.
 
-The ``eval`` command (``--task`` choices, help, dispatch), ``commands/eval_clip.py``, in-training
+The ``eval`` command (``--task`` choices, help, dispatch), ``medfoundry_cli/commands/eval_clip.py``, in-training
 evaluation (what ``eval.tasks`` accepts, what runs), :func:`medfoundry.eval.tasks.evaluate_features`,
 the run report, the demo's comparison table and the sweep's evaluation columns all ask this module
 instead of spelling task or metric names out.
