@@ -3,10 +3,8 @@ who may import the root config, and where method names may be compared.
 
 Imports are collected with :mod:`ast` from every module of ``src/medfoundry`` (module level and inside
 functions), plus ``importlib.import_module("medfoundry....")`` string literals, so a hidden upward import
-counts too. The method-name rule is strict. The root-config rule allows the builders (:data:`BUILDERS`) and keeps the
-modules that still take a whole run config as a ratchet: they are listed by name below, a new one fails the
-test, and one that disappears must be struck from the list (so the list only shrinks; see
-docs/architecture.md, "Layers").
+counts too. The method-name rule and the root-config rule are strict: only the builders (:data:`BUILDERS`)
+import a run config class (see docs/architecture.md, "Layers").
 """
 
 from __future__ import annotations
@@ -33,9 +31,6 @@ LAYERS: list[set[str]] = [
     {"recipes"},
 ]
 
-#: Package edges that break the layering today (source package -> imported package). Strike them as they go.
-KNOWN_UPWARD: set[tuple[str, str]] = set()
-
 #: The builders: modules that may take a whole run config (``RunConfig`` or a method's ``*RunConfig``). The training
 #: loop and its hook/resume wiring, the method registry, and inside each method package its config, pipeline and
 #: loader (a method's pipeline is the one place that reads that method's tree and hands each part its section);
@@ -50,18 +45,6 @@ BUILDERS: set[str] = {
     "methods/*/config.py",
     "methods/*/pipeline.py",
     "methods/*/loader.py",
-}
-
-#: Modules besides the builders that still take a whole run config (they should get their sections): a ratchet.
-KNOWN_ROOT_CONFIG: set[str] = {
-    "eval/clip_hook.py",
-    "eval/eval_images.py",
-    "eval/in_training.py",
-    "eval/loaded.py",
-    "eval/view_pairs.py",
-    "methods/clip/method.py",
-    "methods/dino/method.py",
-    "methods/distill/method.py",
 }
 
 
@@ -152,15 +135,10 @@ def test_no_import_cycle_between_packages() -> None:
         {e: package_edges()[e][:3] for e in edges if any(set(e) <= set(c) for c in _cycles(edges))})
 
 
-def _ratchet(found: set, known: set, name: str, problem: str) -> None:
-    """``found`` may only be a subset of ``known``, and ``known`` must not list what is gone."""
-    assert not found - known, f"{problem}: {sorted(found - known)}"
-    assert not known - found, f"these are fixed; strike them from {name}: {sorted(known - found)}"
-
-
 def test_imports_only_go_down_the_layers() -> None:
-    upward = {e for e in package_edges() if _layer(e[1]) > _layer(e[0])}
-    _ratchet(upward, KNOWN_UPWARD, "KNOWN_UPWARD", "new upward imports (package -> package)")
+    edges = package_edges()
+    upward = {e: edges[e][:3] for e in edges if _layer(e[1]) > _layer(e[0])}
+    assert not upward, f"upward imports (package -> package: modules): {upward}"
 
 
 def _imports_root_config(tree: ast.Module) -> bool:
@@ -177,10 +155,12 @@ def _is_builder(rel: str) -> bool:
 
 
 def test_root_config_is_read_only_by_the_builders() -> None:
+    """Only the builders import a run config class; every other library module gets its sections."""
     readers = {rel for rel, tree in _modules().items()
                if _package(rel) != "config" and _imports_root_config(tree) and not _is_builder(rel)}
-    _ratchet(readers, KNOWN_ROOT_CONFIG, "KNOWN_ROOT_CONFIG",
-             "new modules take a whole run config (give them their section, or build them in the method's pipeline)")
+    assert not readers, ("these modules take a whole run config (give them their sections, or build them in the "
+                         f"method's pipeline): {sorted(readers)}")
+    assert any(_imports_root_config(tree) for rel, tree in _modules().items() if _is_builder(rel)), "never fires"
 
 
 def _compares_method_name(tree: ast.Module) -> bool:

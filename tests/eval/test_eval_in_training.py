@@ -11,8 +11,9 @@ import torch
 from PIL import Image
 
 from medfoundry.config import load_config
-from medfoundry.eval.in_training import EvaluationHook, build, read_eval_history
+from medfoundry.eval.in_training import EvaluationHook, read_eval_history
 from medfoundry.methods.checkpoint_backbone import load_backbone
+from medfoundry.methods.dino.pipeline import eval_hooks as build
 from medfoundry.recipes import resolve_recipe
 from medfoundry.train.loop import train
 from medfoundry.train.run_logger import read_metrics

@@ -20,7 +20,7 @@ from medfoundry.checkpoints.format import latest_checkpoint, load_checkpoint
 from medfoundry.config import load_config
 from medfoundry.config.schema import RunConfig
 from medfoundry.methods import get_method_entry
-from medfoundry.methods.checkpoint_backbone import build_eval_backbone, load_backbone
+from medfoundry.methods.checkpoint_backbone import build_eval_backbone, config_from_checkpoint, load_backbone
 from medfoundry.recipes import resolve_recipe
 from medfoundry_cli.cli import main
 
@@ -59,7 +59,7 @@ def student_without_teacher(tmp_path_factory: pytest.TempPathFactory) -> dict:
     assert main(["train", "distill_tiny_cpu", f"output_dir={student}", f"distill.teacher_checkpoint={teacher}",
                  *common]) == 0
     state = load_checkpoint(latest_checkpoint(student))
-    cfg = load_backbone(student).cfg
+    cfg = config_from_checkpoint(state["config"], str(latest_checkpoint(student)))
     cfg.output_dir = str(tmp / "scratch")  # building the method records its load reports there
     step0 = _state(_step0_eval_backbone(cfg))  # needs the teacher: recorded before it goes
     shutil.rmtree(teacher)
@@ -77,7 +77,7 @@ def test_eval_student_after_teacher_folder_is_deleted(student_without_teacher: d
 
 def test_load_backbone_returns_the_student(student_without_teacher: dict) -> None:
     loaded = load_backbone(student_without_teacher["student"])
-    assert loaded.cfg.method == "distill" and not loaded.random_init and loaded.step == 2
+    assert loaded.method == "distill" and not loaded.random_init and loaded.step == 2
     method_sd = student_without_teacher["state"]["method"]
     student = {k.removeprefix("student.backbone."): v for k, v in method_sd.items()
                if k.startswith("student.backbone.")}

@@ -65,17 +65,20 @@ def labelled_pngs(root: Path, n: int = 12) -> Path:
 
 def view_inputs(png_folder: Path) -> EvalInputs:
     """A tiny random-init ViT and a config whose label-free retrieval set is the conftest PNGs."""
+    from medfoundry.methods.dino.pipeline import frozen_eval_sections
     from medfoundry.models.registry import create_backbone
 
     cfg = load_config(resolve_recipe("tiny_dino_cpu"), [f"data.root={png_folder}", *TINY_DINO])
     torch.manual_seed(0)
-    return EvalInputs(EvalSettings(batch_size=4), backbone=create_backbone(cfg.model).eval(), cfg=cfg)
+    return EvalInputs(EvalSettings(batch_size=4), backbone=create_backbone(cfg.model).eval(),
+                      sections=frozen_eval_sections(cfg))
 
 
 def clip_inputs(folder: Path) -> EvalInputs:
     """A tiny random-init CLIP method, a zero-shot manifest (one binary finding and a class column) and 8
     image-report pairs."""
     from medfoundry.methods.clip.method import ClipMethod
+    from medfoundry.methods.clip.pipeline import eval_context
 
     names = []
     for i in range(8):
@@ -91,7 +94,7 @@ def clip_inputs(folder: Path) -> EvalInputs:
                              "clip.eval.retrieval.source=data", "clip.eval.retrieval.data.kind=manifest",
                              f"clip.eval.retrieval.data.manifest={folder}/pairs.csv"])
     torch.manual_seed(0)
-    return EvalInputs(cfg=cfg, clip_method=ClipMethod(cfg).eval())
+    return EvalInputs(clip_method=ClipMethod(cfg.model, cfg.clip, cfg.adapt).eval(), clip=eval_context(cfg))
 
 
 @pytest.fixture(scope="module")

@@ -28,6 +28,7 @@ from medfoundry.data.views import sample_seed
 from medfoundry.eval.clip_hook import ClipEvaluator, contrastive_val_loss, val_loss_spans
 from medfoundry.losses.clip import ClipInfoNCELoss, SigLIPLoss
 from medfoundry.methods.clip.method import ClipMethod
+from medfoundry.methods.clip.pipeline import eval_context
 
 ROOT = Path(__file__).resolve().parents[2]
 BASE = ["method=clip", "model.name=vit_tiny_patch8", "model.img_size=32", "model.in_chans=1", "clip.embed_dim=16",
@@ -198,11 +199,11 @@ def test_val_loss_is_the_training_loss_on_the_held_out_pairs(tmp_path: Path, kin
                                     f"clip.eval.val_loss.data.manifest={manifest}", "clip.eval.val_loss.batch_size=3",
                                     "clip.eval.val_loss.max_pairs=0"])
     torch.manual_seed(0)
-    method = ClipMethod(cfg)
+    method = ClipMethod(cfg.model, cfg.clip, cfg.adapt)
     with torch.no_grad():
         method.logit_scale.fill_(math.log(7.0))
     method.train()
-    out = ClipEvaluator(cfg).val_loss(method)
+    out = ClipEvaluator(eval_context(cfg)).val_loss(method)
     assert method.training  # train mode is restored
     assert out["num_pairs"] == 6.0  # batches 0-2 and 3-5; the incomplete last batch (pair 6) is left out
 

@@ -22,7 +22,7 @@ TEXTS = ["no acute process", "left pleural effusion", "cardiomegaly", "right upp
 def _method(*extra: str) -> tuple[ClipMethod, object]:
     cfg = load_config(None, BASE + list(extra))
     torch.manual_seed(0)
-    return ClipMethod(cfg), cfg
+    return ClipMethod(cfg.model, cfg.clip, cfg.adapt), cfg
 
 
 def _batch(method: ClipMethod, n: int = 4) -> dict:

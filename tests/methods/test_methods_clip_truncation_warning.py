@@ -41,7 +41,7 @@ def _manifest(tmp_path: Path) -> Path:
 def _warning(tmp_path: Path, *text: str) -> str:
     """Build the method and its loader for ``text`` overrides; the one truncation warning's message."""
     cfg = load_config(None, [*BASE, "clip.data.kind=manifest", f"clip.data.manifest={_manifest(tmp_path)}", *text])
-    method = ClipMethod(cfg)
+    method = ClipMethod(cfg.model, cfg.clip, cfg.adapt)
     with pytest.warns(ReportTruncationWarning) as caught:
         build_clip_loader(cfg, method, 0, 0, 1)
     messages = [str(w.message) for w in caught if issubclass(w.category, ReportTruncationWarning)]

@@ -37,16 +37,22 @@ def _teacher_file(tmp_path):
     return tmp_path / "teacher_timm.pth"
 
 
-def test_models_distill_feature_matching_without_head(tmp_path):
-    """A headless (e.g. released) teacher: dino_weight > 0 fails clearly; cosine-only distillation trains."""
+def _distill_method(cfg):
+    """The method from the sections its pipeline hands over."""
     from medfoundry.methods.distill.method import DistillMethod
 
+    return DistillMethod(cfg.model, cfg.distill, cfg.dino, cfg.adapt, cfg.optim.freeze_backbone_steps,
+                         cfg.crops.global_size)
+
+
+def test_models_distill_feature_matching_without_head(tmp_path):
+    """A headless (e.g. released) teacher: dino_weight > 0 fails clearly; cosine-only distillation trains."""
     path = _teacher_file(tmp_path)
     base = ["method=distill", "model.name=vit_tiny_patch8", "model.img_size=64", "crops.global_size=64",
             "distill.teacher_name=vit_tiny_patch8_reg2", f"distill.teacher_checkpoint={path}"]
     with pytest.raises(PretrainedLoadError, match="dino_weight=0"):
-        DistillMethod(load_config(None, base))
-    method = DistillMethod(load_config(None, [*base, "distill.dino_weight=0"]))
+        _distill_method(load_config(None, base))
+    method = _distill_method(load_config(None, [*base, "distill.dino_weight=0"]))
     assert not any(p.requires_grad for p in method.teacher.parameters())
     assert "cls_proj" in method.student and "dino_head" not in method.student
     batch = {"global_crops": torch.randn(2, 3, 3, 64, 64)}

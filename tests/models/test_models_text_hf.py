@@ -62,7 +62,7 @@ def test_hf_tokenizer_counts_truncation_and_method_trains(tmp_path):
                              "clip.embed_dim=16", "clip.text.kind=hf", f"clip.text.hf_path={_minilm_path()}",
                              "clip.text.context_length=32", "clip.text.pooling=mean", "clip.text.freeze=true",
                              "clip.preprocess.size=32", "clip.preprocess.normalize=imagenet"])
-    method = ClipMethod(cfg)
+    method = ClipMethod(cfg.model, cfg.clip, cfg.adapt)
     trainable = {n for n, p in method.named_parameters() if p.requires_grad}
     assert not any(n.startswith("text.model.") for n in trainable) and "text.proj.net.weight" in trainable
     tokens = method.tokenizer(TEXTS)
@@ -82,7 +82,7 @@ def test_medclip_recipe_has_about_425m_parameters(tmp_path):
     cfg = load_config("recipes/medclip_vitl14_bert.yaml", [f"clip.text.hf_path={tmp_path}"])
     assert cfg.clip.text.context_length == 77
     with torch.device("meta"):
-        method = ClipMethod(cfg, load_pretrained=False)
+        method = ClipMethod(cfg.model, cfg.clip, cfg.adapt, load_pretrained=False)
     n = sum(p.numel() for p in method.parameters())
     assert method.text.model.config.vocab_size == 30522
     assert abs(n / 425e6 - 1) < 0.05, n

@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -36,8 +37,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from medfoundry.config.loader import to_dict
-from medfoundry.config.schema import RunConfig
+from medfoundry.config.clip import ClipDataConfig, ClipEvalConfig, ClipPreprocessConfig
 from medfoundry.distributed.setup import all_reduce_mean_
 from medfoundry.distributed.setup import is_main_process as _is_main
 from medfoundry.distributed.setup import say as _say
@@ -111,18 +111,32 @@ class _EvalMode:
         self.module.train(self.was_training)
 
 
+@dataclass(frozen=True)
+class ClipEvalContext:
+    """What CLIP evaluation reads of a run: the ``clip`` section's ``eval``, ``preprocess`` and ``data`` parts,
+    the image channels (``model.in_chans``), ``train.precision``, and ``train.batch_size`` (the validation-loss
+    batch when ``clip.eval.val_loss.batch_size`` is 0). The CLIP pipeline builds it from the run config."""
+
+    eval: ClipEvalConfig
+    preprocess: ClipPreprocessConfig
+    data: ClipDataConfig
+    in_chans: int
+    precision: str = "auto"
+    batch_size: int = 32
+
+
 class ClipEvaluator:
     """Embeds and scores the configured evaluation sets with a :class:`~medfoundry.methods.clip.method.ClipMethod`.
 
     Sets are read and preprocessed once and kept in memory when small enough.
     """
 
-    def __init__(self, cfg: RunConfig) -> None:
+    def __init__(self, ctx: ClipEvalContext) -> None:
         from medfoundry.data.pair_loader import PairImageTransform
 
-        self.cfg = cfg
-        self.ec = cfg.clip.eval
-        self.transform = PairImageTransform(cfg.clip.preprocess, cfg.model.in_chans, train=False)
+        self.ctx = ctx
+        self.ec = ctx.eval
+        self.transform = PairImageTransform(ctx.preprocess, ctx.in_chans, train=False)
         self._zs = None
         self._zs_images: Tensor | None = None
         self._ret = None
@@ -132,8 +146,8 @@ class ClipEvaluator:
 
     # -- images ------------------------------------------------------------------------------------------------
     def _preprocess_all(self, load: Callable[[int], Tensor], n: int) -> Tensor | None:
-        s = self.cfg.clip.preprocess.size
-        if n * self.cfg.model.in_chans * s * s > _MAX_CACHED_ELEMENTS:
+        s = self.ctx.preprocess.size
+        if n * self.ctx.in_chans * s * s > _MAX_CACHED_ELEMENTS:
             return None
         return torch.stack([self.transform(load(i)) for i in range(n)])
 
@@ -161,7 +175,7 @@ class ClipEvaluator:
     def _autocast(self, device: torch.device):
         from medfoundry.precision import autocast, resolve_precision
 
-        return autocast(resolve_precision(self.cfg.train.precision, device), device)
+        return autocast(resolve_precision(self.ctx.precision, device), device)
 
     # -- tasks -------------------------------------------------------------------------------------------------
     def zeroshot(self, method) -> dict[str, float]:
@@ -176,7 +190,7 @@ class ClipEvaluator:
 
         zc = self.ec.zeroshot
         if self._zs is None:
-            self._zs = build_labelled_images(zc, self.cfg.clip.data.demo_dir)
+            self._zs = build_labelled_images(zc, self.ctx.data.demo_dir)
             self._zs_images = self._preprocess_all(self._zs.load_image, len(self._zs))
             _say(f"zero-shot evaluation set: {len(self._zs)} images ({zc.kind}); findings {self._zs.findings}; "
                  f"classes {self._zs.class_names}")
@@ -201,7 +215,7 @@ class ClipEvaluator:
 
         rc = self.ec.retrieval
         if self._ret is None:
-            pairs = build_pairs(self.cfg.clip.data if rc.source == "train" else rc.data)
+            pairs = build_pairs(self.ctx.data if rc.source == "train" else rc.data)
             n = min(len(pairs), rc.max_pairs) if rc.max_pairs > 0 else len(pairs)
             self._ret = (pairs, n)
             self._ret_images = self._preprocess_all(pairs.load_image, n)
@@ -227,11 +241,11 @@ class ClipEvaluator:
             pairs = build_pairs(vc.data)
             n = min(len(pairs), vc.max_pairs) if vc.max_pairs > 0 else len(pairs)
             rank, world = _rank_world()
-            spans = val_loss_spans(n, vc.batch_size or self.cfg.train.batch_size, world)
+            spans = val_loss_spans(n, vc.batch_size or self.ctx.batch_size, world)
             self._val = (pairs, spans)
             share = (spans[0][1] - spans[0][0]) // world
-            s = self.cfg.clip.preprocess.size
-            if len(spans) * share * self.cfg.model.in_chans * s * s <= _MAX_CACHED_ELEMENTS:
+            s = self.ctx.preprocess.size
+            if len(spans) * share * self.ctx.in_chans * s * s <= _MAX_CACHED_ELEMENTS:
                 for start, _ in spans:
                     lo = start + rank * share
                     self._val_images[lo] = torch.stack([self.transform(pairs.load_image(i))
@@ -269,15 +283,16 @@ class ClipEvaluator:
 class ClipEvalHook:
     """Zero-shot/retrieval and validation loss at their intervals (and at the last step); keep the best checkpoint."""
 
-    def __init__(self, cfg: RunConfig) -> None:
-        self.cfg = cfg
-        self.every = int(cfg.clip.eval.every_steps)
-        self.val_every = int(cfg.clip.eval.val_loss.every_steps)
-        self.last_step = int(cfg.train.steps)
-        self.best_metric = cfg.clip.eval.best_metric
-        self.best = BestCheckpoint(self.best_metric, cfg.clip.eval.best_mode, to_dict(cfg), "clip.eval.best_metric",
-                                   _say)
-        self.evaluator = ClipEvaluator(cfg)
+    def __init__(self, ctx: ClipEvalContext, steps: int, run_config: dict) -> None:
+        """``steps``: the run's last step (always evaluated); ``run_config``: the resolved config as a dict,
+        stored in ``best.pt`` so that it loads like any checkpoint."""
+        ec = ctx.eval
+        self.every = int(ec.every_steps)
+        self.val_every = int(ec.val_loss.every_steps)
+        self.last_step = int(steps)
+        self.best_metric = ec.best_metric
+        self.best = BestCheckpoint(self.best_metric, ec.best_mode, run_config, "clip.eval.best_metric", _say)
+        self.evaluator = ClipEvaluator(ctx)
 
     def _at(self, every: int, step: int) -> bool:
         return every > 0 and (step % every == 0 or step == self.last_step)
@@ -339,11 +354,11 @@ class ClipEvalHook:
 # -- the registered tasks ``zeroshot`` and ``clip_retrieval`` (medfoundry.eval.registry) ---------------------------
 def run_zeroshot_task(inputs: EvalInputs) -> dict[str, float]:
     """``zeroshot``: :meth:`ClipEvaluator.zeroshot` of the CLIP method on ``clip.eval.zeroshot`` (``zeroshot/...``)."""
-    assert inputs.cfg is not None
-    return ClipEvaluator(inputs.cfg).evaluate(inputs.clip_method, ("zeroshot",))
+    assert inputs.clip is not None
+    return ClipEvaluator(inputs.clip).evaluate(inputs.clip_method, ("zeroshot",))
 
 
 def run_retrieval_task(inputs: EvalInputs) -> dict[str, float]:
     """``clip_retrieval``: :meth:`ClipEvaluator.retrieval` on ``clip.eval.retrieval``'s pairs (``retrieval/...``)."""
-    assert inputs.cfg is not None
-    return ClipEvaluator(inputs.cfg).evaluate(inputs.clip_method, ("retrieval",))
+    assert inputs.clip is not None
+    return ClipEvaluator(inputs.clip).evaluate(inputs.clip_method, ("retrieval",))

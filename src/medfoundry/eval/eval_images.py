@@ -16,7 +16,8 @@ from torch import Tensor
 from medfoundry.eval.labelled_set import IMAGE_SUFFIXES, LabelledItem
 
 if TYPE_CHECKING:
-    from medfoundry.config.schema import RunConfig
+    from medfoundry.config.data import DataConfig
+    from medfoundry.eval.sections import FrozenEvalSections
 
 _INTENSITY_KEYS = ("intensity", "value_range", "windows", "channels", "slices")  # data keys deciding the mapping
 
@@ -119,24 +120,30 @@ def _per_channel(values: Sequence[float], channels: int) -> list[float]:
     raise ValueError(f"{len(values)} normalisation values for {channels} channels")
 
 
-def build_eval_intensity(cfg: RunConfig, deterministic: bool = True) -> tuple[Callable[[Tensor], Tensor], str]:
-    """The run's intensity transform (random HU windows off when ``deterministic``) and a stable description.
+def build_eval_intensity(data: DataConfig, deterministic: bool = True) -> tuple[Callable[[Tensor], Tensor], str]:
+    """The ``data`` section's intensity transform (random HU windows off when ``deterministic``) and a stable
+    description.
 
     The description (the ``data`` keys that decide the mapping) goes into feature-cache keys.
     """
     from medfoundry.data.intensity import build_intensity_transform
 
-    data = replace(cfg.data, random_window_prob=0.0) if deterministic else cfg.data
+    data = replace(data, random_window_prob=0.0) if deterministic else data
     desc = json.dumps({k: getattr(data, k) for k in _INTENSITY_KEYS}, sort_keys=True)
     return build_intensity_transform(data), desc
 
 
-def eval_transform_from_config(cfg: RunConfig, img_size: int = 0) -> EvalTransform:
-    """The evaluation transform of a run config: its intensity mapping and normalisation, size ``eval.img_size``."""
-    size = img_size or cfg.eval.img_size or cfg.crops.global_size
-    intensity, desc = build_eval_intensity(cfg)
-    return EvalTransform(size, list(cfg.crops.mean), list(cfg.crops.std), cfg.data.channels, intensity, desc,
-                         cfg.data.slices, cfg.data.slice_stride)
+def eval_transform_from_config(sections: FrozenEvalSections, img_size: int = 0) -> EvalTransform:
+    """The evaluation transform of a run's ``data``/``crops``/``eval`` sections: its intensity mapping and
+    normalisation, size ``img_size`` or ``eval.img_size`` (else the global crop size).
+
+    A DINO-family run config has the three sections itself and may be passed as it is.
+    """
+    data, crops = sections.data, sections.crops
+    size = img_size or sections.eval.img_size or crops.global_size
+    intensity, desc = build_eval_intensity(data)
+    return EvalTransform(size, list(crops.mean), list(crops.std), data.channels, intensity, desc,
+                         data.slices, data.slice_stride)
 
 
 class EvalImages(torch.utils.data.Dataset):

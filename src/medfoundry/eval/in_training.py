@@ -36,8 +36,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from medfoundry.config.loader import ConfigError, to_dict
-from medfoundry.config.schema import RunConfig
+from medfoundry.config.evaluation import EvalConfig
+from medfoundry.config.loader import ConfigError
 from medfoundry.distributed.parallelize import is_sharded
 from medfoundry.distributed.setup import is_main_process as _is_main
 from medfoundry.distributed.setup import say as _say
@@ -51,13 +51,14 @@ from medfoundry.eval.monitors import (
     RepresentationHealthError,
 )
 from medfoundry.eval.registry import EvalInputs, EvalSettings
+from medfoundry.eval.sections import FrozenEvalSections
 
 EVAL_PREFIX = "eval/"
 
 
-def _label_free(cfg: RunConfig) -> bool:
+def _label_free(ec: EvalConfig) -> bool:
     """Whether ``eval.tasks`` holds a task that needs no labelled set (``needs="views"``: the view retrieval)."""
-    return any(registry.needs_of(t) == "views" for t in cfg.eval.tasks)
+    return any(registry.needs_of(t) == "views" for t in ec.tasks)
 
 
 def _append_jsonl(path: Path, record: dict) -> None:
@@ -71,25 +72,27 @@ def _append_jsonl(path: Path, record: dict) -> None:
 class EvaluationHook:
     """Evaluate the method's evaluation backbone on the labelled set every ``eval.every_steps`` steps."""
 
-    def __init__(self, cfg: RunConfig) -> None:
+    def __init__(self, sections: FrozenEvalSections, steps: int, run_config: dict) -> None:
+        """``sections``: the run's ``data``/``crops``/``eval``; ``steps``: its last step (always evaluated);
+        ``run_config``: the resolved config as a dict, stored in ``best.pt`` so that it loads like any checkpoint."""
         from medfoundry.eval.labelled_set import load_labelled_set
 
+        ec = sections.eval
         known = registry.task_names()
-        unknown = [t for t in cfg.eval.tasks if t not in known]
+        unknown = [t for t in ec.tasks if t not in known]
         if unknown:
-            raise ConfigError(f"'eval.tasks' = {cfg.eval.tasks}: unknown task(s) {unknown}; known: {list(known)}")
-        ec = cfg.eval
+            raise ConfigError(f"'eval.tasks' = {ec.tasks}: unknown task(s) {unknown}; known: {list(known)}")
         self._lset = None  # label-free runs evaluate only the view retrieval
         if ec.data:
             try:  # read the labelled set now, so a wrong path fails at start-up rather than at the first evaluation
                 self._lset = load_labelled_set(ec.data, ec.label_column, ec.split_fractions, ec.split_seed)
             except (FileNotFoundError, ValueError) as err:
                 raise ConfigError(f"'eval.data' = {ec.data!r}: {err}") from err
-        self.cfg = cfg
-        self.every = int(cfg.eval.every_steps)
-        self.last_step = int(cfg.train.steps)
-        self.best_metric = cfg.eval.best_metric.removeprefix(EVAL_PREFIX)
-        self.best = BestCheckpoint(self.best_metric, cfg.eval.best_mode, to_dict(cfg), "eval.best_metric", _say)
+        self.sections = sections
+        self.every = int(ec.every_steps)
+        self.last_step = int(steps)
+        self.best_metric = ec.best_metric.removeprefix(EVAL_PREFIX)
+        self.best = BestCheckpoint(self.best_metric, ec.best_mode, run_config, "eval.best_metric", _say)
         self._warned_tasks: set[str] = set()
         self._images: list[torch.Tensor] | None = None
         self._transform = None
@@ -134,7 +137,7 @@ class EvaluationHook:
 
         if self._transform is None:
             self._prepare()
-        ec = self.cfg.eval
+        ec = self.sections.eval
         images = self._images if self._images is not None else EvalImages(self._lset.items, self._transform)
         feats = extract_features(backbone, images, ec.feature, ec.batch_size)
         fs = FeatureSet(
@@ -146,11 +149,11 @@ class EvaluationHook:
     def _prepare(self) -> None:
         from medfoundry.eval.eval_images import EvalImages, eval_transform_from_config
 
-        ec = self.cfg.eval
-        self._transform = eval_transform_from_config(self.cfg)
+        ec = self.sections.eval
+        self._transform = eval_transform_from_config(self.sections)
         images = EvalImages(self._lset.items, self._transform)
         size = self._transform.img_size
-        if len(images) * self.cfg.data.channels * size * size * 4 <= 512 * 2**20:
+        if len(images) * self.sections.data.channels * size * size * 4 <= 512 * 2**20:
             self._images = [images[i] for i in range(len(images))]  # preprocessed once, kept in memory
         else:
             self._images = None
@@ -158,7 +161,7 @@ class EvaluationHook:
 
     def evaluate(self, method: nn.Module) -> dict[str, float]:
         """Run the configured tasks on the current evaluation backbone (no gradients, eval mode)."""
-        ec = self.cfg.eval
+        ec = self.sections.eval
         backbone = method.eval_backbone()
         fs = self._features(backbone) if self._lset is not None else None
         settings = EvalSettings(knn_k=tuple(ec.knn_k), knn_temperature=ec.knn_temperature,
@@ -169,7 +172,7 @@ class EvaluationHook:
             task = registry.get(name)
             try:
                 if task.needs == "views":
-                    results.update(task.run(EvalInputs(settings, backbone=backbone, cfg=self.cfg)))
+                    results.update(task.run(EvalInputs(settings, backbone=backbone, sections=self.sections)))
                 elif fs is None:
                     raise ValueError("it needs a labelled set (eval.data)")
                 else:
@@ -181,9 +184,9 @@ class EvaluationHook:
         return {k: float(v) for k, v in results.items()}
 
 
-def _hu_like(cfg: RunConfig) -> bool:
+def _hu_like(sections: FrozenEvalSections) -> bool:
     """Whether the run trains on HU/CT-like data (HU windows or DICOM/NIfTI volumes), for the monitors' advice."""
-    d = cfg.data
+    d = sections.data
     return d.intensity == "window" or d.random_window_prob > 0 or d.kind in ("dicom", "nifti")
 
 
@@ -205,8 +208,10 @@ class MonitorHook:
     """Feeds the training-metric stream (and evaluated health) to the entropy-wall, prototype-collapse and
     collapse detectors."""
 
-    def __init__(self, cfg: RunConfig, prototypes: PrototypeTargets | None = None) -> None:
-        ew, pc, co = cfg.eval.entropy_wall, cfg.eval.prototype_collapse, cfg.eval.collapse
+    def __init__(self, sections: FrozenEvalSections, lr: float, prototypes: PrototypeTargets | None = None) -> None:
+        """``sections``: the run's ``eval`` (monitor settings) and ``data`` (HU-like data changes the advice);
+        ``lr``: the base learning rate ``optim.lr``, quoted in the entropy-wall advice."""
+        ew, pc, co = sections.eval.entropy_wall, sections.eval.prototype_collapse, sections.eval.collapse
         self.entropy: EntropyWallDetector | None = None
         self.prototypes: PrototypeCollapseDetector | None = None
         self.collapse: CollapseDetector | None = None
@@ -216,8 +221,8 @@ class MonitorHook:
             self.entropy = EntropyWallDetector(p.out_dim, ew.after_steps, ew.patience,
                                                ew.threshold_frac, ew.fatal, metric_key="dino_loss_frac",
                                                center_momentum=p.center_momentum,
-                                               centering=p.centering, hu_data=_hu_like(cfg),
-                                               lr=cfg.optim.lr)
+                                               centering=p.centering, hu_data=_hu_like(sections),
+                                               lr=lr)
         if pc.enabled and p is not None:
             self.prototypes = PrototypeCollapseDetector(
                 p.out_dim, pc.after_steps, pc.patience, pc.min_effective_frac, pc.fatal,
@@ -272,17 +277,20 @@ class MonitorHook:
         _append_jsonl(run_dir / "monitors.jsonl", {"step": step, "monitor": name, "fatal": fatal, "message": message})
 
 
-def build(cfg: RunConfig, prototypes: PrototypeTargets | None = None) -> list[Hook]:
+def build(sections: FrozenEvalSections, *, steps: int, lr: float, run_config: dict,
+          prototypes: PrototypeTargets | None = None) -> list[Hook]:
     """The evaluation hook (if ``eval.every_steps`` and ``eval.data`` are set) and the monitor hook.
 
-    ``cfg`` is a run config with ``data``, ``crops`` and ``eval`` sections (the DINO-family methods');
-    ``prototypes`` turns on the entropy-wall and prototype-collapse detectors.
+    ``sections`` are the run's ``data``, ``crops`` and ``eval`` (a DINO-family method's pipeline hands them
+    over); ``steps`` is the run's last step, ``lr`` its ``optim.lr``, ``run_config`` its resolved config as a
+    dict (for ``best.pt``); ``prototypes`` turns on the entropy-wall and prototype-collapse detectors.
     """
     hooks: list[Hook] = []
-    monitor = MonitorHook(cfg, prototypes)
-    if cfg.eval.every_steps > 0:
-        if cfg.eval.data or _label_free(cfg):
-            evaluation = EvaluationHook(cfg)
+    monitor = MonitorHook(sections, lr, prototypes)
+    ec = sections.eval
+    if ec.every_steps > 0:
+        if ec.data or _label_free(ec):
+            evaluation = EvaluationHook(sections, steps, run_config)
             evaluation.monitor = monitor if monitor.active else None
             hooks.append(evaluation)
         else:

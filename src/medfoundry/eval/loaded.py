@@ -5,25 +5,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from medfoundry.config.data import DataConfig
-from medfoundry.config.evaluation import EvalConfig
-from medfoundry.config.schema import CropsConfig, RunConfig
+from medfoundry.eval.sections import FrozenEvalSections
 from medfoundry.models.backbone import Backbone
-
-
-@dataclass
-class FrozenEvalSections:
-    """The sections frozen-feature evaluation reads: the image pipeline (``data``, ``crops``) and ``eval``.
-
-    A DINO-family run config has these sections itself (and is passed as is); a method without them
-    (``clip``, whose images go through ``clip.preprocess``) evaluates its backbone with these defaults.
-    """
-
-    data: DataConfig = field(default_factory=DataConfig)
-    crops: CropsConfig = field(default_factory=CropsConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 @dataclass
@@ -31,13 +15,13 @@ class LoadedBackbone:
     """A backbone ready for evaluation and where it came from."""
 
     backbone: Backbone
-    cfg: RunConfig
+    method: str  # the training method that produced it (``dino``, ``distill``, ``clip`` ...)
     checkpoint: Path
     step: int | None
     identity: str  # names the weights, for feature caches
     random_init: bool = False
-    #: ``data``, ``crops``, ``eval`` for frozen evaluation: the run config itself, or FrozenEvalSections
-    sections: Any = field(default_factory=FrozenEvalSections)
+    #: ``data``, ``crops``, ``eval`` for frozen evaluation (the run's own, or the defaults)
+    sections: FrozenEvalSections = field(default_factory=FrozenEvalSections)
 
     @property
     def label(self) -> str:

@@ -10,8 +10,8 @@ An :class:`EvalTask` says
 * ``name``: unique; the ``--task`` / ``eval.tasks`` spelling;
 * ``needs``: what :meth:`EvalTask.run` reads from its :class:`EvalInputs` — ``"features"`` (a
   :class:`~medfoundry.eval.features.FeatureSet` of the labelled set's train/val/test features),
-  ``"views"`` (the backbone and the run config: label-free augmented view pairs) or ``"clip"`` (a
-  CLIP-style image-text method and its config);
+  ``"views"`` (the backbone and the run's ``data``/``crops``/``eval`` sections: label-free augmented view
+  pairs) or ``"clip"`` (a CLIP-style image-text method and its evaluation context, the ``clip`` section);
 * ``function``: ``(EvalInputs) -> {metric: float}``, a callable or ``"module:function"`` imported on
   first use, so that reading the registry (every CLI start builds the ``eval`` parser) imports no torch;
 * ``headline``: the :class:`Metric` names (as logged) worth a table row, with their direction;
@@ -36,14 +36,16 @@ import importlib
 import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, get_args
+from typing import TYPE_CHECKING, Literal, get_args
 
 from medfoundry.config.names import register_names
 
 if TYPE_CHECKING:
     from torch import nn
 
+    from medfoundry.eval.clip_hook import ClipEvalContext
     from medfoundry.eval.features import FeatureSet
+    from medfoundry.eval.sections import FrozenEvalSections
 
 Needs = Literal["features", "views", "clip"]
 Direction = Literal["max", "min"]
@@ -93,11 +95,12 @@ class EvalInputs:
     settings: EvalSettings = field(default_factory=EvalSettings)
     features: FeatureSet | None = None  # needs "features"
     backbone: nn.Module | None = None  # needs "views": the frozen backbone in eval mode
-    cfg: Any = None  # the run's RunConfig, passed through: needs "views" (data, eval) and "clip" (clip, model)
+    sections: FrozenEvalSections | None = None  # needs "views": the run's data, crops and eval sections
     clip_method: nn.Module | None = None  # needs "clip": a ClipMethod
+    clip: ClipEvalContext | None = None  # needs "clip": its ``clip`` section and image settings
 
 
-_REQUIRED = {"features": ("features",), "views": ("backbone", "cfg"), "clip": ("clip_method", "cfg")}
+_REQUIRED = {"features": ("features",), "views": ("backbone", "sections"), "clip": ("clip_method", "clip")}
 
 
 @dataclass(frozen=True)
@@ -114,8 +117,8 @@ class EvalTask:
 
     def run(self, inputs: EvalInputs) -> dict[str, float]:
         """The task's metrics on ``inputs`` (``ValueError`` when an input its ``needs`` names is missing)."""
-        given = {"features": inputs.features, "backbone": inputs.backbone, "cfg": inputs.cfg,
-                 "clip_method": inputs.clip_method}
+        given = {"features": inputs.features, "backbone": inputs.backbone, "sections": inputs.sections,
+                 "clip_method": inputs.clip_method, "clip": inputs.clip}
         missing = [f for f in _REQUIRED[self.needs] if given[f] is None]
         if missing:
             raise ValueError(f"task '{self.name}' needs {', '.join(missing)} (needs={self.needs})")

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from medfoundry.eval.registry import EvalInputs
+    from medfoundry.eval.sections import FrozenEvalSections
 
 __all__ = ["dinox_view_retrieval", "retrieval_recall_at_k", "run_task", "view_retrieval_metrics"]
 
@@ -132,17 +133,19 @@ def retrieval_recall_at_k(
 
 
 # -- the registered task ``retrieval`` (medfoundry.eval.registry) ------------------------------------------------
-def view_retrieval_metrics(backbone: nn.Module, cfg, feature: str = "cls", batch_size: int = 64) -> dict[str, float]:
+def view_retrieval_metrics(backbone: nn.Module, sections: FrozenEvalSections, feature: str = "cls",
+                           batch_size: int = 64) -> dict[str, float]:
     """DINO-X's view-retrieval ratio of ``backbone`` on ``eval.retrieval_images`` images of the label-free
-    retrieval set of run config ``cfg`` (its data and eval sections; see :mod:`medfoundry.eval.view_pairs`)."""
+    retrieval set of a run's ``sections`` (data, crops, eval; see :mod:`medfoundry.eval.view_pairs`)."""
     # imported here: view pairs read the data pipeline, which the array evaluators above do not need
     from medfoundry.eval.view_pairs import view_pair_features
 
-    fa, fb, _ = view_pair_features(backbone, cfg, feature, batch_size=batch_size)
+    fa, fb, _ = view_pair_features(backbone, sections, feature, batch_size=batch_size)
     return dinox_view_retrieval(fa, fb)
 
 
 def run_task(inputs: EvalInputs) -> dict[str, float]:
     """``retrieval``: :func:`view_retrieval_metrics` of the backbone on the config's label-free retrieval set."""
-    assert inputs.backbone is not None and inputs.cfg is not None
-    return view_retrieval_metrics(inputs.backbone, inputs.cfg, inputs.settings.feature, inputs.settings.batch_size)
+    assert inputs.backbone is not None and inputs.sections is not None
+    return view_retrieval_metrics(inputs.backbone, inputs.sections, inputs.settings.feature,
+                                  inputs.settings.batch_size)

@@ -141,7 +141,7 @@ def evaluate_backbone(
     from medfoundry.eval.features import cached_features
     from medfoundry.eval.labelled_set import load_labelled_set
 
-    cfg = loaded.sections  # data, crops, eval (the run config of a DINO-family run)
+    cfg = loaded.sections  # data, crops, eval of the run (FrozenEvalSections)
     ec = cfg.eval
     data = data or ec.data
     feature = feature or ec.feature
@@ -169,7 +169,7 @@ def evaluate_backbone(
         overrides = {k: v for k, v in (retrieval or {}).items() if v not in (None, "")}
         rcfg = dataclasses.replace(cfg, eval=dataclasses.replace(ec, **overrides)) if overrides else cfg
         inputs = EvalInputs(EvalSettings(feature=feature, batch_size=ec.batch_size), backbone=loaded.backbone,
-                            cfg=rcfg)
+                            sections=rcfg)
         for name in view_tasks:
             results.update(registry.get(name).run(inputs))
     return results, lset, from_cache

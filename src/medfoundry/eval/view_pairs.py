@@ -19,18 +19,18 @@ import torch
 from torch import nn
 
 from medfoundry.config.data import DataConfig
-from medfoundry.config.schema import RunConfig
 from medfoundry.data.intensity import build_intensity_transform
 from medfoundry.data.loader import per_view_intensity
 from medfoundry.data.multicrop import MultiCropTransform
 from medfoundry.data.sources import build_source
 from medfoundry.data.views import sample_seed
 from medfoundry.eval.features import FeatureKind, extract_features
+from medfoundry.eval.sections import FrozenEvalSections
 
 
-def retrieval_data_config(cfg: RunConfig) -> DataConfig:
+def retrieval_data_config(sections: FrozenEvalSections) -> DataConfig:
     """The run's ``data`` section with ``eval.retrieval_root``, ``retrieval_kind`` and ``retrieval_split`` applied."""
-    ec = cfg.eval
+    ec = sections.eval
     changes = {}
     if ec.retrieval_root:
         changes["root"] = ec.retrieval_root
@@ -38,7 +38,7 @@ def retrieval_data_config(cfg: RunConfig) -> DataConfig:
         changes["kind"] = ec.retrieval_kind
     if ec.retrieval_split:
         changes["split"] = ec.retrieval_split
-    return dataclasses.replace(cfg.data, **changes)
+    return dataclasses.replace(sections.data, **changes)
 
 
 def sample_images(n_available: int, n: int, seed: int) -> list[int]:
@@ -50,24 +50,25 @@ def sample_images(n_available: int, n: int, seed: int) -> list[int]:
 
 
 @torch.no_grad()
-def view_pair_features(backbone: nn.Module, cfg: RunConfig, feature: FeatureKind = "cls", n: int | None = None,
-                       seed: int | None = None, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray, list[str]]:
+def view_pair_features(backbone: nn.Module, sections: FrozenEvalSections, feature: FeatureKind = "cls",
+                       n: int | None = None, seed: int | None = None,
+                       batch_size: int = 64) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Features ``(N, D)`` of view 1 and view 2 of ``N`` sampled images, and the images' names.
 
-    The views are the run's two global crops (``cfg.crops`` with ``n_local=0``) after the run's
+    The views are the run's two global crops (``sections.crops`` with ``n_local=0``) after the run's
     training intensity mapping (random HU windows included, per view when
     ``data.random_window_per_view``), drawn for image ``i`` under the seed ``sample_seed(seed, i)``,
     so the protocol is reproducible and the same for every checkpoint it compares.
     """
-    ec = cfg.eval
+    ec = sections.eval
     n = ec.retrieval_images if n is None else n
     seed = ec.retrieval_seed if seed is None else seed
-    data = retrieval_data_config(cfg)
+    data = retrieval_data_config(sections)
     source = build_source(data)
     if len(source) < 2:
         raise ValueError(f"view retrieval needs at least two images; {data.kind} '{data.root}' has {len(source)}")
     indices = sample_images(len(source), n, seed)
-    crops = copy.copy(cfg.crops)
+    crops = copy.copy(sections.crops)
     crops.n_global, crops.n_local = 2, 0
     intensity = build_intensity_transform(data)
     per_view = per_view_intensity(data)

@@ -161,7 +161,7 @@ def load_backbone(
     backbone.requires_grad_(False)
     step = state.get("step")
     sections = get_method_entry(cfg.method).frozen_eval_sections(cfg)
-    return LoadedBackbone(backbone, cfg, ckpt, int(step) if step is not None else None, identity, random_init,
+    return LoadedBackbone(backbone, cfg.method, ckpt, int(step) if step is not None else None, identity, random_init,
                           sections)
 
 

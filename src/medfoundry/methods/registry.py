@@ -11,11 +11,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
 
 from medfoundry.config.names import register_run_config
 from medfoundry.config.schema import RunConfig
 from medfoundry.eval.hooks import Hook
+from medfoundry.eval.sections import FrozenEvalSections
 from medfoundry.methods.base import Method
 from medfoundry.models.backbone import Backbone
 
@@ -42,7 +42,7 @@ class MethodEntry:
     build_hooks: Callable[[RunConfig], list[Hook]]  # in-training evaluation and monitors of this method
     needed_paths: Callable[[RunConfig], Iterator[Need]]  # input files besides model.pretrained, checked at start
     max_bad_fraction: Callable[[RunConfig], float]  # share of unreadable inputs after which the run stops
-    frozen_eval_sections: Callable[[RunConfig], Any]  # data, crops, eval for `medfoundry eval` of the backbone
+    frozen_eval_sections: Callable[[RunConfig], FrozenEvalSections]  # data, crops, eval for `medfoundry eval`
 
     @property
     def eval_prefix(self) -> str:

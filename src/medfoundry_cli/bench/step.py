@@ -342,7 +342,7 @@ def bench_clip_step(spec: ClipStepSpec) -> BenchResult:
     precision = resolve_precision(spec.precision, device)
     text_len = min(spec.text_len, cfg.clip.text.context_length)
     torch.manual_seed(spec.seed)
-    method = ClipMethod(cfg).to(device)
+    method = ClipMethod(cfg.model, cfg.clip, cfg.adapt).to(device)
     step = TrainStep(method, cfg, device, precision)
     batch = synthetic_clip_batch(cfg, spec.batch, text_len, device, spec.seed)
     counted, _ = count_flops(lambda: step(batch, 0))

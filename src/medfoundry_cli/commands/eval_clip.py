@@ -77,7 +77,7 @@ def load_clip_checkpoint_method(path: str | Path, overrides: list[str] | tuple[s
         key, value = parse_override(item)
         apply_override(cfg, key, value, source=f"override '{item}'")
     validate(cfg)
-    method = ClipMethod(cfg, load_pretrained=False)
+    method = ClipMethod(cfg.model, cfg.clip, cfg.adapt, load_pretrained=False)
     method.load_state_dict(state["method"])
     method.to(resolve_device(device)).eval()
     return method, cfg, ckpt, int(state.get("step", 0))
@@ -116,6 +116,7 @@ def _run(args: argparse.Namespace, task: EvalTask, name: str) -> int:
     """Run registered CLIP task ``task`` (asked for as ``name``) on ``args.checkpoint``; the exit code."""
     from medfoundry.config import ConfigError
     from medfoundry.eval.registry import EvalInputs
+    from medfoundry.methods.clip.pipeline import eval_context
 
     overrides = _shortcuts(args, task.name) + list(getattr(args, "clip_overrides", None) or [])
     overrides += list(getattr(args, "overrides", None) or [])
@@ -129,7 +130,7 @@ def _run(args: argparse.Namespace, task: EvalTask, name: str) -> int:
     if problem:
         print(f"medfoundry eval: {problem}", file=sys.stderr)
         return 2
-    results = task.run(EvalInputs(cfg=cfg, clip_method=method))
+    results = task.run(EvalInputs(clip_method=method, clip=eval_context(cfg)))
     record = {"checkpoint": str(ckpt), "step": step, "task": name, "results": results}
     text = json.dumps(record, indent=2, allow_nan=True)
     print(text)

@@ -28,10 +28,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from medfoundry.config.adapt import AdaptConfig
 from medfoundry.config.clip import ClipImageConfig
+from medfoundry.config.schema import ModelConfig
 from medfoundry.losses.clip import ClipInfoNCELoss, SigLIPLoss
 from medfoundry.methods.base import Method
-from medfoundry.methods.clip.config import ClipRunConfig, check_clip_config
+from medfoundry.methods.clip.config import ClipConfig, check_clip_config
 from medfoundry.models.backbone import Backbone
 from medfoundry.models.projection import ProjectionHead
 
@@ -78,7 +80,7 @@ def apply_text_lora(module: nn.Module, rank: int, alpha: float, targets: Sequenc
     return names
 
 
-def init_eval_backbone(cfg: ClipRunConfig) -> Backbone:
+def init_eval_backbone(model: ModelConfig, adapt: AdaptConfig, frozen: bool = False) -> Backbone:
     """The image tower's backbone as :class:`ClipMethod` initialises it, without projection or text tower.
 
     The image backbone is the first thing the method draws from the RNG, so under the run's seed this
@@ -88,9 +90,9 @@ def init_eval_backbone(cfg: ClipRunConfig) -> Backbone:
     from medfoundry.models.lora import adapt_backbone
     from medfoundry.models.registry import create_backbone
 
-    backbone = create_backbone(cfg.model)
-    if not cfg.clip.image.freeze:
-        adapt_backbone(backbone, cfg.adapt, verbose=False)
+    backbone = create_backbone(model)
+    if not frozen:  # clip.image.freeze: the tower is not adapted
+        adapt_backbone(backbone, adapt, verbose=False)
     return backbone
 
 
@@ -98,45 +100,48 @@ class ClipMethod(Method):
     """Image tower + text tower + contrastive loss with a learnable logit scale.
 
     Args:
-        cfg: the run config (``model`` for the image backbone, ``clip`` for everything else).
+        model: the image backbone (``model``).
+        clip: everything else (``clip``: towers, loss, preprocessing).
+        adapt: LoRA / freezing of the image backbone (``adapt``; unused when ``clip.image.freeze``).
         load_pretrained: read ``model.pretrained`` / ``clip.text.pretrained`` weights (off when a
             medfoundry checkpoint is loaded over the method, e.g. for evaluation).
     """
 
-    def __init__(self, cfg: ClipRunConfig, load_pretrained: bool = True) -> None:
+    def __init__(self, model: ModelConfig, clip: ClipConfig, adapt: AdaptConfig | None = None,
+                 load_pretrained: bool = True) -> None:
         super().__init__()
         from medfoundry.data.pair_loader import preset_pixel_stats
         from medfoundry.models.registry import create_backbone
         from medfoundry.models.text import build_text_tower, build_tokenizer
 
-        c = cfg.clip
+        c = clip
+        adapt = adapt if adapt is not None else AdaptConfig()
         check_clip_config(c)
         self.cfg = c
-        backbone = create_backbone(cfg.model)
+        backbone = create_backbone(model)
         self.load_reports: list = []  # what the pretrained image weights provided (written to the run folder)
-        if load_pretrained and cfg.model.pretrained:
+        if load_pretrained and model.pretrained:
             from medfoundry.models.pretrained import load_pretrained_backbone
 
-            self.load_reports.append(load_pretrained_backbone(backbone, cfg.model.pretrained,
-                                                              cfg.model.pretrained_format,
-                                                              channel_mode=cfg.adapt.channel_mode))
+            self.load_reports.append(load_pretrained_backbone(backbone, model.pretrained, model.pretrained_format,
+                                                              channel_mode=adapt.channel_mode))
         if not c.image.freeze:
             from medfoundry.models.lora import adapt_backbone
 
-            adapt_backbone(backbone, cfg.adapt)  # LoRA / freezing rules of the weights issue (`adapt` section)
+            adapt_backbone(backbone, adapt)  # LoRA / freezing rules of the weights issue (`adapt` section)
         backbone.mask_token.requires_grad_(False)  # no masked modelling here (DDP must see no unused params)
         if c.preprocess.size % backbone.patch_size:
             from medfoundry.config import ConfigError
 
             raise ConfigError(f"'clip.preprocess.size' = {c.preprocess.size} must be a multiple of the patch size "
-                              f"{backbone.patch_size} of model.name={cfg.model.name}")
+                              f"{backbone.patch_size} of model.name={model.name}")
         self.image = ImageTower(backbone, c.embed_dim, c.image)
         self.text = build_text_tower(c.text, c.embed_dim, load_pretrained=load_pretrained)
         self.tokenizer = build_tokenizer(c.text)
         if c.text.grad_checkpointing:
             self.text.set_grad_checkpointing(True)
 
-        mean, std = preset_pixel_stats(c.preprocess, cfg.model.in_chans)
+        mean, std = preset_pixel_stats(c.preprocess, model.in_chans)
         self.register_buffer("pixel_mean", torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1))
         self.register_buffer("pixel_std", torch.tensor(std, dtype=torch.float32).view(-1, 1, 1))
 

@@ -6,9 +6,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from medfoundry.config.data import DataConfig
-from medfoundry.eval.clip_hook import ClipEvalHook
+from medfoundry.config.loader import to_dict
+from medfoundry.eval.clip_hook import ClipEvalContext, ClipEvalHook
 from medfoundry.eval.hooks import Hook
-from medfoundry.eval.loaded import FrozenEvalSections
+from medfoundry.eval.sections import FrozenEvalSections
 from medfoundry.methods import input_paths as paths
 from medfoundry.methods.clip.config import ClipRunConfig
 from medfoundry.methods.clip.loader import build_clip_loader
@@ -19,16 +20,22 @@ from medfoundry.models.pretrained import record_load_reports
 
 def build(cfg: ClipRunConfig) -> ClipMethod:
     """Image and text towers and the contrastive loss; load reports recorded in the run folder."""
-    method = ClipMethod(cfg)
+    method = ClipMethod(cfg.model, cfg.clip, cfg.adapt)
     record_load_reports(method.load_reports, cfg.output_dir)
     return method
+
+
+def eval_context(cfg: ClipRunConfig) -> ClipEvalContext:
+    """What zero-shot, retrieval and validation-loss evaluation read of a CLIP run."""
+    c = cfg.clip
+    return ClipEvalContext(c.eval, c.preprocess, c.data, cfg.model.in_chans, cfg.train.precision, cfg.train.batch_size)
 
 
 def build_hooks(cfg: ClipRunConfig) -> list[Hook]:
     """A :class:`ClipEvalHook` when ``clip.eval.every_steps`` or ``clip.eval.val_loss.every_steps`` is > 0."""
     if cfg.clip.eval.every_steps <= 0 and cfg.clip.eval.val_loss.every_steps <= 0:
         return []
-    return [ClipEvalHook(cfg)]
+    return [ClipEvalHook(eval_context(cfg), cfg.train.steps, to_dict(cfg))]
 
 
 def needed_paths(cfg: ClipRunConfig) -> Iterator[Need]:
@@ -65,5 +72,10 @@ def frozen_eval_sections(cfg: ClipRunConfig) -> FrozenEvalSections:
     return FrozenEvalSections()
 
 
-ENTRY = MethodEntry("clip", ClipRunConfig, build, build_clip_loader, "image", init_eval_backbone, build_hooks,
+def build_eval_backbone(cfg: ClipRunConfig):
+    """The image backbone at its step-0 initialisation (``model``, ``adapt`` unless ``clip.image.freeze``)."""
+    return init_eval_backbone(cfg.model, cfg.adapt, frozen=cfg.clip.image.freeze)
+
+
+ENTRY = MethodEntry("clip", ClipRunConfig, build, build_clip_loader, "image", build_eval_backbone, build_hooks,
                     needed_paths, max_bad_fraction, frozen_eval_sections)

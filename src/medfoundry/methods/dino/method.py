@@ -18,7 +18,7 @@ from medfoundry.config.adapt import AdaptConfig
 from medfoundry.config.schema import ModelConfig
 from medfoundry.losses import DINOLoss, GramLoss, IBOTPatchLoss, KDEUniformityLoss, KoLeoLoss
 from medfoundry.methods.base import StudentTeacherMethod
-from medfoundry.methods.dino.config import DinoConfig, DinoRunConfig
+from medfoundry.methods.dino.config import DinoConfig
 from medfoundry.models.backbone import Backbone
 from medfoundry.models.heads import DINOHead
 from medfoundry.models.registry import create_backbone
@@ -273,7 +273,7 @@ def teacher_target_stats(t_probs: Tensor, dino_loss: Tensor | None = None) -> di
     return out
 
 
-def init_eval_backbone(cfg: DinoRunConfig) -> Backbone:
+def init_eval_backbone(model: ModelConfig, adapt: AdaptConfig) -> Backbone:
     """The EMA teacher's backbone as :class:`DINOMethod` initialises it, without the rest of the method.
 
     The teacher starts as a copy of the student backbone, the first thing the method draws from the
@@ -283,10 +283,10 @@ def init_eval_backbone(cfg: DinoRunConfig) -> Backbone:
     """
     from medfoundry.models.lora import adapt_backbone
 
-    student = create_backbone(cfg.model)
-    adapt_backbone(student, cfg.adapt, verbose=False)
-    teacher = create_backbone(_replace(cfg.model, drop_path_rate=0.0, grad_checkpointing=False))
-    adapt_backbone(teacher, cfg.adapt, verbose=False)
+    student = create_backbone(model)
+    adapt_backbone(student, adapt, verbose=False)
+    teacher = create_backbone(_replace(model, drop_path_rate=0.0, grad_checkpointing=False))
+    adapt_backbone(teacher, adapt, verbose=False)
     teacher.load_state_dict(student.state_dict())
     return teacher
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+from medfoundry.config.loader import to_dict
 from medfoundry.eval import in_training
 from medfoundry.eval.hooks import Hook
+from medfoundry.eval.sections import FrozenEvalSections
 from medfoundry.methods import input_paths as paths
 from medfoundry.methods.dino.config import DinoRunConfig
 from medfoundry.methods.dino.loader import build_loader
@@ -23,11 +25,17 @@ def build(cfg: DinoRunConfig) -> DINOMethod:
     return method
 
 
+def eval_hooks(cfg: DinoRunConfig, prototypes: in_training.PrototypeTargets | None = None) -> list[Hook]:
+    """Frozen-feature evaluation (``eval``) and the monitors of a DINO-family run, each handed its sections."""
+    return in_training.build(frozen_eval_sections(cfg), steps=cfg.train.steps, lr=cfg.optim.lr,
+                             run_config=to_dict(cfg), prototypes=prototypes)
+
+
 def build_hooks(cfg: DinoRunConfig) -> list[Hook]:
     """Frozen-feature evaluation (``eval``) and the monitors, with the DINO head's prototype detectors on."""
     d = cfg.dino
     targets = in_training.PrototypeTargets(d.head.out_dim, d.center_momentum, d.centering, d.teacher_temp)
-    return in_training.build(cfg, targets)
+    return eval_hooks(cfg, targets)
 
 
 def image_paths(cfg: DinoRunConfig) -> Iterator[Need]:
@@ -57,10 +65,15 @@ def max_bad_fraction(cfg: DinoRunConfig) -> float:
     return cfg.data.max_bad_fraction
 
 
-def frozen_eval_sections(cfg: DinoRunConfig) -> DinoRunConfig:
+def frozen_eval_sections(cfg: DinoRunConfig) -> FrozenEvalSections:
     """The run's own ``data``, ``crops`` and ``eval``: frozen evaluation preprocesses images as training did."""
-    return cfg
+    return FrozenEvalSections(cfg.data, cfg.crops, cfg.eval)
 
 
-ENTRY = MethodEntry("dino", DinoRunConfig, build, build_loader, "teacher", init_eval_backbone, build_hooks,
+def build_eval_backbone(cfg: DinoRunConfig):
+    """The EMA teacher's backbone at its step-0 initialisation (``model``, ``adapt``)."""
+    return init_eval_backbone(cfg.model, cfg.adapt)
+
+
+ENTRY = MethodEntry("dino", DinoRunConfig, build, build_loader, "teacher", build_eval_backbone, build_hooks,
                     needed_paths, max_bad_fraction, frozen_eval_sections)

@@ -26,19 +26,21 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from medfoundry.config.adapt import AdaptConfig
 from medfoundry.config.schema import HeadConfig, ModelConfig
 from medfoundry.losses import DINOLoss
 from medfoundry.losses.distill import CosineFeatureLoss, match_patch_grid
 from medfoundry.methods.base import StudentTeacherMethod
+from medfoundry.methods.dino.config import DinoConfig
 from medfoundry.methods.dino.method import teacher_target_stats
-from medfoundry.methods.distill.config import DistillRunConfig
+from medfoundry.methods.distill.config import DistillConfig
 from medfoundry.models.backbone import Backbone
 from medfoundry.models.heads import DINOHead
 from medfoundry.models.registry import create_backbone
 from medfoundry.schedules import linear_warmup_constant
 
 
-def init_eval_backbone(cfg: DistillRunConfig) -> Backbone:
+def init_eval_backbone(model: ModelConfig, adapt: AdaptConfig) -> Backbone:
     """The student backbone as :class:`DistillMethod` initialises it, without the teacher or heads.
 
     The student is the first thing the method draws from the RNG, so under the run's seed this is
@@ -47,8 +49,8 @@ def init_eval_backbone(cfg: DistillRunConfig) -> Backbone:
     """
     from medfoundry.models.lora import adapt_backbone
 
-    student = create_backbone(cfg.model)
-    adapt_backbone(student, cfg.adapt, verbose=False)
+    student = create_backbone(model)
+    adapt_backbone(student, adapt, verbose=False)
     return student
 
 
@@ -56,37 +58,41 @@ class DistillMethod(StudentTeacherMethod):
     """Frozen teacher (backbone [+ DINO head]) and trainable student (backbone + head + projectors).
 
     Args:
-        cfg: the whole run config; uses ``model`` (student), ``distill`` (teacher, loss weights),
-            ``dino`` (temperatures, centering, head shape when the teacher has none), ``adapt`` and
-            ``optim.freeze_backbone_steps``.
+        model: the student backbone (``model``).
+        distill: the teacher and the loss weights (``distill``).
+        dino: temperatures, centering, and the head shape when the teacher has none (``dino``).
+        adapt: LoRA / freezing of the student (``adapt``).
+        freeze_backbone_steps: ``optim.freeze_backbone_steps``.
+        global_size: ``crops.global_size``, checked against the teacher's patch size.
     """
 
-    def __init__(self, cfg: DistillRunConfig) -> None:
+    def __init__(self, model: ModelConfig, distill: DistillConfig, dino: DinoConfig, adapt: AdaptConfig,
+                 freeze_backbone_steps: int = 0, global_size: int = 224) -> None:
         super().__init__()
         from medfoundry.models.lora import adapt_backbone
         from medfoundry.models.pretrained import load_pretrained_backbone, read_weights, resolve_source
 
-        d = cfg.distill
+        d = distill
         if not d.teacher_name or not d.teacher_checkpoint:
             raise ValueError("method=distill needs distill.teacher_name and distill.teacher_checkpoint")
         if d.dino_weight <= 0 and d.cls_cosine_weight <= 0 and d.patch_cosine_weight <= 0:
             raise ValueError("method=distill: distill.dino_weight, cls_cosine_weight and patch_cosine_weight are all 0")
-        self.cfg = cfg
+        self.dino_cfg = dino
         self.dcfg = d
-        self.freeze_backbone_steps = cfg.optim.freeze_backbone_steps
+        self.freeze_backbone_steps = freeze_backbone_steps
         self.load_reports: list = []
-        mode = cfg.adapt.channel_mode
+        mode = adapt.channel_mode
 
-        student = create_backbone(cfg.model)
-        if cfg.model.pretrained:
+        student = create_backbone(model)
+        if model.pretrained:
             self.load_reports.append(
-                load_pretrained_backbone(student, cfg.model.pretrained, cfg.model.pretrained_format, channel_mode=mode,
+                load_pretrained_backbone(student, model.pretrained, model.pretrained_format, channel_mode=mode,
                                          what="model.pretrained")
             )
-        adapt_backbone(student, cfg.adapt)
+        adapt_backbone(student, adapt)
 
-        t_model = ModelConfig(name=d.teacher_name, img_size=d.teacher_img_size or cfg.model.img_size,
-                              in_chans=cfg.model.in_chans)
+        t_model = ModelConfig(name=d.teacher_name, img_size=d.teacher_img_size or model.img_size,
+                              in_chans=model.in_chans)
         teacher = create_backbone(t_model)
         # read once (the restricted reader refuses a file that would run code); backbone and head come from it
         t_source = resolve_source(d.teacher_checkpoint)
@@ -99,12 +105,12 @@ class DistillMethod(StudentTeacherMethod):
         self.teacher = nn.ModuleDict({"backbone": teacher})
         ds, dt = student.embed_dim, teacher.embed_dim
         if d.dino_weight > 0:
-            head_cfg, head_sd = _teacher_head(t_source, t_weights[0], d.teacher_format, cfg.dino.head)
+            head_cfg, head_sd = _teacher_head(t_source, t_weights[0], d.teacher_format, dino.head)
             t_head = DINOHead(dt, head_cfg)
             t_head.load_state_dict(head_sd)
             self.teacher["dino_head"] = t_head
             self.student["dino_head"] = DINOHead(ds, head_cfg)
-            self.dino_loss = DINOLoss(head_cfg.out_dim, cfg.dino.student_temp, cfg.dino.center_momentum)
+            self.dino_loss = DINOLoss(head_cfg.out_dim, dino.student_temp, dino.center_momentum)
         if d.cls_cosine_weight > 0:
             self.student["cls_proj"] = _projector(ds, dt)
         if d.patch_cosine_weight > 0:
@@ -113,9 +119,9 @@ class DistillMethod(StudentTeacherMethod):
         self.teacher.eval()
         self.cosine = CosineFeatureLoss()
         self._pending: Tensor | None = None
-        if cfg.crops.global_size % teacher.patch_size:
+        if global_size % teacher.patch_size:
             raise ValueError(
-                f"crops.global_size={cfg.crops.global_size} is not a multiple of the teacher patch size "
+                f"crops.global_size={global_size} is not a multiple of the teacher patch size "
                 f"{teacher.patch_size} ({d.teacher_name})"
             )
 
@@ -125,7 +131,7 @@ class DistillMethod(StudentTeacherMethod):
 
     def teacher_temperature(self, step: int) -> float:
         """Teacher softmax temperature at ``step`` (the ``dino`` section's warm-up schedule)."""
-        c = self.cfg.dino
+        c = self.dino_cfg
         return linear_warmup_constant(step, c.warmup_teacher_temp_steps, c.warmup_teacher_temp, c.teacher_temp)
 
     def forward(self, batch: dict, step: int) -> dict[str, Tensor]:
@@ -142,8 +148,8 @@ class DistillMethod(StudentTeacherMethod):
             t_out = self.teacher["backbone"].forward_features(flat)
             if use_dino:
                 t_logits = self.teacher["dino_head"](t_out.cls).float()
-                if self.cfg.dino.centering == "sinkhorn":
-                    t_probs = self.dino_loss.teacher_probs_sinkhorn(t_logits, temp, self.cfg.dino.sinkhorn_iterations)
+                if self.dino_cfg.centering == "sinkhorn":
+                    t_probs = self.dino_loss.teacher_probs_sinkhorn(t_logits, temp, self.dino_cfg.sinkhorn_iterations)
                 else:
                     t_probs = self.dino_loss.teacher_probs_centered(t_logits, temp)
 
@@ -180,7 +186,7 @@ class DistillMethod(StudentTeacherMethod):
     @torch.no_grad()
     def after_optimizer_step(self, step: int) -> None:
         """Update the DINO center from this step's teacher logits (centering only)."""
-        if self._pending is not None and self.cfg.dino.centering == "center":
+        if self._pending is not None and self.dino_cfg.centering == "center":
             self.dino_loss.update_center(self._pending)
         self._pending = None
 

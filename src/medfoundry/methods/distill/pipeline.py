@@ -5,11 +5,10 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from medfoundry.eval import in_training
 from medfoundry.eval.hooks import Hook
 from medfoundry.methods import input_paths as paths
 from medfoundry.methods.dino.loader import build_loader
-from medfoundry.methods.dino.pipeline import frozen_eval_sections, max_bad_fraction
+from medfoundry.methods.dino.pipeline import eval_hooks, frozen_eval_sections, max_bad_fraction
 from medfoundry.methods.dino.pipeline import needed_paths as dino_paths
 from medfoundry.methods.distill.config import DistillRunConfig
 from medfoundry.methods.distill.method import DistillMethod, init_eval_backbone
@@ -19,14 +18,15 @@ from medfoundry.models.pretrained import record_load_reports
 
 def build(cfg: DistillRunConfig) -> DistillMethod:
     """Teacher and student; load reports recorded in the run folder."""
-    method = DistillMethod(cfg)
+    method = DistillMethod(cfg.model, cfg.distill, cfg.dino, cfg.adapt, cfg.optim.freeze_backbone_steps,
+                           cfg.crops.global_size)
     record_load_reports(method.load_reports, cfg.output_dir)
     return method
 
 
 def build_hooks(cfg: DistillRunConfig) -> list[Hook]:
     """Frozen-feature evaluation of the student (``eval``) and the feature-collapse monitors."""
-    return in_training.build(cfg)
+    return eval_hooks(cfg)
 
 
 def needed_paths(cfg: DistillRunConfig) -> Iterator[Need]:
@@ -36,5 +36,10 @@ def needed_paths(cfg: DistillRunConfig) -> Iterator[Need]:
     yield from dino_paths(cfg)
 
 
-ENTRY = MethodEntry("distill", DistillRunConfig, build, build_loader, "student", init_eval_backbone, build_hooks,
+def build_eval_backbone(cfg: DistillRunConfig):
+    """The student backbone at its step-0 initialisation (``model``, ``adapt``)."""
+    return init_eval_backbone(cfg.model, cfg.adapt)
+
+
+ENTRY = MethodEntry("distill", DistillRunConfig, build, build_loader, "student", build_eval_backbone, build_hooks,
                     needed_paths, max_bad_fraction, frozen_eval_sections)
