@@ -1,18 +1,19 @@
-"""Finding the bundled recipes (``recipes/*.yaml`` in the source tree)."""
+"""Finding the bundled recipes: ``medfoundry/bundled_recipes/*.yaml``, package data of the installed library (the
+repository's top-level ``recipes/`` is a link to that folder, so ``recipes/NAME.yaml`` works from a checkout)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+BUNDLED = Path(__file__).resolve().parent / "bundled_recipes"
+
 
 def recipes_dir() -> Path:
-    """The folder of bundled recipes (repository checkout or editable install)."""
-    here = Path(__file__).resolve()
-    for parent in here.parents:
-        candidate = parent / "recipes"
-        if candidate.is_dir() and any(candidate.glob("*.yaml")):
-            return candidate
-    raise FileNotFoundError("bundled recipes/ folder not found next to the medfoundry sources")
+    """The folder of bundled recipes (shipped inside the package, so a plain ``pip install .`` has them)."""
+    if not BUNDLED.is_dir() or not any(BUNDLED.glob("*.yaml")):
+        raise FileNotFoundError(f"the bundled recipes are missing from {BUNDLED}: reinstall medfoundry "
+                                "(they are package data of the wheel)")
+    return BUNDLED
 
 
 def resolve_recipe(name_or_path: str) -> Path:

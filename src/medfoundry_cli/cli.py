@@ -20,6 +20,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from medfoundry import __version__
+
 COMMANDS = (
     "train",
     "config",
@@ -58,6 +60,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
         epilog="Exit code 2: a problem with the input (config value, missing or corrupt file), reported in one "
                "line; the traceback is written to error.log in the run folder or ./medfoundry-error.log.",
     )
+    parser.add_argument("--version", action="version", version=f"medfoundry {__version__}")
     parser.add_argument("--trust-pickle", action="store_true", help=TRUST_HELP)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     modules = _load_commands()

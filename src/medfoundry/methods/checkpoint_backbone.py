@@ -160,7 +160,7 @@ def load_backbone(
     backbone = backbone.to(device).eval()
     backbone.requires_grad_(False)
     step = state.get("step")
-    sections = get_method_entry(cfg.method).frozen_eval_sections(cfg)
+    sections = get_method_entry(cfg.method).frozen_eval_sections(cfg, state["method"])
     return LoadedBackbone(backbone, cfg.method, ckpt, int(step) if step is not None else None, identity, random_init,
                           sections)
 

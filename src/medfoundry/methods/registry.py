@@ -42,7 +42,8 @@ class MethodEntry:
     build_hooks: Callable[[RunConfig], list[Hook]]  # in-training evaluation and monitors of this method
     needed_paths: Callable[[RunConfig], Iterator[Need]]  # input files besides model.pretrained, checked at start
     max_bad_fraction: Callable[[RunConfig], float]  # share of unreadable inputs after which the run stops
-    frozen_eval_sections: Callable[[RunConfig], FrozenEvalSections]  # data, crops, eval for `medfoundry eval`
+    #: (cfg, the checkpoint's method state or None) -> data, crops, eval for frozen evaluation of the backbone
+    frozen_eval_sections: Callable[..., FrozenEvalSections]
 
     @property
     def eval_prefix(self) -> str:

@@ -3,8 +3,11 @@
 RUN_OR_CHECKPOINT is a run folder (its newest checkpoint), a checkpoint file, or any weights the
 loader reads (Meta DINOv2/DINOv3 ``.pth``, HF folder, timm file - then ``--model`` names the
 architecture). The evaluated backbone is exported by default (EMA teacher for ``dino``, student for
-``distill``); LoRA adapters are merged. The export is reloaded with the target library and its
-features compared with medfoundry's (max abs diff must be <= 1e-4) unless ``--no-check``.
+``distill``, image tower for ``clip``; ``--which`` picks another tower); LoRA adapters are merged. The
+normalisation recorded with the export is the one frozen evaluation uses (the method entry's
+``frozen_eval_sections``: the DINO crops' mean/std, a CLIP image tower's pixel statistics). The export is
+reloaded with the target library and its features compared with medfoundry's (max abs diff must be <= 1e-4)
+unless ``--no-check``.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("source", help="run folder, checkpoint file, or weights file/folder")
     parser.add_argument("--to", required=True, choices=("hf", "timm", "safetensors"), help="export format")
     parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--which", default="auto", choices=("auto", "teacher", "student"),
+    parser.add_argument("--which", default="auto", choices=("auto", "teacher", "student", "image"),
                         help="tower of a training checkpoint (auto: the one the method evaluates)")
     parser.add_argument("--model", default=None, help="registered backbone name, for weights that are not a run")
     parser.add_argument("--img-size", type=int, default=224, help="native input size with --model")
@@ -28,14 +31,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _preprocessing(loaded) -> tuple[list[float] | None, list[float] | None, dict]:
     """Input normalisation and provenance from a medfoundry checkpoint's config (None otherwise)."""
+    from medfoundry.methods import get_method_entry
+    from medfoundry.methods.checkpoint_backbone import config_from_checkpoint
     from medfoundry.models.convert import medfoundry_ckpt
 
     obj = loaded[0] if loaded is not None else None
-    if not medfoundry_ckpt.is_training_checkpoint(obj):
+    if not medfoundry_ckpt.is_training_checkpoint(obj) or not obj.get("config"):
         return None, None, {}
-    config = obj.get("config") or {}
-    crops = config.get("crops") or {}
-    return crops.get("mean"), crops.get("std"), {"step": obj.get("step"), "method": config.get("method")}
+    cfg = config_from_checkpoint(obj["config"], "weights to export")
+    crops = get_method_entry(cfg.method).frozen_eval_sections(cfg, obj["method"]).crops
+    return list(crops.mean), list(crops.std), {"step": obj.get("step"), "method": cfg.method}
 
 
 def run(args: argparse.Namespace) -> int:

@@ -6,7 +6,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from medfoundry.config.data import DataConfig
+from medfoundry.config.evaluation import EvalConfig
 from medfoundry.config.loader import to_dict
+from medfoundry.config.schema import CropsConfig
+from medfoundry.data.pair_loader import preset_pixel_stats
 from medfoundry.eval.clip_hook import ClipEvalContext, ClipEvalHook
 from medfoundry.eval.hooks import Hook
 from medfoundry.eval.sections import FrozenEvalSections
@@ -66,10 +69,23 @@ def max_bad_fraction(cfg: ClipRunConfig) -> float:
     return DataConfig().max_bad_fraction
 
 
-def frozen_eval_sections(cfg: ClipRunConfig) -> FrozenEvalSections:
-    """Default ``data``/``crops``/``eval`` sections (what frozen evaluation of a CLIP image backbone used before the
-    methods owned their sections; evaluating it through ``clip.preprocess`` instead is its own issue)."""
-    return FrozenEvalSections()
+def frozen_eval_sections(cfg: ClipRunConfig, state: dict | None = None) -> FrozenEvalSections:
+    """The image tower's own evaluation preprocessing, as the sections frozen evaluation (kNN, linear probe,
+    attention maps, export) reads.
+
+    Images are read as the pair loader reads them (pictures in [0, 1], ``model.in_chans`` channels), the shorter
+    side is resized to ``clip.preprocess.size`` and centre-cropped, and pixels are normalised with the statistics
+    the tower was trained with: the checkpoint's ``pixel_mean`` / ``pixel_std`` buffers when ``state`` holds them
+    (they carry the measured statistics of ``clip.preprocess.normalize=dataset``), else the preset's. The pair
+    loader's intermediate resize to ``clip.preprocess.stored_size`` is not repeated (one resize instead of two).
+    """
+    p = cfg.clip.preprocess
+    mean, std = preset_pixel_stats(p, cfg.model.in_chans)
+    if state and "pixel_mean" in state and "pixel_std" in state:
+        mean = [float(v) for v in state["pixel_mean"].flatten()]
+        std = [float(v) for v in state["pixel_std"].flatten()]
+    return FrozenEvalSections(DataConfig(channels=cfg.model.in_chans),
+                              CropsConfig(global_size=p.size, mean=mean, std=std), EvalConfig(img_size=p.size))
 
 
 def build_eval_backbone(cfg: ClipRunConfig):

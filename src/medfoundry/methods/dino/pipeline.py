@@ -65,8 +65,9 @@ def max_bad_fraction(cfg: DinoRunConfig) -> float:
     return cfg.data.max_bad_fraction
 
 
-def frozen_eval_sections(cfg: DinoRunConfig) -> FrozenEvalSections:
-    """The run's own ``data``, ``crops`` and ``eval``: frozen evaluation preprocesses images as training did."""
+def frozen_eval_sections(cfg: DinoRunConfig, state: dict | None = None) -> FrozenEvalSections:
+    """The run's own ``data``, ``crops`` and ``eval``: frozen evaluation preprocesses images as training did
+    (``state``, the checkpoint's method weights, adds nothing)."""
     return FrozenEvalSections(cfg.data, cfg.crops, cfg.eval)
 
 
