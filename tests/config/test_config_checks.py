@@ -117,3 +117,33 @@ def test_clip_paths_are_checked_and_the_demo_source_is_not(tmp_path: Path) -> No
     check_paths(_cfg("method=clip", "clip.data.kind=demo", f"clip.data.demo_dir={tmp_path / 'later'}"))
     with pytest.raises(ConfigError, match="'clip.data.manifest' = .*pairs.csv' does not exist"):
         check_paths(_cfg("method=clip", f"clip.data.manifest={tmp_path / 'pairs.csv'}"))
+
+
+# -- best.pt is chosen on validation only ------------------------------------------------------------------------
+def test_dino_best_metric_must_be_a_validation_metric() -> None:
+    on = ["eval.every_steps=10", "eval.data=labels.csv"]
+    with pytest.raises(ConfigError, match=r"'eval.best_metric' = 'knn_top1_k20'.*validation.*'val_knn_top1_k20'"):
+        load_config(None, [*on, "eval.best_metric=knn_top1_k20"])
+    with pytest.raises(ConfigError, match="health_feature_std"):
+        load_config(None, [*on, "eval.best_metric=health_feature_std"])
+    for ok in ("val_knn_top1_k20", "eval/val_knn_auc_k10", "linear_val_score", ""):
+        assert load_config(None, [*on, f"eval.best_metric={ok}"]).eval.best_metric == ok
+    assert load_config(None, on).eval.best_metric == "val_knn_top1_k20"  # the default is one
+    assert load_config(None, ["eval.best_metric=knn_top1_k20"]).eval.every_steps == 0  # no evaluation: no choice
+
+
+def test_clip_best_metric_needs_a_set_declared_validation() -> None:
+    from medfoundry.config.clip import best_direction
+
+    on = ["method=clip", "clip.eval.every_steps=10"]
+    with pytest.raises(ConfigError, match=r"'clip.eval.best_metric' = 'zeroshot/mean_auc'.*split: test"):
+        load_config(None, [*on, "clip.eval.best_metric=zeroshot/mean_auc"])
+    with pytest.raises(ConfigError, match="retrieval/i2t_recall_at_5"):
+        load_config(None, [*on, "clip.eval.retrieval.source=train", "clip.eval.best_metric=retrieval/i2t_recall_at_5"])
+    cfg = load_config(None, [*on, "clip.eval.zeroshot.split=val", "clip.eval.best_metric=zeroshot/mean_auc"])
+    assert best_direction(cfg.clip.eval) == "max"
+    cfg = load_config(None, [*on, "clip.eval.retrieval.source=data", "clip.eval.retrieval.split=val",
+                             "clip.eval.best_metric=retrieval/i2t_median_rank"])
+    assert best_direction(cfg.clip.eval) == "min"
+    default = load_config(None, on).clip.eval
+    assert default.best_metric == "val/contrastive_loss" and best_direction(default) == "min"

@@ -67,13 +67,12 @@ def test_evalx_hook_interval_logging_and_best(tmp_path: Path) -> None:
 
 def test_evalx_hook_best_min_mode_and_missing_metric(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     data = _pngs(tmp_path / "data")
-    cfg = _cfg(tmp_path, data, "eval.best_metric=eval/health_mean_pairwise_cosine", "eval.best_mode=min",
-               "train.steps=4")
+    cfg = _cfg(tmp_path, data, "eval.best_metric=eval/val_knn_top1_k10", "eval.best_mode=min", "train.steps=4")
     run = train(cfg)
     history = read_eval_history(run)
     best = json.loads((run / "best.json").read_text())
-    assert best["value"] == min(r["health_mean_pairwise_cosine"] for r in history)
-    cfg2 = _cfg(tmp_path / "b", data, "eval.best_metric=not_a_metric", "train.steps=2")
+    assert best["value"] == min(r["val_knn_top1_k10"] for r in history)
+    cfg2 = _cfg(tmp_path / "b", data, "eval.best_metric=val_not_a_metric", "train.steps=2")
     run2 = train(cfg2)
     assert not (run2 / "best.pt").exists()
     assert "not among the evaluation results" in capsys.readouterr().err

@@ -1,5 +1,6 @@
 """The CLIP recipes: the two design-note recipes validate with their exact values, and the tiny CPU recipe trains
-on real report text with zero-shot evaluation at its interval, retrieval above chance and a best checkpoint."""
+on real report text with zero-shot evaluation at its interval, retrieval above chance, and no best checkpoint
+(it has no validation pairs)."""
 
 from __future__ import annotations
 
@@ -75,17 +76,17 @@ def test_tiny_recipe_trains_on_real_reports_and_retrieval_beats_chance(tmp_path:
     assert last["retrieval/i2t_recall_at_5"] > last["retrieval/chance_at_5"] + 0.2
     assert lines[-1]["loss"] < lines[0]["loss"] and lines[-1]["text_truncated_frac"] == 0.0
     assert math.isfinite(last["zeroshot/accuracy"]) and "zeroshot/auc/computed tomography" in last
-    best = json.loads((run / "best.json").read_text())
-    assert best["metric"] == "retrieval/i2t_recall_at_5" and (run / "best.pt").is_file()
+    assert not (run / "best.pt").exists()  # all offline pairs are training pairs: no validation set to choose on
 
     capsys.readouterr()
-    # `medfoundry eval RUN --task zeroshot,retrieval --best` dispatches both tasks to commands/eval_clip.py
-    code = main(["eval", str(run), "--task", "zeroshot,retrieval", "--best", "--n-bootstrap", "50",
+    # `medfoundry eval RUN --task zeroshot,retrieval` dispatches both tasks to commands/eval_clip.py
+    code = main(["eval", str(run), "--task", "zeroshot,retrieval", "--n-bootstrap", "50",
                  "--json", str(tmp_path / "eval.json")])
     assert code == 0
     out = json.loads((tmp_path / "eval.json").read_text())
-    assert out["zeroshot"]["step"] == best["step"] and "zeroshot/mean_auc" in out["zeroshot"]["results"]
-    assert math.isclose(out["retrieval"]["results"]["retrieval/i2t_recall_at_5"], best["value"], rel_tol=1e-6)
+    assert out["zeroshot"]["step"] == cfg.train.steps and "zeroshot/mean_auc" in out["zeroshot"]["results"]
+    assert math.isclose(out["retrieval"]["results"]["retrieval/i2t_recall_at_5"],
+                        last["retrieval/i2t_recall_at_5"], rel_tol=1e-6)
     args = argparse.Namespace(checkpoint=str(run), best=False, device="cpu", json_out=None, data=None,
                               label_column=None, n_bootstrap=None, clip_overrides=["clip.eval.retrieval.source=none"])
     assert run_task("retrieval", args) == 2  # nothing to retrieve on: a clear error, exit code 2

@@ -298,6 +298,27 @@ def check_eval_section(ec: EvalConfig) -> None:
                           "(train, val, test shares, e.g. [0.6, 0.2, 0.2])")
 
 
+def is_validation_metric(name: str) -> bool:
+    """Whether in-training metric ``name`` is measured on the validation split (``val_knn_top1_k20``,
+    ``linear_val_score``): the only kind that may choose ``best.pt``."""
+    name = name.removeprefix("eval/")
+    return name.startswith("val_") or "_val_" in name
+
+
+def check_best_metric(ec: EvalConfig) -> None:
+    """``eval.best_metric`` (when in-training evaluation runs) is a validation-split metric, so ``best.pt`` is
+    never chosen on the test split that the final numbers are reported on."""
+    from medfoundry.config.loader import ConfigError
+
+    metric = ec.best_metric
+    if ec.every_steps > 0 and metric and not is_validation_metric(metric):
+        hint = f"'val_{metric.removeprefix('eval/')}'" if metric.removeprefix("eval/").startswith("knn_") else \
+            "a val_ metric such as 'val_knn_top1_k20'"
+        raise ConfigError(f"'eval.best_metric' = {metric!r} is not measured on the validation split; best.pt is "
+                          f"chosen on validation only (the test split is for the final report): use {hint}, or "
+                          "'' for no best checkpoint")
+
+
 def check_image_pipeline(data: DataConfig, crops: CropsConfig) -> None:
     """``crops.mean``/``crops.std`` fit ``data.channels``; HU windows x slices give ``data.channels``."""
     from medfoundry.config.loader import ConfigError

@@ -132,6 +132,7 @@ class ZeroShotConfig:
     templates: list[str] = field(default_factory=lambda: ["{}"])  # multi-class prompt templates (ensembled)
     max_images: int = 0  # evaluate on the first N images (0 = all)
     bootstrap: int = 1000  # bootstrap resamples for the AUC confidence intervals (0 = none)
+    split: Literal["val", "test"] = "test"  # what this labelled set is: only a val set may choose best.pt
 
 
 @dataclass
@@ -142,6 +143,7 @@ class RetrievalEvalConfig:
     data: ClipDataConfig = field(default_factory=ClipDataConfig)  # used when source=data
     max_pairs: int = 1000  # evaluate on the first N pairs
     ks: list[int] = field(default_factory=lambda: [1, 5, 10])  # recall cut-offs
+    split: Literal["val", "test"] = "test"  # what source=data's pairs are: only held-out val pairs may choose best.pt
 
 
 @dataclass
@@ -167,8 +169,40 @@ class ClipEvalConfig:
     zeroshot: ZeroShotConfig = field(default_factory=ZeroShotConfig)
     retrieval: RetrievalEvalConfig = field(default_factory=RetrievalEvalConfig)
     val_loss: ValLossConfig = field(default_factory=ValLossConfig)  # held-out contrastive loss (own interval)
-    best_metric: str = "zeroshot/mean_auc"  # metric that decides RUN/best.pt ("" = keep no best checkpoint)
-    best_mode: Literal["max", "min"] = "max"  # whether larger or smaller is better
+    best_metric: str = "val/contrastive_loss"  # decides RUN/best.pt: a validation metric ("" = no best checkpoint)
+    best_mode: Literal["auto", "max", "min"] = "auto"  # auto: smaller for losses and ranks, else larger
+
+
+def best_direction(ec: ClipEvalConfig) -> str:
+    """``clip.eval.best_mode`` resolved: ``auto`` is ``min`` for a loss or a rank (``val/contrastive_loss``,
+    ``retrieval/i2t_median_rank``) and ``max`` for everything else (AUCs, accuracies, recalls)."""
+    if ec.best_mode != "auto":
+        return ec.best_mode
+    name = ec.best_metric.rsplit("/", 1)[-1]
+    return "min" if name.endswith("loss") or name.endswith("_rank") else "max"
+
+
+def check_clip_best_metric(ec: ClipEvalConfig) -> None:
+    """``clip.eval.best_metric`` (when in-training evaluation runs) is measured on validation data: the held-out
+    pairs' ``val/contrastive_loss``, or zero-shot / retrieval on a set declared ``split: val``."""
+    from medfoundry.config.loader import ConfigError
+
+    metric = ec.best_metric
+    if not metric or (ec.every_steps <= 0 and ec.val_loss.every_steps <= 0):
+        return
+    if metric.startswith("val/"):
+        return
+    if metric.startswith("zeroshot/") and ec.zeroshot.split == "val":
+        return
+    if metric.startswith("retrieval/") and ec.retrieval.source == "data" and ec.retrieval.split == "val":
+        return
+    where = {"zeroshot/": "clip.eval.zeroshot (split: test)", "retrieval/": "clip.eval.retrieval (the training "
+             "pairs or a set with split: test)"}
+    source = next((w for p, w in where.items() if metric.startswith(p)), "no validation set")
+    raise ConfigError(f"'clip.eval.best_metric' = {metric!r} is computed on {source}; best.pt is chosen on "
+                      "validation only: use 'val/contrastive_loss' with best_mode min (held-out pairs in "
+                      "clip.eval.val_loss), point the zero-shot or retrieval set at validation data and set its "
+                      "split: val, or set best_metric '' for no best checkpoint")
 
 
 def check_color_jitter(p: ClipPreprocessConfig) -> None:

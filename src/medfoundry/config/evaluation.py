@@ -64,7 +64,7 @@ class EvalConfig:
     retrieval_split: str = ""  # manifest/prepared split for the view retrieval ("" = data.split; DINO-X: val)
     retrieval_seed: int = 0  # seed of the image sample and of the two views drawn per image
     batch_size: int = 64  # images per forward pass during feature extraction
-    best_metric: str = "knn_top1_k20"  # metric selecting RUN/best.pt ("" = no best checkpoint)
+    best_metric: str = "val_knn_top1_k20"  # metric selecting RUN/best.pt: a val-split one ("" = no best checkpoint)
     best_mode: Literal["max", "min"] = "max"  # whether a higher or lower best_metric is better
     cache_features: bool = True  # cache extracted features on disk keyed by checkpoint identity (CLI eval)
     entropy_wall: EntropyWallConfig = field(default_factory=EntropyWallConfig)

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable
 #: Formats ``model.pretrained_format`` / ``distill.teacher_format`` accept (the converters in
 #: :mod:`medfoundry.models.convert`).
 PRETRAINED_FORMATS = ("auto", "dinov2", "dinov3", "hf", "timm", "medfoundry", "medfoundry:teacher",
-                      "medfoundry:student")
+                      "medfoundry:student", "medfoundry:image")
 
 _CATALOGS: dict[str, Callable[[], Iterable[str]]] = {}
 

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from medfoundry.config.clip import ClipDataConfig, ClipEvalConfig, ClipPreprocessConfig
+from medfoundry.config.clip import ClipDataConfig, ClipEvalConfig, ClipPreprocessConfig, best_direction
 from medfoundry.distributed.setup import all_reduce_mean_
 from medfoundry.distributed.setup import is_main_process as _is_main
 from medfoundry.distributed.setup import say as _say
@@ -291,7 +291,7 @@ class ClipEvalHook:
         self.val_every = int(ec.val_loss.every_steps)
         self.last_step = int(steps)
         self.best_metric = ec.best_metric
-        self.best = BestCheckpoint(self.best_metric, ec.best_mode, run_config, "clip.eval.best_metric", _say)
+        self.best = BestCheckpoint(self.best_metric, best_direction(ec), run_config, "clip.eval.best_metric", _say)
         self.evaluator = ClipEvaluator(ctx)
 
     def _at(self, every: int, step: int) -> bool:

@@ -1,7 +1,8 @@
 """The run report: one HTML page (plus PNG plots) summarising a run folder.
 
 :func:`write_report` reads what a run leaves behind (``metrics.jsonl``, ``eval/history.jsonl``,
-``monitors.jsonl``, ``best.json``, ``config.yaml``, ``eval/comparison.json`` from the demo or
+``eval/clip_history.jsonl`` (CLIP runs: :mod:`medfoundry.eval.report_clip`), ``monitors.jsonl``, ``best.json``,
+``config.yaml``, ``eval/comparison.json`` from the demo or
 ``medfoundry eval --compare-random``, and pictures under ``attention/``) and writes
 ``RUN/report.html`` with plots in ``RUN/report/``:
 
@@ -29,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from medfoundry.eval import registry
+from medfoundry.eval import registry, report_clip
 
 _SCHEDULE_KEYS = ("lr", "weight_decay", "teacher_temp", "teacher_momentum")
 
@@ -341,6 +342,12 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
                       else f"Evaluation over steps: {group}",
                       plot_panels(history_list, panels, plot_dir / f"eval_{name}.png", baselines=baselines)))
 
+    clip_history = [report_clip.interval_keys(r) for r in _read_jsonl(run_dir / report_clip.HISTORY)]
+    if clip_history:
+        clip_keys = {k for r in clip_history for k in r}
+        plots.append(("Image-text evaluation over steps",
+                      plot_panels(clip_history, report_clip.clip_panels(clip_keys), plot_dir / "eval_clip.png")))
+
     last = records[-1] if records else {}
     body = [f"<h1>medfoundry run report</h1><p><code>{html.escape(str(run_dir.resolve()))}</code><br>"
             f"<span class='muted'>generated {_dt.datetime.now().isoformat(timespec='seconds')}; "
@@ -360,12 +367,15 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
                     for w in warnings)
     else:
         body.append("<div class='ok'>No entropy-wall or collapse warning was raised.</div>")
+    best_line = "" if not best else (
+        f"<p>Best checkpoint: <code>best.pt</code> at step {best.get('step')} with "
+        f"{html.escape(str(best.get('metric')))} = {_fmt(best.get('value'))} "
+        f"({html.escape(str(best.get('mode')))}).</p>")
+    if clip_history:
+        body.append("<h2>Image-text evaluation (zero-shot, retrieval, validation loss)</h2>")
+        body.append(("" if history_list else best_line) + report_clip.last_evaluation_html(clip_history))
     if history_list:
-        body.append("<h2>In-training evaluation</h2>")
-        if best:
-            body.append(f"<p>Best checkpoint: <code>best.pt</code> at step {best.get('step')} with "
-                        f"{html.escape(str(best.get('metric')))} = {_fmt(best.get('value'))} "
-                        f"({html.escape(str(best.get('mode')))}).</p>")
+        body.append("<h2>In-training evaluation</h2>" + best_line)
         body.append(_eval_table(history_list))
     body.append("<h2>Training curves</h2>")
     for title, path in plots:

@@ -28,6 +28,7 @@ from typing import Any
 
 from torch import Tensor
 
+from medfoundry.config.names import PRETRAINED_FORMATS
 from medfoundry.models.backbone import Backbone
 from medfoundry.models.convert import Converted, PretrainedLoadError
 from medfoundry.models.resize import (
@@ -40,7 +41,7 @@ from medfoundry.models.resize import (
     resample_pos_embed,
 )
 
-FORMATS = ("auto", "dinov2", "dinov3", "hf", "timm", "medfoundry", "medfoundry:teacher", "medfoundry:student")
+FORMATS = PRETRAINED_FORMATS  # medfoundry:<tower> picks a tower of a training checkpoint (image: a CLIP run's)
 OPTIONAL_KEYS = ("mask_token",)  # may stay at their init (zeros): used only by iBOT masking
 
 

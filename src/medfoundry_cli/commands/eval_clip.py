@@ -76,6 +76,7 @@ def load_clip_checkpoint_method(path: str | Path, overrides: list[str] | tuple[s
     for item in overrides or ():
         key, value = parse_override(item)
         apply_override(cfg, key, value, source=f"override '{item}'")
+    cfg.clip.eval.best_metric = ""  # evaluating a checkpoint chooses none (its run's choice may predate the val rule)
     validate(cfg)
     method = ClipMethod(cfg.model, cfg.clip, cfg.adapt, load_pretrained=False)
     method.load_state_dict(state["method"])

@@ -20,6 +20,7 @@ from medfoundry.config.clip import (
     ClipLossConfig,
     ClipPreprocessConfig,
     ClipTextConfig,
+    check_clip_best_metric,
     check_color_jitter,
     check_val_loss,
 )
@@ -82,3 +83,4 @@ class ClipRunConfig(RunConfig):
     def check(self) -> None:
         """The ``clip`` section's cross-field rules (:func:`check_clip_config`)."""
         check_clip_config(self.clip)
+        check_clip_best_metric(self.clip.eval)

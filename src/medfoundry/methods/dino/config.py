@@ -6,7 +6,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal, Optional
 
-from medfoundry.config.checks import check_data_names, check_eval_names, check_eval_section, check_image_pipeline
+from medfoundry.config.checks import (
+    check_best_metric,
+    check_data_names,
+    check_eval_names,
+    check_eval_section,
+    check_image_pipeline,
+)
 from medfoundry.config.data import DataConfig
 from medfoundry.config.evaluation import EvalConfig
 from medfoundry.config.loader import ConfigError
@@ -64,6 +70,7 @@ class DinoRunConfig(RunConfig):
             raise ConfigError(f"'dino.mask_ratio_min' = {d.mask_ratio_min} must be <= 'dino.mask_ratio_max' = "
                               f"{d.mask_ratio_max}")
         check_eval_section(self.eval)
+        check_best_metric(self.eval)
         check_image_pipeline(self.data, self.crops)
         if d.gram_weight > 0 and d.gram_mode == "anchor" and not d.gram_anchor:
             raise ConfigError("'dino.gram_mode' = 'anchor' needs 'dino.gram_anchor' (a checkpoint path)")

@@ -21,7 +21,7 @@ class DistillConfig:
 
     teacher_name: str = ""  # registered backbone name of the teacher (see `medfoundry models`)
     teacher_checkpoint: str = ""  # teacher weights: run folder, training checkpoint, Meta .pth, HF folder, timm file
-    teacher_format: str = "auto"  # auto|dinov2|dinov3|hf|timm|medfoundry|medfoundry:teacher|medfoundry:student
+    teacher_format: str = "auto"  # auto|dinov2|dinov3|hf|timm|medfoundry|medfoundry:<tower>
     teacher_img_size: int = 0  # teacher position-embedding grid size in pixels (0 = model.img_size)
     dino_weight: float = 1.0  # DINO loss on the teacher's DINO-head outputs (needs a head in the checkpoint)
     cls_cosine_weight: float = 1.0  # 1 - cosine(projected student class token, teacher class token)
