@@ -50,7 +50,7 @@ def pair_paths(prefix: str, d: ClipDataConfig) -> Iterator[Need]:
     if d.kind == "demo":
         return
     if d.manifest:
-        yield f"{prefix}.manifest", d.manifest, regular_file
+        yield f"{prefix}.manifest", d.manifest, pair_table(prefix, d)
     if d.kind == "chexzero" and d.hdf5:
         yield f"{prefix}.hdf5", d.hdf5, regular_file
     if d.image_root:
@@ -159,8 +159,27 @@ def _image_folder(key: str, path: Path, extensions: list[str]) -> None:
                      f"holds no files with suffixes {sorted(exts)} (set data.extensions, or data.kind for DICOM/NIfTI)")
 
 
-def _manifest_columns(key: str, path: Path, columns: list[str]) -> None:
-    """The manifest's header names every column in ``columns`` (reads the header only)."""
+def pair_table(prefix: str, d: ClipDataConfig) -> Callable[[str, Path], None]:
+    """The check of a pair table: a non-empty CSV/Parquet whose header has the image column (``manifest`` kind)
+    and the report text (``text_column``, or a column per ``sections`` entry), matched case-insensitively as the
+    pair reader matches them; a missing one is named with the columns the file has, before anything is built."""
+
+    def check(key: str, path: Path) -> None:
+        regular_file(key, path)
+        have = _table_header(key, path)
+        lower = {c.lower() for c in have}
+        if d.kind == "manifest" and d.image_column.lower() not in lower:
+            raise _error(key, path, f"has no image column '{d.image_column}' (columns: {have}); set "
+                         f"{prefix}.image_column")
+        if d.text_column.lower() not in lower and not any(s.lower() in lower for s in d.sections):
+            raise _error(key, path, f"has no text column '{d.text_column}' (columns: {have}); set "
+                         f"{prefix}.text_column (or {prefix}.sections to columns it has)")
+
+    return check
+
+
+def _table_header(key: str, path: Path) -> list[str]:
+    """The column names of a CSV/TSV/Parquet table (its header only)."""
     import pandas as pd
 
     suffix = path.suffix.lower()
@@ -173,6 +192,12 @@ def _manifest_columns(key: str, path: Path, columns: list[str]) -> None:
             have = list(pd.read_csv(path, sep="\t" if suffix == ".tsv" else ",", nrows=0).columns)
     except Exception as err:  # noqa: BLE001 - any parser failure means the file is not a usable table
         raise _error(key, path, f"is not a readable CSV/Parquet table ({type(err).__name__}: {err})") from None
+    return [str(c) for c in have]
+
+
+def _manifest_columns(key: str, path: Path, columns: list[str]) -> None:
+    """The manifest's header names every column in ``columns`` (reads the header only)."""
+    have = _table_header(key, path)
     missing = [c for c in columns if c not in have]
     if missing:
         raise _error(key, path, f"has no column {missing} (columns: {have}); a manifest names one image per row "

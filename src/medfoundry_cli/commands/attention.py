@@ -22,9 +22,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--best", action="store_true", help="use RUN/best.pt instead of the newest checkpoint")
     parser.add_argument("--random-init", action="store_true", help="the backbone at its random initialisation")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                        help="change how images are read and preprocessed (the run's data/crops/eval sections), "
+                             "e.g. data.intensity=window data.windows=[lung] or crops.mean=[0.5]; repeatable")
 
 
 def run(args: argparse.Namespace) -> int:
+    from medfoundry.config.loader import apply_override, parse_override
     from medfoundry.eval.attention import save_attention_maps
     from medfoundry.methods.checkpoint_backbone import load_backbone
 
@@ -37,6 +41,9 @@ def run(args: argparse.Namespace) -> int:
         return 2
     loaded = load_backbone(args.checkpoint, random_init=args.random_init, which="best" if args.best else "latest",
                            device=args.device)
+    for item in args.override:  # a ConfigError names the key and the nearest valid one (exit 2)
+        key, value = parse_override(item)
+        apply_override(loaded.sections, key, value, source=f"--override '{item}'")
     files = save_attention_maps(loaded.backbone, args.images, args.out, loaded.sections, args.img_size, loaded.label)
     for f in files:
         print(f["panel"])

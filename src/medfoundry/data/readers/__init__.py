@@ -96,5 +96,7 @@ def read_volume(path: str | Path, slice_mapping: ValueMapping | None = None, ser
     if reader is None:
         raise ReaderError(f"{path}: not a recognised image ({reader_labels(returns=Volume)})")
     if not issubclass(reader.returns, Volume):
-        raise ReaderError(f"{path}: a {reader.name} is not a volume; use open_slide() or HDF5Images")
+        raise ReaderError(f"{path}: a {reader.name} is not a single image or volume; cut it into tiles first "
+                          f"(medfoundry prepare {path} --out TILES/ --tile-mpp 0.5) and pass a tile, or read it "
+                          "with data.kind=wsi for training")
     return reader.read(path, slice_mapping=slice_mapping, series_uid=series_uid)
