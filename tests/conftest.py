@@ -31,7 +31,7 @@ def _restore_preemption_handlers():
     """A training loop stopped by a signal ignores further pre-emption signals; give each test the handlers back."""
     import signal
 
-    sigs = [s for s in (signal.SIGTERM, getattr(signal, "SIGUSR1", None)) if s is not None]
+    sigs = [s for s in (signal.SIGTERM, getattr(signal, "SIGUSR1", None), signal.SIGINT) if s is not None]
     before = {s: signal.getsignal(s) for s in sigs}
     yield
     for s, handler in before.items():

@@ -1,4 +1,5 @@
-"""Pre-emption: SIGTERM/SIGUSR1 ask every rank to checkpoint and exit together with a distinct code.
+"""Pre-emption: SIGTERM/SIGUSR1 (and a first Ctrl-C) ask every rank to checkpoint and exit together with a
+distinct code.
 
 SLURM sends the signal to every task, but not at the same instant, and a user's ``kill`` may reach one
 rank only. The request is therefore agreed across ranks every step (:func:`agree_step`, one small
@@ -6,12 +7,17 @@ all-reduce that also carries the non-finite-loss flag the loop already synchroni
 see it at the same step, enter the checkpoint's collectives together, and exit with
 :data:`PREEMPTED_EXIT_CODE`. The SLURM script written by ``medfoundry launch --slurm`` requeues the job on
 that code, and the rerun resumes from the checkpoint.
+
+Ctrl-C (SIGINT) in the main thread is treated the same way, so an interactive run stopped by hand keeps its
+last steps: the first press checkpoints at the end of the step and exits with :data:`PREEMPTED_EXIT_CODE`; a
+second press while that is under way raises ``KeyboardInterrupt`` at once (the previous checkpoint stays).
 """
 
 from __future__ import annotations
 
 import contextlib
 import signal
+import sys
 
 import torch
 
@@ -23,17 +29,22 @@ PREEMPT_SIGNALS = tuple(s for s in (signal.SIGTERM, getattr(signal, "SIGUSR1", N
 
 
 class StopFlag:
-    """Records SIGTERM/SIGUSR1 (installed on construction, undone by :meth:`restore`)."""
+    """Records SIGTERM/SIGUSR1 and a first Ctrl-C (installed on construction, undone by :meth:`restore`)."""
 
     def __init__(self) -> None:
         self.requested = False
         self.signum: int | None = None
         self._previous: dict = {}
-        for sig in PREEMPT_SIGNALS:
+        for sig in (*PREEMPT_SIGNALS, signal.SIGINT):
             with contextlib.suppress(ValueError):  # not the main thread
                 self._previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:
+        if signum == signal.SIGINT:
+            if self.requested:
+                raise KeyboardInterrupt  # the second Ctrl-C: stop now, without the checkpoint
+            sys.stderr.write("\nCtrl-C: writing a checkpoint at the end of this step, then stopping "
+                             "(press Ctrl-C again to stop at once)\n")
         self.requested = True
         self.signum = signum
 
@@ -46,7 +57,8 @@ class StopFlag:
         ``SIG_IGN``, so that is what is installed.
         """
         for sig, handler in self._previous.items():
-            signal.signal(sig, signal.SIG_IGN if self.requested else handler)
+            keep_ignoring = self.requested and sig != signal.SIGINT  # Ctrl-C on the way out still interrupts
+            signal.signal(sig, signal.SIG_IGN if keep_ignoring else handler)
 
 
 def agree_step(loss: torch.Tensor, stop_requested: bool, device: torch.device) -> tuple[bool, bool]:

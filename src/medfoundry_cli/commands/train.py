@@ -43,6 +43,6 @@ def run(args: argparse.Namespace) -> int:
     if os.environ.get("RANK", "0") == "0":
         print(f"run folder: {run_dir}")
         if stopped:
-            print(f"stopped by a pre-emption signal after step {stopped[-1]}; checkpoint written; "
+            print(f"stopped by a signal (pre-emption or Ctrl-C) after step {stopped[-1]}; checkpoint written; "
                   f"exit code {PREEMPTED_EXIT_CODE}: run the same command again to resume")
     return PREEMPTED_EXIT_CODE if stopped else 0
