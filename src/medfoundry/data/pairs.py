@@ -132,13 +132,30 @@ def _section_columns(df, sections: Sequence[str]) -> dict[str, str]:
     return {s.lower(): lower[s.lower()] for s in sections if s.lower() in lower}
 
 
+def pair_columns_problem(columns: Sequence[str], cfg: ClipDataConfig, prefix: str = "clip.data") -> str | None:
+    """What a pair table with these ``columns`` lacks for ``cfg``, or None: the image column (``kind: manifest``)
+    and the report text (``text_column``, or a column per ``sections`` entry), matched case-insensitively.
+
+    The pair readers raise with it, and the start-up path check (``methods/input_paths.py``) calls it on the
+    table's header so a missing column is reported before anything is built; ``prefix`` names the config keys.
+    """
+    have = [str(c) for c in columns]
+    lower = {c.lower() for c in have}
+    if cfg.kind == "manifest" and cfg.image_column.lower() not in lower:
+        return f"has no image column '{cfg.image_column}' (columns: {have}); set {prefix}.image_column"
+    if cfg.text_column.lower() not in lower and not any(s.lower() in lower for s in cfg.sections):
+        return (f"has no text column '{cfg.text_column}' (columns: {have}); set {prefix}.text_column "
+                f"(or {prefix}.sections to columns it has)")
+    return None
+
+
 def _texts_from_table(df, cfg: ClipDataConfig, path) -> tuple[list[str | None], int]:
+    problem = pair_columns_problem(list(df.columns), cfg)
+    if problem:
+        raise KeyError(f"{path}: {problem}")
     sec_cols = _section_columns(df, cfg.sections)
     lower = {str(c).lower(): str(c) for c in df.columns}
     text_col = lower.get(cfg.text_column.lower())
-    if text_col is None and not sec_cols:
-        raise KeyError(f"{path}: neither the text column '{cfg.text_column}' nor section columns "
-                       f"{cfg.sections} exist; columns: {list(df.columns)}")
     reports = df[text_col].tolist() if text_col else [""] * len(df)
     sec_values = {s: df[c].tolist() for s, c in sec_cols.items()}
     texts = []
@@ -162,9 +179,9 @@ class ManifestPairs(PairSource):
 
     def __init__(self, cfg: ClipDataConfig) -> None:
         df = _read_table(cfg.manifest)
+        texts, dropped = _texts_from_table(df, cfg, cfg.manifest)  # checks the image and text columns first
         img_col = _column(df, cfg.image_column, "image paths", cfg.manifest)
         root = Path(cfg.image_root) if cfg.image_root else Path(cfg.manifest).resolve().parent
-        texts, dropped = _texts_from_table(df, cfg, cfg.manifest)
         keep = [i for i, t in enumerate(texts) if t is not None]
         _warn_dropped(dropped, len(texts), cfg, cfg.manifest)
         if cfg.max_pairs > 0:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from medfoundry.config.loader import ConfigError
+from medfoundry.data.pairs import pair_columns_problem
 
 if TYPE_CHECKING:
     from medfoundry.config.clip import ClipDataConfig
@@ -160,20 +161,14 @@ def _image_folder(key: str, path: Path, extensions: list[str]) -> None:
 
 
 def pair_table(prefix: str, d: ClipDataConfig) -> Callable[[str, Path], None]:
-    """The check of a pair table: a non-empty CSV/Parquet whose header has the image column (``manifest`` kind)
-    and the report text (``text_column``, or a column per ``sections`` entry), matched case-insensitively as the
-    pair reader matches them; a missing one is named with the columns the file has, before anything is built."""
+    """The check of a pair table: a non-empty CSV/Parquet whose header has the columns the pair reader needs
+    (:func:`medfoundry.data.pairs.pair_columns_problem`), before anything is built."""
 
     def check(key: str, path: Path) -> None:
         regular_file(key, path)
-        have = _table_header(key, path)
-        lower = {c.lower() for c in have}
-        if d.kind == "manifest" and d.image_column.lower() not in lower:
-            raise _error(key, path, f"has no image column '{d.image_column}' (columns: {have}); set "
-                         f"{prefix}.image_column")
-        if d.text_column.lower() not in lower and not any(s.lower() in lower for s in d.sections):
-            raise _error(key, path, f"has no text column '{d.text_column}' (columns: {have}); set "
-                         f"{prefix}.text_column (or {prefix}.sections to columns it has)")
+        problem = pair_columns_problem(_table_header(key, path), d, prefix)
+        if problem:
+            raise _error(key, path, problem)
 
     return check
 
