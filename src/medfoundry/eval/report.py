@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from medfoundry.eval import registry, report_clip
+from medfoundry.eval.report_format import fmt, number, with_ci
 
 _SCHEDULE_KEYS = ("lr", "weight_decay", "teacher_temp", "teacher_momentum")
 
@@ -57,19 +58,12 @@ def _read_json(path: Path) -> Any:
         return None
 
 
-def _num(v: Any) -> float:
-    try:
-        return float(v)
-    except (TypeError, ValueError):
-        return float("nan")
-
-
 def _series(records: Sequence[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
     steps, values = [], []
     for r in records:
         if key in r:
             steps.append(int(r["step"]))
-            values.append(_num(r[key]))
+            values.append(number(r[key]))
     return np.asarray(steps), np.asarray(values, dtype=float)
 
 
@@ -122,8 +116,8 @@ def plot_panels(records: Sequence[dict], panels: Sequence[tuple[str, Sequence[st
             hi_x, hi = _series(records, key + "_ci_high")
             if lo.size and lo.size == hi.size == y.size and np.isfinite(lo).any():
                 ax.fill_between(x, lo, hi, alpha=0.15, lw=0, color=line.get_color())
-            if key in baselines and math.isfinite(_num(baselines[key])):
-                ax.axhline(_num(baselines[key]), color=line.get_color(), ls="--", lw=0.9, alpha=0.8,
+            if key in baselines and math.isfinite(number(baselines[key])):
+                ax.axhline(number(baselines[key]), color=line.get_color(), ls="--", lw=0.9, alpha=0.8,
                            label=f"{key}: random init" if len(keys) > 1 else "random init")
         for step, label in marks:
             ax.axvline(step, color="crimson", ls="--", lw=0.8)
@@ -193,23 +187,6 @@ img{max-width:100%}pre{background:#f7f7f7;padding:10px;font-size:12px;overflow:a
 """
 
 
-def _fmt(v: Any) -> str:
-    if isinstance(v, (int, np.integer)) and not isinstance(v, bool):
-        return str(int(v))
-    f = _num(v)
-    if not math.isfinite(f):
-        return "–" if math.isnan(f) else str(f)
-    return f"{f:.0f}" if abs(f) >= 1000 else f"{f:.4g}"
-
-
-def _with_ci(res: dict, key: str) -> str:
-    text = _fmt(res.get(key))
-    lo, hi = _num(res.get(key + "_ci_low")), _num(res.get(key + "_ci_high"))
-    if math.isfinite(lo) and math.isfinite(hi):
-        text += f" <span class='muted'>[{lo:.3f}, {hi:.3f}]</span>"
-    return text
-
-
 def _comparison_html(comparison: dict) -> str:
     parts = [f"<p>Checkpoint <code>{html.escape(str(comparison.get('checkpoint', '')))}</code> "
              f"(step {comparison.get('step')}) against the same backbone at its random initialisation "
@@ -224,11 +201,11 @@ def _comparison_html(comparison: dict) -> str:
         raw_head = "<th>raw pixels</th>" if raw else ""
         parts.append(f"<table><tr><th>metric</th><th>pretrained</th><th>random init</th>{raw_head}</tr>")
         for key in registry.headline_keys(pre):
-            a, b = _num(pre.get(key)), _num(rnd.get(key))
+            a, b = number(pre.get(key)), number(rnd.get(key))
             better = (a < b) if registry.metric_direction(key) == "min" else (a > b)
             cls = " class='better'" if math.isfinite(a) and math.isfinite(b) and better else ""
-            raw_cell = f"<td>{_with_ci(raw, key) if key in raw else ''}</td>" if raw else ""
-            parts.append(f"<tr><td>{key}</td><td{cls}>{_with_ci(pre, key)}</td><td>{_with_ci(rnd, key)}</td>"
+            raw_cell = f"<td>{with_ci(raw, key) if key in raw else ''}</td>" if raw else ""
+            parts.append(f"<tr><td>{key}</td><td{cls}>{with_ci(pre, key)}</td><td>{with_ci(rnd, key)}</td>"
                          f"{raw_cell}</tr>")
         parts.append("</table>")
     return "\n".join(parts)
@@ -242,7 +219,7 @@ def _eval_table(history: list[dict]) -> str:
     head = "".join(f"<th>{html.escape(k)}</th>" for k in keys)
     rows = []
     for r in history:
-        cells = "".join(f"<td>{_with_ci(r, k) if k in r else ''}</td>" for k in keys)
+        cells = "".join(f"<td>{with_ci(r, k) if k in r else ''}</td>" for k in keys)
         rows.append(f"<tr><td>{r['step']}</td>{cells}</tr>")
     return f"<div style='overflow-x:auto'><table><tr><th>step</th>{head}</tr>{''.join(rows)}</table></div>"
 
@@ -369,7 +346,7 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
         body.append("<div class='ok'>No entropy-wall or collapse warning was raised.</div>")
     best_line = "" if not best else (
         f"<p>Best checkpoint: <code>best.pt</code> at step {best.get('step')} with "
-        f"{html.escape(str(best.get('metric')))} = {_fmt(best.get('value'))} "
+        f"{html.escape(str(best.get('metric')))} = {fmt(best.get('value'))} "
         f"({html.escape(str(best.get('mode')))}).</p>")
     if clip_history:
         body.append("<h2>Image-text evaluation (zero-shot, retrieval, validation loss)</h2>")

@@ -10,10 +10,11 @@ as plot panels and tables for :func:`medfoundry.eval.report.write_report`.
 from __future__ import annotations
 
 import html
-import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from medfoundry.eval.report_format import fmt, with_ci
 
 HISTORY = Path("eval") / "clip_history.jsonl"
 _HEADLINE_PREFIXES = ("zeroshot/mean_auc", "zeroshot/macro_auc", "zeroshot/accuracy", "zeroshot/balanced_accuracy",
@@ -39,48 +40,37 @@ def clip_panels(keys: set[str]) -> list[tuple[str, list[str]]]:
 
 
 def interval_keys(record: dict) -> dict[str, Any]:
-    """Records store ``zeroshot/macro_auc_low`` / ``_high``; the plot helper reads ``<key>_ci_low`` / ``_ci_high``."""
+    """The record with its bootstrap intervals also under the names the report's plots and cells read
+    (``<key>_ci_low`` / ``_ci_high``): CLIP records store ``zeroshot/macro_auc_low`` and, per finding,
+    ``zeroshot/auc_low/<finding>``."""
     out = dict(record)
-    for key in list(record):
+    for key, value in record.items():
         for side in ("low", "high"):
             if key.endswith(f"_{side}") and key[: -len(side) - 1] in record:
-                out[f"{key[: -len(side) - 1]}_ci_{side}"] = record[key]
+                out[f"{key[: -len(side) - 1]}_ci_{side}"] = value
+            elif f"/auc_{side}/" in key:
+                out[key.replace(f"/auc_{side}/", "/auc/") + f"_ci_{side}"] = value
     return out
 
 
-def _fmt(v: Any) -> str:
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return "–"
-    return "–" if math.isnan(f) else f"{f:.4g}"
-
-
-def _interval(record: dict, key: str, low: str, high: str) -> str:
-    text = _fmt(record.get(key))
-    if low in record and high in record:
-        text += f" <span class='muted'>[{_fmt(record[low])}, {_fmt(record[high])}]</span>"
-    return text
-
-
 def last_evaluation_html(history: Sequence[dict]) -> str:
-    """The last evaluated step's headline values and per-finding zero-shot AUCs (bootstrap 95% intervals)."""
+    """The last evaluated step's headline values and per-finding zero-shot AUCs (bootstrap 95% intervals);
+    ``history`` holds the records as :func:`interval_keys` returns them."""
     if not history:
         return ""
     last: dict = {}
     for record in history:  # the validation loss and zero-shot may run at different steps: latest of each
         last.update(record)
     keys = [k for k in last if k.startswith(_HEADLINE_PREFIXES) and not k.endswith(("_low", "_high"))]
-    rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{_interval(last, k, k + '_low', k + '_high')}</td></tr>"
-                   for k in keys)
+    rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{with_ci(last, k)}</td></tr>" for k in keys)
     parts = [f"<p>Latest values (up to step {max(int(r['step']) for r in history)}).</p>"
              f"<table><tr><th>metric</th><th>value</th></tr>{rows}</table>"]
     findings = sorted(k.split("/", 2)[2] for k in last if k.startswith("zeroshot/auc/"))
     if findings:
         cells = "".join(
             f"<tr><td>{html.escape(f)}</td>"
-            f"<td>{_interval(last, f'zeroshot/auc/{f}', f'zeroshot/auc_low/{f}', f'zeroshot/auc_high/{f}')}</td>"
-            f"<td>{_fmt(last.get(f'zeroshot/n_pos/{f}'))}</td></tr>" for f in findings)
+            f"<td>{with_ci(last, f'zeroshot/auc/{f}')}</td>"
+            f"<td>{fmt(last.get(f'zeroshot/n_pos/{f}'))}</td></tr>" for f in findings)
         parts.append("<h3>Zero-shot AUC per finding (prompt pairs)</h3><table><tr><th>finding</th>"
                      f"<th>AUC [95% CI]</th><th>positives</th></tr>{cells}</table>")
     return "\n".join(parts)
