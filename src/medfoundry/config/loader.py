@@ -14,6 +14,7 @@ import dataclasses
 import difflib
 import types
 import typing
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
 
@@ -102,6 +103,14 @@ def parse_override(item: str) -> tuple[str, Any]:
     except yaml.YAMLError:
         value = raw
     return key, value
+
+
+def apply_overrides(cfg: Any, items: Iterable[str], label: str = "override") -> None:
+    """Apply ``key.sub=value`` strings to an already built config (a checkpoint's, or a section bundle); an
+    unknown key is reported naming the item (``<label> 'item'``) and the nearest valid key."""
+    for item in items:
+        key, value = parse_override(item)
+        apply_override(cfg, key, value, source=f"{label} '{item}'")
 
 
 def apply_override(cfg: Any, dotted: str, value: Any, source: str, origins: dict[str, str] | None = None) -> None:

@@ -28,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from medfoundry.config.loader import apply_override, parse_override
+    from medfoundry.config.loader import apply_overrides
     from medfoundry.eval.attention import save_attention_maps
     from medfoundry.methods.checkpoint_backbone import load_backbone
 
@@ -41,9 +41,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     loaded = load_backbone(args.checkpoint, random_init=args.random_init, which="best" if args.best else "latest",
                            device=args.device)
-    for item in args.override:  # a ConfigError names the key and the nearest valid one (exit 2)
-        key, value = parse_override(item)
-        apply_override(loaded.sections, key, value, source=f"--override '{item}'")
+    apply_overrides(loaded.sections, args.override, "--override")  # a bad key: ConfigError, exit 2
     files = save_attention_maps(loaded.backbone, args.images, args.out, loaded.sections, args.img_size, loaded.label)
     for f in files:
         print(f["panel"])

@@ -62,7 +62,7 @@ def load_clip_checkpoint_method(path: str | Path, overrides: list[str] | tuple[s
                                 best: bool = False):
     """``(method, cfg, checkpoint_path, step)`` rebuilt from a medfoundry checkpoint of a ``method: clip`` run."""
     from medfoundry.checkpoints.format import load_checkpoint
-    from medfoundry.config.loader import apply_override, from_dict, parse_override, validate
+    from medfoundry.config.loader import apply_overrides, from_dict, validate
     from medfoundry.methods.clip.method import ClipMethod
     from medfoundry.precision import resolve_device
 
@@ -73,9 +73,7 @@ def load_clip_checkpoint_method(path: str | Path, overrides: list[str] | tuple[s
     cfg = from_dict(state["config"], source=str(ckpt))
     if not hasattr(cfg, "clip"):  # the tasks need the run's clip section (text tower, evaluation sets)
         raise ValueError(f"{ckpt} comes from a method={cfg.method} run; zero-shot/retrieval need method=clip")
-    for item in overrides or ():
-        key, value = parse_override(item)
-        apply_override(cfg, key, value, source=f"override '{item}'")
+    apply_overrides(cfg, overrides or ())
     cfg.clip.eval.best_metric = ""  # evaluating a checkpoint chooses none (its run's choice may predate the val rule)
     validate(cfg)
     method = ClipMethod(cfg.model, cfg.clip, cfg.adapt, load_pretrained=False)
