@@ -18,6 +18,7 @@ from medfoundry.methods.clip.config import ClipRunConfig
 from medfoundry.methods.clip.loader import build_clip_loader
 from medfoundry.methods.clip.method import ClipMethod, init_eval_backbone
 from medfoundry.methods.registry import MethodEntry, Need
+from medfoundry.models.backbone import Backbone
 from medfoundry.models.pretrained import record_load_reports
 
 
@@ -88,7 +89,7 @@ def frozen_eval_sections(cfg: ClipRunConfig, state: dict | None = None) -> Froze
                               CropsConfig(global_size=p.size, mean=mean, std=std), EvalConfig(img_size=p.size))
 
 
-def build_eval_backbone(cfg: ClipRunConfig):
+def build_eval_backbone(cfg: ClipRunConfig) -> Backbone:
     """The image backbone at its step-0 initialisation (``model``, ``adapt`` unless ``clip.image.freeze``)."""
     return init_eval_backbone(cfg.model, cfg.adapt, frozen=cfg.clip.image.freeze)
 

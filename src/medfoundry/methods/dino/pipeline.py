@@ -14,6 +14,7 @@ from medfoundry.methods.dino.config import DinoRunConfig
 from medfoundry.methods.dino.loader import build_loader
 from medfoundry.methods.dino.method import DINOMethod, init_eval_backbone
 from medfoundry.methods.registry import MethodEntry, Need
+from medfoundry.models.backbone import Backbone
 from medfoundry.models.pretrained import record_load_reports
 
 
@@ -71,7 +72,7 @@ def frozen_eval_sections(cfg: DinoRunConfig, state: dict | None = None) -> Froze
     return FrozenEvalSections(cfg.data, cfg.crops, cfg.eval)
 
 
-def build_eval_backbone(cfg: DinoRunConfig):
+def build_eval_backbone(cfg: DinoRunConfig) -> Backbone:
     """The EMA teacher's backbone at its step-0 initialisation (``model``, ``adapt``)."""
     return init_eval_backbone(cfg.model, cfg.adapt)
 

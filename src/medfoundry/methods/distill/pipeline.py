@@ -13,6 +13,7 @@ from medfoundry.methods.dino.pipeline import needed_paths as dino_paths
 from medfoundry.methods.distill.config import DistillRunConfig
 from medfoundry.methods.distill.method import DistillMethod, init_eval_backbone
 from medfoundry.methods.registry import MethodEntry, Need
+from medfoundry.models.backbone import Backbone
 from medfoundry.models.pretrained import record_load_reports
 
 
@@ -36,7 +37,7 @@ def needed_paths(cfg: DistillRunConfig) -> Iterator[Need]:
     yield from dino_paths(cfg)
 
 
-def build_eval_backbone(cfg: DistillRunConfig):
+def build_eval_backbone(cfg: DistillRunConfig) -> Backbone:
     """The student backbone at its step-0 initialisation (``model``, ``adapt``)."""
     return init_eval_backbone(cfg.model, cfg.adapt)
 
