@@ -3,6 +3,10 @@
 Names follow timm's where a timm architecture exists (``vit_base_patch14_dinov2``,
 ``vit_base_patch16_dinov3`` ...); the ``vit_tiny_*`` entries are small models for CPU tests and
 demos. ``medfoundry models`` prints the table.
+
+DINOv3's SwiGLU sizes are registered too: ViT-S+/16, ViT-H+/16 (each with a ``*_qkvb`` variant in the
+layout of Meta's checkpoints) and ViT-7B/16 (6.7 B parameters, 27 GB in fp32: build it inside
+``with torch.device("meta"):`` to inspect it without allocating, and train it sharded).
 """
 
 from __future__ import annotations
@@ -163,6 +167,33 @@ def _register_defaults() -> None:
                 _timm(f"{name}_qkvb", global_pool="token"),
             )
         )
+    for size, short, meta_name in (("small_plus", "S+", "dinov3_vits16plus"), ("huge_plus", "H+", "dinov3_vith16plus")):
+        name = f"vit_{size}_patch16_dinov3"
+        register_backbone(
+            BackboneSpec(
+                name,
+                "dinov3",
+                f"DINOv3 ViT-{short}/16 (Meta's {meta_name}): SwiGLU MLP, RoPE, 4 registers, layer scale",
+                _timm(name, global_pool="token"),
+            )
+        )
+        register_backbone(
+            BackboneSpec(
+                f"{name}_qkvb",
+                "dinov3",
+                f"DINOv3 ViT-{short}/16 with q/v biases, the layout of Meta's {meta_name} checkpoint",
+                _timm(f"{name}_qkvb", global_pool="token"),
+            )
+        )
+    register_backbone(  # Meta's 7B has no qkv bias (qkv_bias=False), so there is no *_qkvb variant
+        BackboneSpec(
+            "vit_7b_patch16_dinov3",
+            "dinov3",
+            "DINOv3 ViT-7B/16 (Meta's dinov3_vit7b16): SwiGLU MLP, RoPE, 4 registers, layer scale, no qkv bias; "
+            "train it sharded (docs/cluster.md, memory plan)",
+            _timm("vit_7b_patch16_dinov3", global_pool="token"),
+        )
+    )
     for size, timm_name in (("small", "vit_small_patch16_224"), ("base", "vit_base_patch16_224"),
                             ("large", "vit_large_patch16_224")):
         register_backbone(

@@ -12,6 +12,12 @@ checkpoint):
 * final ``norm``; optionally ``cls_norm`` (untied class-token norm) and ``local_cls_norm``
   (7B training only).
 
+The sizes (facebookresearch/dinov3 ``hub/backbones.py``): ViT-S/B/L use the GELU MLP; ViT-S+/16 and
+ViT-H+/16 (``ffn_layer="swiglu"``, ``ffn_ratio=6``) and ViT-7B/16 (``"swiglu64"``, ``ffn_ratio=3``) a
+SwiGLU of hidden width ``int(D * ratio * 2 / 3)`` rounded up to a multiple of 8 / 64 (1536, 5120,
+8192), which is timm's ``fc1_g``/``fc1_x`` width. S+/H+ have ``attn.qkv.bias`` + ``bias_mask``;
+the 7B has no qkv bias but ``local_cls_norm`` (``untie_global_and_local_cls_norm``).
+
 Target: timm ``Eva`` keys under ``vit.``: ``reg_token``, ``blocks.N.gamma_1``/``gamma_2``,
 ``attn.q_bias``/``attn.v_bias`` (the key bias is a fixed zero buffer), SwiGLU ``fc1_g``/``fc1_x``/
 ``fc2``. The RoPE periods are not loaded but checked against the ones the target computes.
@@ -51,17 +57,26 @@ def looks_like(sd: dict[str, Tensor]) -> bool:
 
 
 def check_rope_periods(periods: Tensor, backbone: Backbone) -> str:
-    """Compare the checkpoint's RoPE periods with the target's; returns a note or raises."""
+    """Compare the checkpoint's RoPE periods with the target's; returns a note or raises.
+
+    Equal within 1e-4, or equal to the target's rounded to bfloat16 (how Meta's released
+    checkpoints store them), is a match; anything else means another RoPE base and is refused.
+    """
     rope = getattr(backbone.vit, "rope", None)
     target = getattr(rope, "periods", None)
     if target is None:
         raise PretrainedLoadError(f"backbone '{backbone.name}' has no DINOv3 RoPE module to match rope_embed.periods")
-    if target.shape != periods.shape or not torch.allclose(target.float().cpu(), periods.float(), rtol=1e-4):
-        raise PretrainedLoadError(
-            f"rope_embed.periods of the checkpoint {periods.flatten()[:4].tolist()}... differ from the target's "
-            f"{target.flatten()[:4].tolist()}... (RoPE base/min/max period); the features would change"
-        )
-    return "RoPE periods match the target's (computed, not loaded)"
+    want, got = target.float().cpu(), periods.float().cpu()
+    if want.shape == got.shape and torch.allclose(want, got, rtol=1e-4):
+        return "RoPE periods match the target's (computed, not loaded)"
+    # Meta's released checkpoints hold the periods rounded to bfloat16 (a bf16 buffer at training time)
+    if want.shape == got.shape and torch.allclose(want.to(torch.bfloat16).float(), got, rtol=1e-4):
+        return ("RoPE periods match the target's rounded to bfloat16, as Meta's checkpoints store them; the target "
+                "keeps float32 periods (as timm does), so features differ from Meta's code by that rounding")
+    raise PretrainedLoadError(
+        f"rope_embed.periods of the checkpoint {periods.flatten()[:4].tolist()}... differ from the target's "
+        f"{target.flatten()[:4].tolist()}... (RoPE base/min/max period); the features would change"
+    )
 
 
 def convert(obj: dict, backbone: Backbone) -> Converted:
