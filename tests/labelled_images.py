@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+
+from medfoundry.data.readers.slices import FULL_RANGE_UINT16, write_stored
 
 
 def make_labelled_pngs(root: Path, n: int = 16, size: int = 48) -> Path:
@@ -20,7 +21,7 @@ def make_labelled_pngs(root: Path, n: int = 16, size: int = 48) -> Path:
             img += 0.5 * (((yy - cy) ** 2 + (xx - cx) ** 2) < r**2)
         d = root / label
         d.mkdir(parents=True, exist_ok=True)
-        Image.fromarray((np.clip(img, 0, 1) * 65535).astype(np.uint16)).save(d / f"img{i:02d}.png")
+        write_stored(d / f"img{i:02d}.png", (np.clip(img, 0, 1) * 65535).astype(np.uint16), FULL_RANGE_UINT16)
     return root
 
 
@@ -33,5 +34,5 @@ def write_grey_pngs(root: Path) -> Path:
         sub.mkdir(parents=True, exist_ok=True)
         cy, cx, r = rng.integers(20, 60), rng.integers(20, 76), rng.integers(8, 20)
         img = 0.3 * (xx / 96) + 0.6 * (((yy - cy) ** 2 + (xx - cx) ** 2) < r**2) + 0.05 * rng.standard_normal((80, 96))
-        Image.fromarray((np.clip(img, 0, 1) * 65535).astype(np.uint16)).save(sub / f"slice_{i:02d}.png")
+        write_stored(sub / f"slice_{i:02d}.png", (np.clip(img, 0, 1) * 65535).astype(np.uint16), FULL_RANGE_UINT16)
     return root

@@ -6,7 +6,9 @@ value, a missing or corrupt file; or a missing/unreadable path) is printed as on
 ``medfoundry <command>: error: <message>`` on stderr with exit code 2 and no traceback; the traceback goes
 to ``error.log`` in the run folder when the command knows one that exists (a command sets
 ``args.error_log_dir``), else to ``./medfoundry-error.log``, and the line says which. A config error
-writes no log: its message is complete. Anything else is a bug and keeps its traceback.
+writes no log: its message is complete. Anything else is a bug and keeps its traceback on the terminal; once
+the run folder exists it is also appended to that folder's ``error.log`` (the one file a user attaches to a bug
+report), and the last line says so.
 """
 
 from __future__ import annotations
@@ -89,6 +91,9 @@ def main(argv: list[str] | None = None) -> int:
             return int(modules[args.command].run(args) or 0)
         except (UserError, *USER_OS_ERRORS) as err:
             return report_user_error(args, err)
+        except Exception as err:
+            log_bug(args, err)
+            raise
 
 
 def register_name_catalogs() -> None:
@@ -129,6 +134,23 @@ def report_user_error(args: argparse.Namespace, err: BaseException) -> int:
     suffix = f" [traceback: {where}]" if where else ""
     print(f"medfoundry {args.command}: error: {message}{suffix}", file=sys.stderr)
     return USER_EXIT_CODE
+
+
+def log_bug(args: argparse.Namespace, err: BaseException) -> str:
+    """Append a bug's traceback to the run folder's ``error.log`` when that folder exists; returns the path or "".
+
+    A failure that is not the user's input (a bug, an out-of-memory error, a library's exception) still
+    propagates with its traceback; writing it into the run folder too means no failure of a run that
+    already has a folder leaves that folder without an ``error.log``.
+    """
+    folder = getattr(args, "error_log_dir", None)
+    if not folder or not Path(folder).is_dir():
+        return ""
+    where = _write_traceback(args, err)
+    if where:
+        print(f"medfoundry {args.command}: unexpected {type(err).__name__}; traceback also written to {where} "
+              "(attach it to a bug report)", file=sys.stderr)
+    return where
 
 
 def user_message(err: BaseException) -> str:

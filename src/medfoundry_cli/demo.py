@@ -74,20 +74,20 @@ def _slice_splits(n: int, positive: np.ndarray, seed: int) -> list[str]:
 
 
 def prepare_demo_data(cache: str | Path = ".cache/demo_ct", size: int = SLICE_SIZE, seed: int = 0) -> DemoData:
-    """Fetch (once) and convert the demo data; returns where it is. Idempotent: existing files are kept."""
-    from PIL import Image
-
+    """Fetch (once) and convert the demo data; returns where it is. Idempotent: existing files are kept (those
+    written before 16-bit PNGs recorded their value mapping are rewritten with it)."""
     cache = Path(cache)
     images = cache / "images"
     manifest = cache / "manifest.csv"
     done_flag = cache / "prepared.json"
     if done_flag.is_file() and manifest.is_file():
         info = json.loads(done_flag.read_text())
-        if info.get("size") == size and info.get("seed") == seed:
+        if info.get("size") == size and info.get("seed") == seed and info.get("mapped"):  # mapped: PNGs record it
             return DemoData(cache, images, manifest, info["n_slices"], info["n_extra"])
     ensure_python_package("nrrd", "pynrrd")
     data = fetch_pyradiomics_data(cache / "downloads")
     from medfoundry.data.readers import read_nrrd
+    from medfoundry.data.readers.slices import FULL_RANGE_UINT16, read_mapping, write_stored
 
     slices_dir = images / "pyradiomics"
     slices_dir.mkdir(parents=True, exist_ok=True)
@@ -100,10 +100,10 @@ def prepare_demo_data(cache: str | Path = ".cache/demo_ct", size: int = SLICE_SI
         splits = _slice_splits(vol.depth, positive, seed + case_index)
         for z in range(vol.depth):
             target = slices_dir / f"{case}_{z:03d}.png"
-            if not target.is_file():
+            if not target.is_file() or read_mapping(target) is None:  # (re)write files without a recorded mapping
                 arr = (square_resize(scaled[z], size) * 65535).round().astype(np.uint16)
                 tmp = target.with_suffix(".tmp.png")
-                Image.fromarray(arr).save(tmp)
+                write_stored(tmp, arr, FULL_RANGE_UINT16)  # value = stored / 65535, recorded in the PNG
                 tmp.replace(target)
             rows.append({
                 "path": str(target.relative_to(cache)),
@@ -127,7 +127,8 @@ def prepare_demo_data(cache: str | Path = ".cache/demo_ct", size: int = SLICE_SI
     from medfoundry.data.manifest import write_table
 
     write_table(pd.DataFrame(rows), manifest)
-    done_flag.write_text(json.dumps({"size": size, "seed": seed, "n_slices": len(rows), "n_extra": len(extra)}))
+    done_flag.write_text(json.dumps({"size": size, "seed": seed, "n_slices": len(rows), "n_extra": len(extra),
+                                     "mapped": True}))
     return DemoData(cache, images, manifest, len(rows), len(extra))
 
 
@@ -152,12 +153,17 @@ def compare_backbones(
     on ``tasks`` (default: every registered task on the frozen backbone, :func:`~medfoundry.eval.registry.task_names`).
 
     Returns ``{"checkpoint", "step", "labels": {column: {"pretrained": metrics, "random_init": metrics,
-    "raw_pixels": kNN metrics, "summary", "classes", "n"}}}`` and writes it to ``RUN/eval/comparison.json``
-    (the report shows it). kNN accuracies carry bootstrap intervals (``eval.n_bootstrap`` resamples of the
-    test images). Label-free tasks (the view-retrieval ratio) are computed with the first column only.
+    "raw_pixels": kNN metrics, "summary", "classes", "n", "data"} + the labelled set's context}}`` and writes it
+    to ``RUN/eval/comparison.json`` (the report shows it). The context
+    (:func:`medfoundry.eval.report_context.comparison_context`) holds the split sizes, the query split, the
+    majority-class baseline under the metric names (``majority_class``) and the split warnings, which are also
+    printed. kNN accuracies carry bootstrap intervals (``eval.n_bootstrap`` resamples of the test images).
+    Label-free tasks (the view-retrieval ratio) are computed with the first column only.
     """
     from medfoundry.eval import registry
     from medfoundry.eval.eval_images import eval_transform_from_config
+    from medfoundry.eval.report_context import comparison_context
+    from medfoundry.eval.split_warnings import val_needs
     from medfoundry.eval.tasks import evaluate_backbone, evaluate_features
     from medfoundry.methods.checkpoint_backbone import load_backbone
     from medfoundry_cli.bench.quality import raw_pixel_features
@@ -182,6 +188,10 @@ def compare_backbones(
             fs = raw_pixel_features(lset, eval_transform_from_config(cfg, 0))
             entry["raw_pixels"] = evaluate_features(fs, ("knn",), cfg.eval.knn_k, cfg.eval.knn_temperature,
                                                     seed=cfg.eval.split_seed, knn_bootstrap=cfg.eval.n_bootstrap)
+        entry["data"] = str(manifest)
+        entry.update(comparison_context(lset, entry["pretrained"], "test", val_needs(tasks)))
+        for warning in entry["warnings"]:
+            _log(f"warning (label '{column}'): {warning['message']}")
         out["labels"][column] = entry
     path = run_dir / "eval" / "comparison.json"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -191,18 +201,36 @@ def compare_backbones(
 
 def format_comparison(comparison: dict) -> str:
     """A side-by-side text table of pretrained vs random-init headline numbers (the registered tasks'
-    headline metrics, :func:`medfoundry.eval.registry.headline_keys`)."""
-    from medfoundry.eval.registry import headline_keys
+    headline metrics, :func:`medfoundry.eval.registry.headline_keys`), with the split each row is on, the raw
+    pixels and the majority-class baseline of the same split; ``*`` marks the better of pretrained and random
+    init where their 95% intervals do not overlap (nothing where they overlap), as the report highlights it."""
+    from medfoundry.eval.metric_splits import metric_split
+    from medfoundry.eval.registry import headline_keys, metric_direction
+    from medfoundry.eval.report_format import interval_winner
 
     lines = []
     for column, entry in comparison["labels"].items():
         raw = entry.get("raw_pixels", {})
+        majority = entry.get("majority_class", {})
+        query = entry.get("query_split", "test")
         lines.append(f"label '{column}' ({entry['summary']})")
-        lines.append(f"  {'metric':<30}{'pretrained':>22}{'random init':>22}{'raw pixels':>22}")
+        if (entry.get("majority") or {}).get("class") is not None:
+            lines.append(f"  majority class: always '{entry['majority']['class']}' (the training split's most "
+                         "frequent class)")
+        lines.append(f"  {'metric':<30}{'split':>8}{'pretrained':>24}{'random init':>24}{'raw pixels':>22}"
+                     f"{'majority':>10}")
         for k in headline_keys(entry["pretrained"]):
-            cells = [_with_interval(entry[name], k) for name in ("pretrained", "random_init")]
+            winner = interval_winner(entry["pretrained"], entry["random_init"], k, metric_direction(k) or "max")
+            cells = [_with_interval(entry[name], k) + (" *" if winner == i + 1 else "  ")
+                     for i, name in enumerate(("pretrained", "random_init"))]
             cells.append(_with_interval(raw, k) if k in raw else "")
-            lines.append(f"  {k:<30}" + "".join(f"{c:>22}" for c in cells))
+            cells.append(f"{majority[k]:.4f}" if k in majority else "")
+            widths = (24, 24, 22, 10)
+            lines.append(f"  {k:<30}{metric_split(k, query):>8}"
+                         + "".join(f"{c:>{w}}" for c, w in zip(cells, widths)))
+        lines.append("  * better, 95% intervals not overlapping (no mark: they overlap or there is no interval)")
+        for warning in entry.get("warnings", []):
+            lines.append(f"  WARNING: {warning['message']}")
     return "\n".join(lines)
 
 
@@ -221,6 +249,9 @@ def headline(comparison: dict, key: str = "knn_top1_k20") -> str:
     pre, rnd = entry["pretrained"], entry["random_init"]
     text = (f"headline ({key}, label '{column}', test split): pretrained {_with_interval(pre, key)} vs random init "
             f"{_with_interval(rnd, key)}")
+    majority = entry.get("majority_class", {})
+    if key in majority:
+        text += f" (majority class {majority[key]:.4f})"
     if key + "_ci_low" in pre and key + "_ci_high" in rnd:
         if pre[key + "_ci_low"] > rnd[key + "_ci_high"]:
             text += ": pretrained ahead, intervals do not overlap"
@@ -243,7 +274,7 @@ def run_demo(
     always shows one complete run); ``overrides`` are ``key.sub=value`` config overrides.
     """
     from medfoundry.config import load_config
-    from medfoundry.eval.attention import save_attention_maps
+    from medfoundry.eval.attention import save_attention_comparison
     from medfoundry.eval.report import write_report
     from medfoundry.methods.checkpoint_backbone import load_backbone
     from medfoundry.recipes import resolve_recipe
@@ -275,10 +306,11 @@ def run_demo(
 
     _log("rendering attention and PCA maps ...")
     picks = _pick_attention_images(data.manifest)
-    for name, random_init in (("pretrained", False), ("random_init", True)):
-        lb = load_backbone(run_dir, random_init=random_init)
-        save_attention_maps(lb.backbone, picks, run_dir / "attention" / name, lb.sections, img_size=2 * PATCH_SIZE,
-                            title=lb.label)
+    loaded = {name: load_backbone(run_dir, random_init=random_init)
+              for name, random_init in (("pretrained", False), ("random_init", True))}
+    # one colour scale per image for both backbones and all heads; the panels show the model's own [0, 1] input
+    save_attention_comparison({name: (lb.backbone, lb.label) for name, lb in loaded.items()}, picks,
+                              run_dir / "attention", loaded["pretrained"].sections, img_size=2 * PATCH_SIZE)
 
     timing = {"train_seconds": train_seconds, "total_seconds_before_report": time.perf_counter() - t_start,
               "cpu_count": os.cpu_count()}

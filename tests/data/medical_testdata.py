@@ -25,6 +25,30 @@ def ct_phantom(depth: int = 6, rows: int = 24, cols: int = 28, seed: int = 0) ->
     return out
 
 
+def axial_slice(sop_class: str, modality: str, patient_id: str, study_uid: str, series_uid: str, instance: int,
+                position: list[float]):
+    """The header every single-slice test file shares: SOP/file meta, modality, ids, axial orientation, position."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = sop_class
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = sop_class
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.Modality = modality
+    ds.PatientID = patient_id
+    ds.StudyInstanceUID = study_uid
+    ds.SeriesInstanceUID = series_uid
+    ds.InstanceNumber = instance
+    ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+    ds.ImagePositionPatient = position
+    return ds
+
+
 def write_ct_series(
     folder: str | Path,
     stored: np.ndarray | None = None,
@@ -42,8 +66,7 @@ def write_ct_series(
     Returns the expected HU volume (Z, Y, X) in ascending slice position.
     """
     import pydicom
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+    from pydicom.uid import CTImageStorage, generate_uid
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -53,21 +76,8 @@ def write_ct_series(
     study_uid = generate_uid()
     order = np.random.default_rng(seed + 7).permutation(depth) if shuffle else np.arange(depth)
     for z in range(depth):
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = CTImageStorage
-        meta.MediaStorageSOPInstanceUID = generate_uid()
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds = Dataset()
-        ds.file_meta = meta
-        ds.SOPClassUID = CTImageStorage
-        ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-        ds.Modality = "CT"
-        ds.PatientID = patient_id
-        ds.StudyInstanceUID = study_uid
-        ds.SeriesInstanceUID = series_uid
-        ds.InstanceNumber = int(order[z]) + 1  # deliberately not the spatial order
-        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-        ds.ImagePositionPatient = [origin[0], origin[1], origin[2] + z * spacing[0]]
+        ds = axial_slice(CTImageStorage, "CT", patient_id, study_uid, series_uid, int(order[z]) + 1,
+                         [origin[0], origin[1], origin[2] + z * spacing[0]])  # instance deliberately not spatial
         ds.PixelSpacing = [spacing[1], spacing[2]]
         ds.SliceThickness = spacing[0]
         ds.RescaleSlope = slope

@@ -9,11 +9,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from PIL import Image
 
 from medfoundry.config.clip import ClipDataConfig, ClipPreprocessConfig
 from medfoundry.data.pair_loader import PairImageTransform, build_pair_loader, preset_pixel_stats
 from medfoundry.data.pairs import CheXzeroPairs, ManifestPairs
+from medfoundry.data.readers.slices import FULL_RANGE_UINT16, write_stored
 from medfoundry.data.reports import ManifestWarning, select_text, split_sections
 from medfoundry.models.text.tokenize import ClipBPETokenizer
 
@@ -38,7 +38,7 @@ def _write_images(folder: Path, n: int) -> list[str]:
     names = []
     for i in range(n):
         arr = (np.linspace(0, 1, 40 * 48).reshape(40, 48) * (i + 1) / n * 65535).astype(np.uint16)
-        Image.fromarray(arr).save(folder / f"img_{i}.png")
+        write_stored(folder / f"img_{i}.png", arr, FULL_RANGE_UINT16)
         names.append(f"images/img_{i}.png")
     return names
 

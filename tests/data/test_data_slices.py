@@ -15,7 +15,7 @@ from PIL import Image
 from medfoundry.config.data import DataConfig
 from medfoundry.data.intensity import build_intensity_transform
 from medfoundry.data.readers import HU_UINT16, MappingMismatchError, ReaderError, ValueMapping, read_slice, write_slice
-from medfoundry.data.readers.slices import read_mapping, sidecar_path, window_mapping
+from medfoundry.data.readers.slices import UnmappedImageError, read_mapping, sidecar_path, window_mapping
 from medfoundry.data.sources import build_source
 
 HU = np.array([[-1024, -1000, -600, -100], [0, 40, 400, 1200], [3071, -50, 60, 2000]], dtype=np.float32)
@@ -55,8 +55,10 @@ def test_unrecorded_mapping_needs_config_and_sidecar_works(tmp_path: Path) -> No
         read_slice(tmp_path / "plain.png")
     values, _ = read_slice(tmp_path / "plain.png", HU_UINT16)
     np.testing.assert_array_equal(values, HU)
-    values, used = read_slice(tmp_path / "plain.png", require_mapping=False)
-    assert used is None and values.max() <= 1.0  # a plain picture: scaled by its type
+    with pytest.raises(UnmappedImageError, match="16-bit pixels .* data.unmapped_16bit=full_range"):
+        read_slice(tmp_path / "plain.png", require_mapping=False)  # a 16-bit "plain picture" is not taken on trust
+    values, used = read_slice(tmp_path / "plain.png", require_mapping=False, unmapped_16bit="full_range")
+    assert used is None and values.max() <= 1.0  # the explicit opt-in: scaled by its type
     sidecar_path(tmp_path / "plain.png").write_text('{"medfoundry.value_mapping": {"slope": 1, "intercept": -32768}}')
     np.testing.assert_array_equal(read_slice(tmp_path / "plain.png")[0], HU)
 

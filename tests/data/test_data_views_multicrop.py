@@ -6,7 +6,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import tifffile
 import torch
 from PIL import Image
 
@@ -14,17 +13,18 @@ from medfoundry.config import CropsConfig
 from medfoundry.data.image_folder import ImageFolderSource, read_image_file
 from medfoundry.data.masking import MaskSampler, block_mask
 from medfoundry.data.multicrop import MultiCropTransform, random_resized_crop_box
+from medfoundry.data.readers.slices import FULL_RANGE_UINT16, write_stored
 from medfoundry.data.sources import Sample
 from medfoundry.data.views import SeededViews, StepBatchSampler, collate_views
 
 
 def test_reads_8_and_16_bit_grey_and_rgb(tmp_path: Path) -> None:
     grey16 = (np.arange(64 * 48, dtype=np.uint32).reshape(64, 48) * 20).astype(np.uint16)
-    Image.fromarray(grey16).save(tmp_path / "a.png")
+    write_stored(tmp_path / "a.png", grey16, FULL_RANGE_UINT16)  # 16-bit pictures record what they store
     rgb8 = np.zeros((20, 30, 3), np.uint8)
     rgb8[..., 1] = 255
     Image.fromarray(rgb8).save(tmp_path / "b.jpg", quality=100)
-    tifffile.imwrite(tmp_path / "c.tif", grey16)
+    write_stored(tmp_path / "c.tif", grey16, FULL_RANGE_UINT16)
     a = read_image_file(tmp_path / "a.png")
     assert a.dtype == np.float32 and a.max() == pytest.approx(grey16.max() / 65535)
     b = read_image_file(tmp_path / "b.jpg")

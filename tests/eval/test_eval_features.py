@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from medfoundry.config import ModelConfig, load_config
+from medfoundry.data.readers.slices import FULL_RANGE_UINT16, write_stored
 from medfoundry.eval.eval_images import EvalTransform, eval_transform_from_config, read_eval_image, resize_center_crop
 from medfoundry.eval.features import FeatureSet, cached_features, compute_feature_set
 from medfoundry.eval.labelled_set import LabelledItem, assign_splits, load_labelled_set
@@ -26,7 +27,7 @@ def _write_pngs(root: Path, n_per_class: int = 6, size: int = 40) -> None:
                 img += 0.6 * (((yy - size / 2) ** 2 + (xx - size / 2) ** 2) < (size / 4) ** 2)
             d = root / label / f"series{i % 3}"
             d.mkdir(parents=True, exist_ok=True)
-            Image.fromarray((np.clip(img, 0, 1) * 65535).astype(np.uint16)).save(d / f"img{i}.png")
+            write_stored(d / f"img{i}.png", (np.clip(img, 0, 1) * 65535).astype(np.uint16), FULL_RANGE_UINT16)
 
 
 @pytest.fixture()

@@ -11,9 +11,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from PIL import Image
 
 from medfoundry.config import ConfigError, load_config
+from medfoundry.data.readers.slices import FULL_RANGE_UINT16, write_stored
 from medfoundry.eval import registry
 from medfoundry.eval.features import FeatureSet
 from medfoundry.eval.registry import EvalInputs, EvalSettings, EvalTask, Metric
@@ -52,7 +52,7 @@ def _grey_png(path: Path, value: float, seed: int, size: tuple[int, int] = (40, 
     rng = np.random.default_rng(seed)
     arr = np.clip(value + 0.3 * rng.random(size) + np.linspace(0, 0.3, size[1])[None], 0, 1)
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray((arr * 65535).astype(np.uint16)).save(path)
+    write_stored(path, (arr * 65535).astype(np.uint16), FULL_RANGE_UINT16)
 
 
 def labelled_pngs(root: Path, n: int = 12) -> Path:

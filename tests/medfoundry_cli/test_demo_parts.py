@@ -92,3 +92,31 @@ def test_evalx_demo_attention_picks_one_test_image_per_class_first(tmp_path: Pat
     picks = demo._pick_attention_images(manifest, "lobe", n=3)
     assert [p.name for p in picks][:2] == ["b.png", "d.png"]
     assert all(p.parent == tmp_path for p in picks) and len(picks) == 3
+
+
+def test_demo_comparison_table_has_splits_majority_class_and_marks_only_separated_intervals(tmp_path: Path) -> None:
+    from medfoundry.eval.labelled_set import load_labelled_set
+    from medfoundry.eval.report_context import comparison_context
+
+    rows = [("frontal", "train")] * 3 + [("temporal", "train")] + [("frontal", "val"), ("temporal", "val")] + \
+        [("frontal", "test")] * 2 + [("temporal", "test")] * 2
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("path,lobe,split\n" + "".join(f"p{i}.png,{lab},{s}\n" for i, (lab, s) in enumerate(rows)))
+    lset = load_labelled_set(manifest, "lobe")
+    pre = {"knn_top1_k20": 0.85, "knn_top1_k20_ci_low": 0.84, "knn_top1_k20_ci_high": 0.86,
+           "linear_accuracy": 0.70, "linear_accuracy_ci_low": 0.60, "linear_accuracy_ci_high": 0.80}
+    rnd = {"knn_top1_k20": 0.65, "knn_top1_k20_ci_low": 0.64, "knn_top1_k20_ci_high": 0.66,
+           "linear_accuracy": 0.68, "linear_accuracy_ci_low": 0.58, "linear_accuracy_ci_high": 0.78}
+    entry = {"summary": lset.summary(), "pretrained": pre, "random_init": rnd,
+             **comparison_context(lset, pre, "test", ["the linear probe's choice of C"])}
+    assert entry["majority_class"] == {"knn_top1_k20": 0.5, "linear_accuracy": 0.5}  # 'frontal' on test: 2 of 4
+    lines = demo.format_comparison({"labels": {"lobe": entry}}).splitlines()
+    knn = next(line for line in lines if line.strip().startswith("knn_top1_k20"))
+    linear = next(line for line in lines if line.strip().startswith("linear_accuracy"))
+    assert "test" in knn and "0.8500 [0.840, 0.860] *" in knn and knn.rstrip().endswith("0.5000")
+    assert "*" not in linear  # the intervals overlap: no mark
+    assert any("always 'frontal'" in line for line in lines) and any("* better" in line for line in lines)
+    assert "(majority class 0.5000)" in demo.headline({"labels": {"lobe": entry}})
+    assert entry["warnings"] == []
+    one_class = dict(entry, warnings=[{"rule": "single_class", "split": "test", "message": "the test split holds"}])
+    assert "WARNING: the test split holds" in demo.format_comparison({"labels": {"lobe": one_class}})

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
+from medfoundry.data.readers.slices import FULL_RANGE_UINT16, write_stored
 from medfoundry_cli.cli import main
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -61,7 +61,7 @@ def write_demo_layout(cache: Path, names: list[str]) -> None:
             files[: len(names)] = names
         for i, name in enumerate(files):
             lobe = "frontal" if i % 2 else "temporal"
-            Image.fromarray(_patch(rng, lobe == "frontal")).save(folder / name)
+            write_stored(folder / name, _patch(rng, lobe == "frontal"), FULL_RANGE_UINT16)
             rows.append({"path": f"images/{split}/{name}", "lobe": lobe, "region": lobe, "x_mm": 0.0,
                          "hemisphere": "right" if split == "test" else "left", "split": split})
     with open(brain / "manifest.csv", "w", newline="") as fh:

@@ -24,6 +24,7 @@ from torchvision.transforms import InterpolationMode
 from medfoundry.config import ConfigError, load_config
 from medfoundry.config.clip import ClipPreprocessConfig
 from medfoundry.data.pair_loader import PairDataset, PairImageTransform
+from medfoundry.data.readers.slices import FULL_RANGE_UINT16, write_stored
 from medfoundry.data.views import sample_seed
 from medfoundry.eval.clip_hook import ClipEvaluator, contrastive_val_loss, val_loss_spans
 from medfoundry.losses.clip import ClipInfoNCELoss, SigLIPLoss
@@ -173,7 +174,7 @@ def _write_pairs(folder: Path, n: int) -> Path:
     names = []
     for i in range(n):
         arr = (rng.random((40, 48)) * 0.3 + np.linspace(0, 0.7, 48)[None] * (i + 1) / n) * 65535
-        Image.fromarray(arr.astype(np.uint16)).save(folder / "images" / f"img_{i}.png")
+        write_stored(folder / "images" / f"img_{i}.png", arr.astype(np.uint16), FULL_RANGE_UINT16)
         names.append(f"images/img_{i}.png")
     reports = [f"FINDINGS: finding number {i}. IMPRESSION: impression {i % 3}." for i in range(n)]
     pd.DataFrame({"image": names, "report": reports}).to_csv(folder / "val.csv", index=False)

@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from PIL import Image
 
 from medfoundry.config import load_config
+from medfoundry.data.readers.slices import FULL_RANGE_UINT16, write_stored
 from medfoundry.methods.clip.loader import ClipMethod, build_clip_loader
 from medfoundry.models.text.tokenize import ReportTruncationWarning
 
@@ -31,7 +31,7 @@ def _manifest(tmp_path: Path) -> Path:
     names = []
     for i in range(len(REPORTS)):
         arr = (np.linspace(0, 1, 40 * 48).reshape(40, 48) * (i + 1) / len(REPORTS) * 65535).astype(np.uint16)
-        Image.fromarray(arr).save(tmp_path / "images" / f"img_{i}.png")
+        write_stored(tmp_path / "images" / f"img_{i}.png", arr, FULL_RANGE_UINT16)
         names.append(f"images/img_{i}.png")
     path = tmp_path / "pairs.csv"
     pd.DataFrame({"image": names, "report": REPORTS}).to_csv(path, index=False)

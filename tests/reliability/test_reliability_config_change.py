@@ -53,3 +53,18 @@ def test_config_differences_ignores_only_the_listed_keys() -> None:
     saved = {"output_dir": "a", "train": {"steps": 1, "seed": 0}, "eval": {"every_steps": 5}, "optim": {"lr": 1}}
     now = {"output_dir": "b", "train": {"steps": 9, "seed": 1}, "eval": {"every_steps": 0}, "optim": {"lr": 1}}
     assert config_differences(saved, now) == [("train.seed", 0, 1)]
+
+
+def test_a_key_added_to_the_schema_since_the_folder_was_written_resumes_at_its_default(
+        tmp_path: Path, png_folder: Path) -> None:
+    """An older folder's config.yaml lacks keys added later: at their defaults they are no change, set they are."""
+    run = train(_cfg(tmp_path / "run", png_folder))
+    text = (run / "config.yaml").read_text()
+    older = "\n".join(line for line in text.splitlines() if not line.strip().startswith("unmapped_16bit:"))
+    assert older != text, "the recorded config should hold data.unmapped_16bit"
+    (run / "config.yaml").write_text(older + "\n")
+    train(_cfg(run, png_folder, "train.steps=3"))  # the new key at its default: resumes
+    assert [p.name for p in list_checkpoints(run)][-1] == "step_00000003.pt"
+    (run / "config.yaml").write_text(older + "\n")
+    with pytest.raises(ConfigMismatchError, match="data.unmapped_16bit"):
+        train(_cfg(run, png_folder, "train.steps=4", "data.unmapped_16bit=full_range"))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import subprocess
 import sys
@@ -10,10 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from nan_method import nan_dino_method
 
 from medfoundry.checkpoints.format import list_checkpoints
 from medfoundry.config import load_config
-from medfoundry.methods import METHODS
 from medfoundry.recipes import recipes_dir
 from medfoundry.train.loop import NonFiniteLossError, train
 from medfoundry.train.run_logger import read_metrics
@@ -64,30 +63,12 @@ def test_resume_after_a_crash_rewrites_metrics_past_the_checkpoint(tmp_path: Pat
 
 
 def test_nonfinite_losses_are_skipped_then_stop(tmp_path: Path, png_folder: Path, capsys) -> None:
-    base = METHODS["dino"]
-
-    def build(cfg):
-        method = base.build(cfg)
-        forward = method.forward
-
-        def poisoned(batch, step):
-            out = forward(batch, step)
-            if step >= 2:
-                out["loss"] = out["loss"] * float("nan")
-            return out
-
-        method.forward = poisoned
-        return method
-
-    METHODS["nan_test"] = dataclasses.replace(base, build=build)
-    try:
+    with nan_dino_method("nan_test"):
         cfg = load_config(RECIPE, [*FAST, f"output_dir={tmp_path / 'n'}", f"data.root={png_folder}",
                                    "train.steps=10", "train.checkpoint_every=2", "train.max_nonfinite_steps=3"])
         cfg.method = "nan_test"
         with pytest.raises(NonFiniteLossError, match="3 non-finite losses in a row") as err:
             train(cfg)
-    finally:
-        del METHODS["nan_test"]
     assert "step_00000002.pt" in str(err.value)
     assert [p.name for p in list_checkpoints(tmp_path / "n")] == ["step_00000002.pt"]
     assert "non-finite loss at step 3" in capsys.readouterr().out + (tmp_path / "n" / "error.log").read_text()

@@ -19,6 +19,7 @@ class DataConfig:
     num_workers: int = 0  # DataLoader worker processes
     max_bad_fraction: float = 0.01  # share of unreadable samples tolerated before training stops
     split: str = ""  # manifest split to use (train, val, test); "" = every row
+    modalities: list[str] = field(default_factory=list)  # DICOM Modality tags kept, e.g. [CT]; [] = every modality
     text_column: str = "report"  # manifest / report-CSV column holding report text (goes to Sample.meta)
     slices: int = 1  # slices stacked as channels around the sampled one (3 = 2.5D: z-s, z, z+s)
     slice_stride: int = 1  # distance in slices between stacked neighbours
@@ -27,6 +28,8 @@ class DataConfig:
     volume_cache: int = 2  # decoded NIfTI/NRRD volumes kept in memory per worker
     slice_slope: Optional[float] = None  # PNG/TIFF slices without a recorded mapping: value = stored*slope+intercept
     slice_intercept: Optional[float] = None  # see slice_slope (e.g. -32768 with slope 1 for PNGs storing HU+32768)
+    # >8-bit pictures with no recorded or configured mapping: refuse, or full_range (a [0, 1] picture over 0..65535)
+    unmapped_16bit: Literal["refuse", "full_range"] = "refuse"
     hdf5_dataset: str = "cxr"  # dataset inside the HDF5 file holding the (N, H, W) images
     hdf5_reports: str = ""  # CSV whose rows align with the HDF5 images (report text in text_column)
     tile_mpp: float = 0.5  # whole-slide tiles: microns per pixel (0.5 ~ 20x, 0.25 ~ 40x)

@@ -96,8 +96,12 @@ class TrainConfig:
     checkpoint_every: int = 500  # steps between checkpoints (the last step always saves)
     keep_last: int = 3  # checkpoints kept on disk
     max_nonfinite_steps: int = 5  # stop after this many non-finite losses in a row
-    progress: bool = True  # show a progress bar
+    progress: bool = True  # progress: a bar in a terminal, else a plain line every train.log_every steps
     tensorboard: bool = True  # write TensorBoard event files
+    tracking: list[Literal["wandb", "mlflow"]] = field(default_factory=list)  # experiment trackers (off: [])
+    tracking_project: str = "medfoundry"  # W&B project and MLflow experiment of the tracked run
+    tracking_name: str = ""  # name of the tracked run ("" = the run folder's name)
+    tracking_uri: str = ""  # MLflow tracking URI ("" = $MLFLOW_TRACKING_URI or MLflow's default)
     allow_config_change: bool = False  # resume although config.yaml differs in keys that change the run
 
 

@@ -1,8 +1,8 @@
 """Real medical images that installable packages ship (no hub access needed).
 
 ``pydicom-data`` (MIT) bundles real DICOM files: CT, MR, chest and extremity radiographs (CR),
-ultrasound and nuclear medicine. :func:`export_pydicom_samples` writes one 16-bit PNG per frame so
-the image-folder source can train on them; it is what ``make demo`` uses before the full demo.
+ultrasound and nuclear medicine. :func:`export_pydicom_samples` writes one 16-bit PNG per frame, its value
+mapping recorded, so the image-folder source can train on them; it is what ``make demo`` uses before the full demo.
 """
 
 from __future__ import annotations
@@ -40,13 +40,17 @@ def pydicom_sample_paths() -> list[Path]:
 
 
 def export_pydicom_samples(out_dir: str | Path, max_side: int = 256) -> list[Path]:
-    """Write each frame of the bundled DICOM samples as a 16-bit grey PNG (min-max scaled per frame).
+    """Write each frame of the bundled DICOM samples as a 16-bit grey PNG (percentile-scaled per frame to [0, 1]).
 
-    Frames are downsized so the longer side is at most ``max_side`` to keep CPU demos fast. Existing
-    files are kept (idempotent).
+    Each PNG records its value mapping (:data:`~medfoundry.data.readers.slices.FULL_RANGE_UINT16`: value =
+    stored / 65535), so readers that refuse unmapped 16-bit pictures take them. Frames are downsized so the
+    longer side is at most ``max_side`` to keep CPU demos fast. Existing files are kept (idempotent); one
+    written before mappings were recorded gets the mapping added, its pixels unchanged.
     """
     import pydicom
     from PIL import Image
+
+    from medfoundry.data.readers.slices import FULL_RANGE_UINT16, read_stored
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -61,6 +65,9 @@ def export_pydicom_samples(out_dir: str | Path, max_side: int = 256) -> list[Pat
             target = out / f"{path.stem}_{i:03d}.png"
             written.append(target)
             if target.exists():
+                stored, mapping = read_stored(target)
+                if mapping is None:  # exported before mappings were recorded: same pixels, mapping added
+                    _replace(target, stored, FULL_RANGE_UINT16)
                 continue
             if frame.ndim == 3:  # colour ultrasound etc.: luminance
                 frame = frame[..., :3].mean(axis=-1)
@@ -72,7 +79,14 @@ def export_pydicom_samples(out_dir: str | Path, max_side: int = 256) -> list[Pat
             if scale < 1:
                 img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))),
                                  Image.BILINEAR)
-            tmp = target.with_suffix(".tmp.png")
-            img.save(tmp)
-            tmp.replace(target)
+            _replace(target, np.asarray(img), FULL_RANGE_UINT16)
     return written
+
+
+def _replace(target: Path, stored: np.ndarray, mapping) -> None:
+    """Write ``stored`` with ``mapping`` recorded to a temporary file, then rename it to ``target``."""
+    from medfoundry.data.readers.slices import write_stored
+
+    tmp = target.with_suffix(".tmp.png")
+    write_stored(tmp, stored, mapping)
+    tmp.replace(target)

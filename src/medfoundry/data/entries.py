@@ -150,16 +150,18 @@ class SliceFilesEntry(VolumeEntry):
     """PNG/TIFF slice files of one folder, in name order, as a volume (values through their value mapping)."""
 
     def __init__(self, files: Sequence[str], mapping: ValueMapping | None, require_mapping: bool = True,
-                 meta: dict | None = None, region: Region | None = None) -> None:
+                 meta: dict | None = None, region: Region | None = None, unmapped_16bit: str = "refuse") -> None:
         name = str(Path(files[0]).parent) if len(files) > 1 else str(files[0])
         regions = np.asarray([region] * len(files), dtype=np.int32) if region is not None else None
         super().__init__(name, len(files), meta, regions)
         self.files = [str(f) for f in files]
         self.mapping = mapping
         self.require_mapping = require_mapping
+        self.unmapped_16bit = unmapped_16bit  # plain pictures (require_mapping off): 16-bit files without a mapping
 
     def read(self, indices: Sequence[int]) -> np.ndarray:
-        return np.stack([read_slice(self.files[z], self.mapping, self.require_mapping)[0] for z in indices])
+        return np.stack([read_slice(self.files[z], self.mapping, self.require_mapping, self.unmapped_16bit)[0]
+                         for z in indices])
 
     def describe(self, z: int | None) -> str:
         return self.name if z is None else self.files[z]
@@ -169,11 +171,13 @@ class PreparedVolumeEntry(VolumeEntry):
     """A volume written by ``medfoundry prepare``: a memory-mapped ``.npy`` (Z, Y, X) plus its value mapping."""
 
     def __init__(self, path: str, depth: int, slope: float, intercept: float, source: str = "",
-                 regions_path: str | None = None, meta: dict | None = None) -> None:
+                 regions_path: str | None = None, meta: dict | None = None, units: str = "",
+                 modality: str = "") -> None:
         regions = np.load(regions_path) if regions_path else None
         super().__init__(path, depth, meta, regions)
         self.slope, self.intercept = float(slope), float(intercept)
         self.source = source
+        self.units, self.modality = units, modality  # from the prepared manifest (modality: DICOM-derived items)
 
     def read(self, indices: Sequence[int]) -> np.ndarray:
         local = self._local()

@@ -12,6 +12,14 @@ CT) as channels; :mod:`medfoundry.data.intensity` then maps them to [0, 1]. Slid
 pictures are RGB/grey in [0, 1]. Entries that cannot be opened when the source is built are left
 out and listed in ``source.skipped`` (path, reason) and in the log. A manifest row becomes the entry of the
 kind of the reader that claims its path (:data:`_ENTRY_BUILDERS`, see :mod:`medfoundry.data.readers.interface`).
+
+DICOM series (``dicom``, DICOM rows of a ``manifest``, ``prepared`` items made from DICOM) are also selected by
+their values' meaning (:func:`series_problem`): ``data.modalities`` keeps only the listed Modality tags, and
+with ``data.intensity=window`` a series whose values are not Hounsfield units (not CT and no ``RescaleType``
+HU, as :class:`~medfoundry.data.readers.dicom.DicomSeries` decides) is left out, never windowed: an HU lung
+window over MR signal or radiograph counts gives a picture with no meaning. Left-out series are logged once
+(count, reason, first paths) and listed in ``source.skipped``; when nothing usable is left,
+:class:`UnusableSeriesError` names ``data.root``, the modalities found and the fix.
 """
 
 from __future__ import annotations
@@ -40,11 +48,12 @@ from medfoundry.data.readers import HDF5Images, Reader, ReaderError, ValueMappin
 from medfoundry.data.readers.dicom import DicomSeries, find_series, read_header
 from medfoundry.data.readers.hdf5 import HDF5_SUFFIXES
 from medfoundry.data.readers.interface import has_suffix
-from medfoundry.data.readers.slices import read_slice
+from medfoundry.data.readers.slices import read_stored
 from medfoundry.data.readers.wsi import VENDOR_SUFFIXES
 from medfoundry.data.sources import Sample, array_to_chw, list_files, register_source
 from medfoundry.data.transforms.label_guided import region_from_mask
 from medfoundry.data.transforms.stack25d import neighbour_indices, valid_centres
+from medfoundry.errors import UserError
 
 log = logging.getLogger("medfoundry.data")
 
@@ -52,7 +61,8 @@ log = logging.getLogger("medfoundry.data")
 class EntrySource:
     """An :class:`~medfoundry.data.sources.ImageSource` over volume and tile entries (see module doc)."""
 
-    def __init__(self, entries: Sequence[Any], cfg: DataConfig, skipped: Sequence[tuple[str, str]] = ()) -> None:
+    def __init__(self, entries: Sequence[Any], cfg: DataConfig, skipped: Sequence[tuple[str, str]] = (),
+                 selection: SeriesSelection | None = None) -> None:
         if cfg.slices < 1 or cfg.slices % 2 == 0:
             raise ValueError(f"data.slices={cfg.slices} must be odd (1 or 3 for z-s, z, z+s)")
         if cfg.slice_stride < 1:
@@ -72,6 +82,11 @@ class EntrySource:
             self.positions.append(pos)
         for path, reason in self.skipped:
             log.warning("data: skipped %s", reason if reason.startswith(path) else f"{path}: {reason}")
+        if selection is not None:
+            selection.log()
+            self.skipped += selection.excluded
+            if not self.entries and selection.excluded:
+                raise UnusableSeriesError(selection.nothing_left_message(cfg))
         if not self.entries:
             first = f"; first problem: {self.skipped[0][0]}: {self.skipped[0][1]}" if self.skipped else ""
             raise FileNotFoundError(f"data.root '{cfg.root}' (kind {cfg.kind}) yields no usable image{first}")
@@ -114,11 +129,84 @@ class EntrySource:
 
 
 def _slice_mapping(cfg: DataConfig) -> ValueMapping | None:
-    if cfg.slice_slope is None and cfg.slice_intercept is None:
-        return None
-    if cfg.slice_slope is None or cfg.slice_intercept is None:
-        raise ValueError("set both data.slice_slope and data.slice_intercept (value = stored * slope + intercept)")
-    return ValueMapping(float(cfg.slice_slope), float(cfg.slice_intercept))
+    from medfoundry.data.image_folder import configured_mapping
+
+    return configured_mapping(cfg)
+
+
+# ---------------------------------------------------------------- DICOM series by modality and units
+
+
+class UnusableSeriesError(UserError, ValueError):
+    """Every DICOM series under ``data.root`` was left out by ``data.modalities`` or the HU-units rule."""
+
+
+def series_problem(modality: str, units: str, cfg: DataConfig) -> str | None:
+    """Why a DICOM series of ``modality`` whose values are in ``units`` is left out under ``cfg``, or None.
+
+    ``data.modalities`` (when not empty) keeps the listed Modality tags only; with ``data.intensity=window``
+    a series must be in Hounsfield units (``units == "HU"``: CT, or a ``RescaleType`` of HU).
+    """
+    shown = modality or "(no Modality tag)"
+    wanted = [m.upper() for m in cfg.modalities]
+    if wanted and modality.upper() not in wanted:
+        return f"modality {shown} is not in data.modalities={list(cfg.modalities)}"
+    if cfg.intensity == "window" and units != "HU":
+        return (f"modality {shown} with values in '{units}' units, not Hounsfield units (not CT, no RescaleType HU): "
+                "data.intensity=window would apply HU windows to them")
+    return None
+
+
+@dataclass
+class SeriesSelection:
+    """The DICOM series kept and left out by :func:`series_problem`, and what was found (for the messages)."""
+
+    root: str
+    excluded: list[tuple[str, str]] = field(default_factory=list)  # (series folder/file, reason)
+    found: dict[str, int] = field(default_factory=dict)  # modality -> number of series
+    units: dict[str, set] = field(default_factory=dict)  # modality -> units of its series
+
+    def keep(self, name: str, modality: str, units: str, cfg: DataConfig) -> bool:
+        """Record one series; True when it is used."""
+        key = modality or "(none)"
+        self.found[key] = self.found.get(key, 0) + 1
+        self.units.setdefault(key, set()).add(units)
+        problem = series_problem(modality, units, cfg)
+        if problem is not None:
+            self.excluded.append((name, problem))
+        return problem is None
+
+    def log(self, shown: int = 3) -> None:
+        """One warning per reason: how many series were left out, the first paths."""
+        by_reason: dict[str, list[str]] = {}
+        for name, reason in self.excluded:
+            by_reason.setdefault(reason, []).append(name)
+        for reason, names in by_reason.items():
+            more = f" and {len(names) - shown} more" if len(names) > shown else ""
+            log.warning("data: left out %d DICOM series under %s: %s (%s%s)", len(names), self.root, reason,
+                        ", ".join(names[:shown]), more)
+
+    def nothing_left_message(self, cfg: DataConfig) -> str:
+        """The one-line error when no series is left: data.root, the modalities found and the fix."""
+        found = ", ".join(f"{m} ({n} series, units {'/'.join(sorted(self.units.get(m, ())))})"
+                          for m, n in sorted(self.found.items()))
+        wanted = {m.upper() for m in cfg.modalities}
+        if wanted and not any(m.upper() in wanted for m in self.found):
+            why = f"none of its series has a modality in data.modalities={list(cfg.modalities)}"
+            fix = f"set data.modalities to the modalities to train on (found: {sorted(self.found)}) or [] for all"
+        else:
+            why = "none of its series is in Hounsfield units, so data.intensity=window cannot be applied"
+            fix = ("set data.modalities=[CT] if the folder is meant to give CT, or data.intensity=range with "
+                   "data.value_range=[low, high] for non-CT values")
+        return f"data.root '{cfg.root}' (kind {cfg.kind}): {why}; modalities found: {found}; {fix}"
+
+
+def _select_dicom(entries: Sequence[DicomEntry], cfg: DataConfig) -> tuple[list[DicomEntry], SeriesSelection]:
+    """The series entries :func:`series_problem` keeps, and the selection record."""
+    selection = SeriesSelection(cfg.root)
+    kept = [e for e in entries
+            if selection.keep(e.describe(None), str(e.series.meta.get("modality", "")), e.series.units, cfg)]
+    return kept, selection
 
 
 def _collect(build: Callable[[str], Any], paths: Sequence[str]) -> tuple[list, list]:
@@ -150,7 +238,8 @@ def build_dicom(cfg: DataConfig) -> EntrySource:
         series, skipped = [DicomSeries(read_header(root))], []
     else:
         series, skipped = find_series(root)
-    return EntrySource([DicomEntry(s) for s in series], cfg, skipped)
+    kept, selection = _select_dicom([DicomEntry(s) for s in series], cfg)
+    return EntrySource(kept, cfg, skipped, selection)
 
 
 @register_source("nifti")
@@ -272,10 +361,12 @@ def _volume_entry(reader: Reader, row: _Row, cfg: DataConfig, mapping: ValueMapp
 def _slice_entry(reader: Reader, row: _Row, cfg: DataConfig, mapping: ValueMapping | None) -> SliceFilesEntry:
     """A single slice, its label box from a mask picture or the row's y0/x0/y1/x1."""
     if row.mask:
-        region = region_from_mask(read_slice(row.mask, None, require_mapping=False)[0] > 0)
+        stored = read_stored(row.mask)[0]  # a mask needs no value mapping: non-zero is inside
+        region = region_from_mask((stored.max(axis=-1) if stored.ndim == 3 else stored) > 0)
     else:
         region = row.box()
-    return SliceFilesEntry([row.path], mapping, require_mapping=False, meta=row.meta, region=region)
+    return SliceFilesEntry([row.path], mapping, require_mapping=False, meta=row.meta, region=region,
+                           unmapped_16bit=cfg.unmapped_16bit)
 
 
 def _slide_entry(reader: Reader, row: _Row, cfg: DataConfig, mapping: ValueMapping | None) -> SlideEntry:
@@ -315,7 +406,10 @@ def build_manifest(cfg: DataConfig) -> EntrySource:
             entries.append(_manifest_entry(row, cfg, mapping))
         except (ReaderError, OSError, ValueError) as err:
             skipped.append((str(row["path"]), str(err)))
-    return EntrySource(entries, cfg, skipped)
+    dicom, selection = _select_dicom([e for e in entries if isinstance(e, DicomEntry)], cfg)
+    kept = set(map(id, dicom))
+    entries = [e for e in entries if not isinstance(e, DicomEntry) or id(e) in kept]
+    return EntrySource(entries, cfg, skipped, selection if selection.found else None)
 
 
 @register_source("prepared")
@@ -330,15 +424,27 @@ def build_prepared(cfg: DataConfig) -> EntrySource:
         )
     df = select_split(read_manifest(manifest, cfg.text_column), cfg.split)
     entries = []
+    selection = SeriesSelection(cfg.root)
     for row in rows_as_dicts(df, list(df.columns)):
         meta = _row_meta(row)
         if row["kind"] == "tiles":
             entries.append(PreparedTilesEntry(row["path"], int(row["depth"]), str(row.get("source", "")), meta))
-        else:
-            regions = str(Path(cfg.root) / row["regions"]) if row.get("regions") else None
-            entries.append(PreparedVolumeEntry(row["path"], int(row["depth"]), float(row["slope"]),
-                                               float(row["intercept"]), str(row.get("source", "")), regions, meta))
-    return EntrySource(entries, cfg)
+            continue
+        regions = str(Path(cfg.root) / row["regions"]) if row.get("regions") else None
+        units, modality = _text(row.get("units")), _text(row.get("modality"))
+        entry = PreparedVolumeEntry(row["path"], int(row["depth"]), float(row["slope"]), float(row["intercept"]),
+                                    str(row.get("source", "")), regions, meta, units, modality)
+        # items made from DICOM carry its Modality tag; only they are selected by modality and units
+        if not modality or selection.keep(entry.describe(None), modality, units, cfg):
+            entries.append(entry)
+    return EntrySource(entries, cfg, (), selection if selection.found else None)
 
 
-__all__ = ["EntrySource", "HDF5Source"]
+def _text(value: Any) -> str:
+    """A manifest cell as text ("" for empty / NaN)."""
+    if value is None or (isinstance(value, float) and value != value):
+        return ""
+    return str(value)
+
+
+__all__ = ["EntrySource", "HDF5Source", "SeriesSelection", "UnusableSeriesError", "series_problem"]

@@ -43,7 +43,9 @@ from medfoundry.data.sources import array_to_chw
 def read_image(path: str | Path) -> Tensor:
     """Read an image file as float32 (C, H, W) in [0, 1].
 
-    PNG/JPEG/TIFF are scaled by their storage type; DICOM is windowed to its 0.5-99.5 percentiles
+    PNG/JPEG/TIFF are read like ``data.kind=image_folder`` reads them (8-bit / 255; a recorded value mapping,
+    which must give [0, 1] values, units ``unit``; a 16-bit picture without one is refused, since what its
+    numbers mean is unknown); DICOM is windowed to its 0.5-99.5 percentiles
     (MONOCHROME1 inverted so that bone is bright); ``.npy`` floats are taken as they are.
     """
     p = Path(path)
@@ -62,13 +64,19 @@ def read_image(path: str | Path) -> Tensor:
         if str(getattr(ds, "PhotometricInterpretation", "")) == "MONOCHROME1":
             arr = 1.0 - arr
         return array_to_chw(arr.astype(np.float32))
-    if suffix == ".npy":
-        from medfoundry.data.image_folder import scale_by_dtype
+    if suffix == ".npy":  # floats as they are, uint8 / 255, wider integers only with a mapping in <file>.json
+        from medfoundry.data.readers.slices import apply_mapping, sidecar_mapping
 
-        return array_to_chw(scale_by_dtype(np.load(p), str(p)))
-    from medfoundry.data.image_folder import read_image_file
+        return array_to_chw(apply_mapping(np.load(p), p, sidecar_mapping(p), config_keys=False)[0])
+    from medfoundry.data.image_folder import read_picture
+    from medfoundry.data.readers.base import ReaderError
 
-    return array_to_chw(read_image_file(p))
+    values, mapping = read_picture(p, config_keys=False)
+    if mapping is not None and mapping.units != "unit":
+        raise ReaderError(f"{p}: records a value mapping to {mapping.units} (slope={mapping.slope:g}, "
+                          f"intercept={mapping.intercept:g}), but image-report pairs take [0, 1] pictures; export "
+                          "the image as an 8-bit picture or record a [0, 1] mapping (FULL_RANGE_UINT16)")
+    return array_to_chw(values)
 
 
 def _read_table(path: str | Path):

@@ -14,7 +14,8 @@ after that, so a run killed at any moment leaves only complete items (and stray 
 removed by the next run). Re-running skips items whose record exists and whose source files are
 unchanged (same names, sizes and modification times, same tile options); ``force=True`` redoes them.
 Anything unreadable (corrupt file, wrong dimensions, NaN or infinite pixels, non-image file,
-unreadable slide, ...) is skipped and listed with its reason; the run still finishes and writes the good
+unreadable slide, a 16-bit slice without a recorded value mapping unless ``unmapped_16bit="full_range"``, ...)
+is skipped and listed with its reason; the run still finishes and writes the good
 items. What is converted with a caveat is listed as a note (a 4-D NIfTI file: only its first frame is
 kept, and the note says how many frames were dropped).
 
@@ -45,7 +46,7 @@ from medfoundry.data.manifest import DEFAULT_SPLITS, check_patient_splits, read_
 from medfoundry.data.readers import Reader, ReaderError, get_reader, reader_for
 from medfoundry.data.readers.base import Volume, check_finite
 from medfoundry.data.readers.dicom import DicomSeries, DicomSlice, list_dicom_files, scan_dicom_files
-from medfoundry.data.readers.slices import read_stored
+from medfoundry.data.readers.slices import UnmappedImageError, read_stored, unmapped_message
 
 MANIFEST_COLUMNS = [
     "item_id", "path", "kind", "source", "patient_id", "series_id", "split", "depth", "height", "width",
@@ -69,6 +70,7 @@ class PrepareOptions:
     seed: int = 0  # seed of the split hash
     force: bool = False  # redo finished items
     progress: bool = True  # show progress bars
+    unmapped_16bit: str = "refuse"  # >8-bit PNG/TIFF slices without a recorded mapping: refuse, or full_range (/65535)
 
 
 @dataclass
@@ -208,6 +210,8 @@ def _fingerprint(item: Item, opts: PrepareOptions) -> str:
         h.update(f"{f}|{st.st_size}|{st.st_mtime_ns}\n".encode())
     if _kind(item) == "slide":
         h.update(f"{opts.tile_mpp}|{opts.tile_size}|{opts.min_tissue}|{opts.max_tiles}|{opts.slide_mpp}".encode())
+    if _kind(item) == "slice":  # a slice prepared before unmapped 16-bit files were refused is checked again
+        h.update(f"slice|unmapped_16bit={opts.unmapped_16bit}".encode())
     if item.meta.get("mask"):
         st = os.stat(item.meta["mask"])
         h.update(f"mask|{item.meta['mask']}|{st.st_size}|{st.st_mtime_ns}".encode())
@@ -292,6 +296,9 @@ def _convert_slice(reader: Reader, item: Item, items_dir: Path, opts: PrepareOpt
         stored = stored[..., :3]
     if mapping is not None:
         slope, intercept, units = mapping.slope, mapping.intercept, mapping.units
+    elif stored.dtype == np.uint16 and opts.unmapped_16bit != "full_range":
+        raise UnmappedImageError(unmapped_message(item.source, stored.dtype, config_keys=False)
+                                 + "; or run prepare with --unmapped-16bit full_range if it stores a [0, 1] picture")
     elif stored.dtype in (np.uint8, np.uint16):
         slope, intercept, units = 1.0 / float(np.iinfo(stored.dtype).max), 0.0, "unit"
     elif np.issubdtype(stored.dtype, np.floating):

@@ -17,15 +17,19 @@ from medfoundry.eval.labelled_set import IMAGE_SUFFIXES, LabelledItem
 
 if TYPE_CHECKING:
     from medfoundry.config.data import DataConfig
+    from medfoundry.data.readers.slices import ValueMapping
     from medfoundry.eval.sections import FrozenEvalSections
 
 _INTENSITY_KEYS = ("intensity", "value_range", "windows", "channels", "slices")  # data keys deciding the mapping
 
 
-def read_eval_image(item: LabelledItem, slices: int = 1, slice_stride: int = 1) -> Tensor:
+def read_eval_image(item: LabelledItem, slices: int = 1, slice_stride: int = 1,
+                    mapping: ValueMapping | None = None, unmapped_16bit: str = "refuse") -> Tensor:
     """The item's image as a float32 (C, H, W) tensor in source units (pictures in [0, 1], CT in HU).
 
-    PNG/JPEG/TIFF files are read like ``data.kind=image_folder`` reads them; volume files (DICOM,
+    PNG/JPEG/TIFF files are read like ``data.kind=image_folder`` reads them (their recorded value mapping, else
+    ``mapping`` = the run's ``data.slice_slope``/``slice_intercept``; a 16-bit picture with neither is refused
+    unless ``unmapped_16bit="full_range"``, see :mod:`medfoundry.data.image_folder`); volume files (DICOM,
     NIfTI, NRRD, DICOM folders) through :func:`medfoundry.data.readers.read_volume`, taking slice
     ``slice_index`` (default: the middle one) and, for 2.5D models (``slices`` > 1), its neighbours
     ``z - stride, z, z + stride ...`` as channels (replicated at the volume's ends). A grey 2-D
@@ -37,7 +41,7 @@ def read_eval_image(item: LabelledItem, slices: int = 1, slice_stride: int = 1) 
     if path.suffix.lower() in IMAGE_SUFFIXES:
         from medfoundry.data.image_folder import read_image_file
 
-        image = array_to_chw(read_image_file(path))
+        image = array_to_chw(read_image_file(path, mapping, unmapped_16bit))
         if slices > 1 and image.shape[0] == 1:
             image = image.expand(slices, -1, -1).clone()
         return image
@@ -72,6 +76,8 @@ class EvalTransform:
     intensity_desc: str = ""  # stable description of ``intensity`` for cache keys
     slices: int = 1  # 2.5D: slices stacked as channels before the intensity mapping
     slice_stride: int = 1
+    picture_mapping: ValueMapping | None = None  # data.slice_slope/slice_intercept for pictures without a recorded one
+    unmapped_16bit: str = "refuse"  # data.unmapped_16bit: 16-bit pictures with no mapping at all
 
     def map_intensity(self, image: Tensor) -> Tensor:
         """Source units -> [0, 1] with ``channels`` channels (before resizing and normalisation)."""
@@ -90,13 +96,21 @@ class EvalTransform:
 
     def load(self, item: LabelledItem) -> Tensor:
         """Read and preprocess one item."""
-        return self(read_eval_image(item, self.slices, self.slice_stride))
+        return self(self.read(item))
+
+    def read(self, item: LabelledItem) -> Tensor:
+        """The item in source units, read with this transform's picture rules (before :meth:`__call__`)."""
+        return read_eval_image(item, self.slices, self.slice_stride, self.picture_mapping, self.unmapped_16bit)
 
     def settings(self) -> dict:
         """What determines the output (for cache keys)."""
         desc = self.intensity_desc or ("" if self.intensity is None else type(self.intensity).__name__)
-        return {"img_size": self.img_size, "mean": list(self.mean), "std": list(self.std), "channels": self.channels,
-                "intensity": desc, "slices": self.slices, "slice_stride": self.slice_stride}
+        out = {"img_size": self.img_size, "mean": list(self.mean), "std": list(self.std), "channels": self.channels,
+               "intensity": desc, "slices": self.slices, "slice_stride": self.slice_stride}
+        if self.picture_mapping is not None or self.unmapped_16bit != "refuse":  # else: keys as before, caches valid
+            m = self.picture_mapping
+            out["pictures"] = {"mapping": [m.slope, m.intercept] if m else None, "unmapped_16bit": self.unmapped_16bit}
+        return out
 
 
 def resize_center_crop(image: Tensor, size: int) -> Tensor:
@@ -142,8 +156,10 @@ def eval_transform_from_config(sections: FrozenEvalSections, img_size: int = 0) 
     data, crops = sections.data, sections.crops
     size = img_size or sections.eval.img_size or crops.global_size
     intensity, desc = build_eval_intensity(data)
+    from medfoundry.data.image_folder import configured_mapping
+
     return EvalTransform(size, list(crops.mean), list(crops.std), data.channels, intensity, desc,
-                         data.slices, data.slice_stride)
+                         data.slices, data.slice_stride, configured_mapping(data), data.unmapped_16bit)
 
 
 class EvalImages(torch.utils.data.Dataset):

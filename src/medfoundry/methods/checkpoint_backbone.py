@@ -25,6 +25,8 @@ from medfoundry.config.schema import RunConfig
 from medfoundry.eval.loaded import LoadedBackbone
 from medfoundry.methods.registry import get_method_entry
 from medfoundry.models.backbone import Backbone
+from medfoundry.models.model_card import Provenance
+from medfoundry.models.preprocessing import Preprocessing
 
 
 def resolve_checkpoint(path: str | Path, which: str = "latest") -> Path:
@@ -38,6 +40,10 @@ def resolve_checkpoint(path: str | Path, which: str = "latest") -> Path:
         return p
     if not p.is_dir():
         raise FileNotFoundError(f"checkpoint or run folder '{p}' does not exist")
+    if not (p / "checkpoints").is_dir() and not (p / "best.pt").is_file():
+        from medfoundry.methods.exported_backbone import ACCEPTED
+
+        raise FileNotFoundError(f"{p}: not a run folder, checkpoint or medfoundry export; accepted: {ACCEPTED}")
     best = p / "best.pt"
     latest = latest_checkpoint(p)
     order = [best, latest] if which == "best" else [latest, best]
@@ -127,7 +133,7 @@ def _load_weights(backbone: Backbone, weights: dict[str, Tensor], prefix: str, s
     backbone.load_state_dict(sub)
 
 
-def _random_init_identity(cfg: RunConfig) -> str:
+def random_init_identity(cfg: RunConfig) -> str:
     """Names a run's random initialisation (architecture, seed, method) for feature caches."""
     digest = hashlib.sha256(f"{cfg.model}|{cfg.train.seed}|{cfg.method}".encode()).hexdigest()[:16]
     return f"random-init-{digest}"
@@ -144,16 +150,24 @@ def load_backbone(
     Only that backbone is built (:func:`build_eval_backbone`) and only its weights are read, so
     nothing outside the checkpoint is needed. With ``random_init`` the checkpoint only provides the
     config; the weights are the run's initialisation (built under ``train.seed``, like step 0 of the
-    run). Released weights and exports are loaded with :func:`medfoundry.models.pretrained.backbone_from_weights`.
+    run). A ``medfoundry export`` folder (hf, timm or safetensors, or its ``model.safetensors``) is read by
+    :func:`medfoundry.methods.exported_backbone.load_export`: the features of the checkpoint it was exported
+    from, and the same evaluation sections. Other released weights are loaded with
+    :func:`medfoundry.models.pretrained.backbone_from_weights`.
     """
+    from medfoundry.methods.exported_backbone import ACCEPTED, export_folder, load_export
+
+    if export_folder(path) is not None or Path(path).suffix == ".safetensors":  # the latter: an error naming it
+        return load_export(path, random_init, device)
     ckpt = resolve_checkpoint(path, which)
     state = load_checkpoint(ckpt)
-    if "config" not in state or "method" not in state:
-        raise ValueError(f"{ckpt}: not a medfoundry training checkpoint (needs 'config' and 'method')")
+    if not isinstance(state, dict) or "config" not in state or "method" not in state:
+        raise ValueError(f"{ckpt}: not a medfoundry training checkpoint (needs 'config' and 'method'); "
+                         f"accepted: {ACCEPTED}")
     cfg = config_from_checkpoint(state["config"], str(ckpt))
     backbone, prefix = build_eval_backbone(cfg)
     if random_init:
-        identity = _random_init_identity(cfg)
+        identity = random_init_identity(cfg)
     else:
         _load_weights(backbone, state["method"], prefix, ckpt)
         identity = checkpoint_identity(ckpt)
@@ -165,5 +179,34 @@ def load_backbone(
                           sections)
 
 
-__all__ = ["LoadedBackbone", "build_eval_backbone", "checkpoint_identity", "config_from_checkpoint", "load_backbone",
-           "resolve_checkpoint"]
+def run_folder_of(checkpoint: str | Path) -> Path | None:
+    """The run folder a checkpoint lies in (``RUN/checkpoints/step_*.pt|.dcp`` or ``RUN/best.pt``), else None."""
+    p = Path(checkpoint)
+    if p.parent.name == "checkpoints":
+        return p.parent.parent
+    return p.parent if p.name == "best.pt" else None
+
+
+def export_provenance(state: dict, source: str | Path, which: str = "auto",
+                      channels: int | None = None) -> tuple[Preprocessing, Provenance]:
+    """What an export of a training checkpoint records besides the weights: the preprocessing frozen evaluation
+    uses (the method entry's ``frozen_eval_sections``: the DINO crops' mean/std, a CLIP tower's pixel statistics
+    and ``clip.preprocess.size``; ``channels``: the exported backbone's input channels) and the provenance for the
+    model card (method, step, tower, resolved config, the run folder's evaluation results)."""
+    from medfoundry.config.loader import to_dict
+    from medfoundry.models.convert.medfoundry_ckpt import resolve_tower
+    from medfoundry.models.model_card import read_run_metrics
+    from medfoundry.models.preprocessing import preprocessing_from_sections
+
+    cfg = config_from_checkpoint(state["config"], str(source))
+    sections = get_method_entry(cfg.method).frozen_eval_sections(cfg, state["method"])
+    prep = preprocessing_from_sections(sections.data, sections.crops, sections.eval, channels=channels)
+    step = state.get("step")
+    provenance = Provenance(method=cfg.method, step=int(step) if step is not None else None,
+                            tower=resolve_tower(state, which), source=str(source), run_config=to_dict(cfg),
+                            metrics=read_run_metrics(run_folder_of(source)))
+    return prep, provenance
+
+
+__all__ = ["LoadedBackbone", "build_eval_backbone", "checkpoint_identity", "config_from_checkpoint",
+           "export_provenance", "load_backbone", "random_init_identity", "resolve_checkpoint", "run_folder_of"]

@@ -5,7 +5,10 @@ recipe whose data are not downloaded yet, and the quality benchmark writes ``.ca
 between loading its config and training. The check is cheap (``stat`` calls, a folder listing stopped at
 its first match, a manifest's header), reads no image or weights, and names the config key, the path and
 the fix in a :class:`~medfoundry.config.loader.ConfigError`. Decoding problems (a truncated weights file,
-a corrupt image) are found by the readers when the run uses the file.
+a corrupt image) are found by the readers when the run uses the file. One exception: for
+``data.kind=image_folder`` and for ``eval.data`` the first picture found is read, so that a 16-bit picture
+without a value mapping (:class:`~medfoundry.data.readers.slices.UnmappedImageError`) stops the run before
+it starts rather than at its first sample or evaluation.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from medfoundry.data.pairs import pair_columns_problem
 
 if TYPE_CHECKING:
     from medfoundry.config.clip import ClipDataConfig
+    from medfoundry.config.data import DataConfig
     from medfoundry.config.schema import RunConfig
 
 Need = tuple[str, str, Callable[[str, Path], None]]  # (config key, path as given, check of that path)
@@ -130,11 +134,17 @@ def _looks_like(head: bytes) -> str:
     return " (a text file)"
 
 
-def data_root(kind: str, extensions: list[str]) -> Callable[[str, Path], None]:
-    """The check of ``data.root`` for source ``kind`` (what each source reads, see data/medical_sources.py)."""
+def data_root(kind: str, extensions: list[str], data: DataConfig | None = None) -> Callable[[str, Path], None]:
+    """The check of ``data.root`` for source ``kind`` (what each source reads, see data/medical_sources.py).
+
+    With ``data`` (the run's data section), an image folder's first picture is also read with its value-mapping
+    rules (``data.slice_slope``/``slice_intercept``, ``data.unmapped_16bit``).
+    """
     def check(key: str, path: Path) -> None:
         if kind == "image_folder":
-            _image_folder(key, path, extensions)
+            first = _image_folder(key, path, extensions)
+            if data is not None:
+                _picture_rules(first, data)
         elif kind in ("hdf5", "manifest"):
             regular_file(key, path)
             if kind == "manifest":
@@ -150,14 +160,48 @@ def data_root(kind: str, extensions: list[str]) -> Callable[[str, Path], None]:
     return check
 
 
-def _image_folder(key: str, path: Path, extensions: list[str]) -> None:
+def _image_folder(key: str, path: Path, extensions: list[str]) -> Path:
+    """The first image file of the folder (an error when there is none)."""
     if not path.is_dir():
         raise _error(key, path, "is a file; data.kind=image_folder reads a folder of images")
     exts = {e.lower() if e.startswith(".") else "." + e.lower() for e in extensions}
-    if _first(path.rglob("*"), lambda p: p.suffix.lower() in exts and p.is_file()) is None:
+    first = _first(path.rglob("*"), lambda p: p.suffix.lower() in exts and p.is_file())
+    if first is None:
         empty = _first(path.rglob("*"), Path.is_file) is None
         raise _error(key, path, "is an empty folder" if empty else
                      f"holds no files with suffixes {sorted(exts)} (set data.extensions, or data.kind for DICOM/NIfTI)")
+    return first
+
+
+def eval_pictures(data: DataConfig, label_column: str) -> Callable[[str, Path], None]:
+    """The check of ``eval.data``: its first picture is read with the run's value-mapping rules, so that a labelled
+    set of unmapped 16-bit PNGs stops the run at its start, not at the first in-training evaluation.
+
+    Anything else wrong with the set (a missing column, no images) is reported when it is evaluated.
+    """
+    def check(key: str, path: Path) -> None:
+        from medfoundry.eval.labelled_set import IMAGE_SUFFIXES, load_labelled_set
+
+        try:
+            items = load_labelled_set(str(path), label_column).items
+        except Exception:  # noqa: BLE001 - the evaluation names the set's own problems
+            return
+        first = next((Path(it.path) for it in items if Path(it.path).suffix.lower() in IMAGE_SUFFIXES), None)
+        if first is not None and first.is_file():
+            _picture_rules(first, data)
+
+    return check
+
+
+def _picture_rules(first: Path, data: DataConfig) -> None:
+    """Read one picture with the run's value-mapping rules: an unmapped 16-bit picture is refused now, not mid-run."""
+    from medfoundry.data.image_folder import check_first_picture, configured_mapping
+
+    try:
+        mapping = configured_mapping(data)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    check_first_picture(first, mapping, data.unmapped_16bit)
 
 
 def pair_table(prefix: str, d: ClipDataConfig) -> Callable[[str, Path], None]:

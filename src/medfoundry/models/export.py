@@ -16,6 +16,13 @@
 LoRA adapters are merged into plain weights first. Unless ``check=False``, each export is reloaded
 with the target library and its features are compared with the backbone's own at the native input
 size; a difference above ``tol`` (1e-4) raises, so a written export is known to be faithful.
+
+Every format also gets ``medfoundry_backbone.json`` (the architecture medfoundry rebuilds),
+``medfoundry_export.json`` (format, check, provenance), ``medfoundry_preprocessing.json`` (the input
+preprocessing, :mod:`medfoundry.models.preprocessing`), ``medfoundry_run_config.yaml`` when exported from a run,
+and a model card ``README.md`` (:mod:`medfoundry.models.model_card`); ``hf`` adds the transformers
+``preprocessor_config.json`` (:mod:`medfoundry.models.preprocessor_config`). So
+:func:`medfoundry.methods.checkpoint_backbone.load_backbone` reads every export back.
 """
 
 from __future__ import annotations
@@ -32,9 +39,14 @@ from medfoundry.errors import UserError
 from medfoundry.models.backbone import Backbone
 from medfoundry.models.convert import is_eva
 from medfoundry.models.lora import merged_copy
+from medfoundry.models.model_card import ModelCard, Provenance, write_model_card
+from medfoundry.models.preprocessing import Preprocessing, plain_preprocessing
 
 ExportFormat = Literal["hf", "timm", "safetensors"]
 EXPORT_FORMATS = ("hf", "timm", "safetensors")
+BACKBONE_FILE = "medfoundry_backbone.json"  # the architecture: what medfoundry rebuilds (every format)
+EXPORT_FILE = "medfoundry_export.json"  # format, check result, load hint, provenance (every format)
+RUN_CONFIG_FILE = "medfoundry_run_config.yaml"  # the resolved config of the run exported from
 
 
 class ExportError(UserError, RuntimeError):
@@ -133,10 +145,16 @@ def timm_recipe(backbone: Backbone) -> tuple[str, dict]:
 
 
 def export_timm(backbone: Backbone, out_dir: Path, check: bool = True, tol: float = 1e-4,
-                mean: list[float] | None = None, std: list[float] | None = None) -> ExportResult:
-    """Write timm's hub layout (``config.json`` + ``model.safetensors``); with ``check`` reload via timm."""
+                mean: list[float] | None = None, std: list[float] | None = None,
+                preprocessing: Preprocessing | None = None) -> ExportResult:
+    """Write timm's hub layout (``config.json`` + ``model.safetensors``); with ``check`` reload via timm.
+
+    ``pretrained_cfg`` (what ``timm.data.resolve_model_data_config`` reads) carries ``preprocessing``'s size,
+    interpolation and mean/std (else ``mean``/``std``, default 0.5, at the native size).
+    """
     from safetensors.torch import save_file
 
+    prep = preprocessing or plain_preprocessing(_native_size(backbone), backbone.in_chans, mean, std)
     arch, model_args = timm_recipe(backbone)
     out_dir.mkdir(parents=True, exist_ok=True)
     weights = out_dir / "model.safetensors"
@@ -153,13 +171,13 @@ def export_timm(backbone: Backbone, out_dir: Path, check: bool = True, tol: floa
         "pretrained_cfg": {
             "tag": "medfoundry",
             "custom_load": False,
-            "input_size": [channels, size, size],
+            "input_size": [channels, prep.img_size, prep.img_size],
             "fixed_input_size": False,
-            "interpolation": "bicubic",
+            "interpolation": prep.interpolation,
             "crop_pct": 1.0,
             "crop_mode": "center",
-            "mean": list(mean) if mean else [0.5] * channels,
-            "std": list(std) if std else [0.5] * channels,
+            "mean": list(prep.mean),
+            "std": list(prep.std),
             "num_classes": 0,
             "pool_size": None,
             "first_conv": "patch_embed.proj",
@@ -221,38 +239,99 @@ def export_backbone(
     mean: list[float] | None = None,
     std: list[float] | None = None,
     extra: dict | None = None,
+    preprocessing: Preprocessing | None = None,
+    provenance: Provenance | None = None,
 ) -> ExportResult:
     """Export ``backbone`` (LoRA merged into a copy; the original is untouched) to ``out_dir``.
 
     Args:
         to: ``hf``, ``timm`` or ``safetensors``.
-        check: reload the export with the target library and compare features (raises beyond ``tol``).
-        mean, std: input normalisation recorded in timm's ``pretrained_cfg``.
-        extra: additional provenance written to ``medfoundry_backbone.json`` (safetensors) or
-            ``medfoundry_export.json`` (hf/timm).
+        check: reload the export with the target library and compare features (raises beyond ``tol``); for
+            ``hf`` also load ``preprocessor_config.json`` with ``AutoImageProcessor``.
+        mean, std: input normalisation when no ``preprocessing`` is given (default 0.5 per channel).
+        extra: additional provenance written to ``medfoundry_backbone.json`` and ``medfoundry_export.json``.
+        preprocessing: the input preprocessing the backbone was evaluated with (default: [0, 1] pictures at the
+            native size normalised by ``mean``/``std``): ``medfoundry_preprocessing.json``, timm's
+            ``pretrained_cfg``, HF's ``preprocessor_config.json`` and the card's preprocessing section.
+        provenance: the run it comes from (method, step, tower, checkpoint, resolved config, metrics) for the card.
     """
     if to not in EXPORT_FORMATS:
         raise ExportError(f"unknown export format {to!r}; one of {list(EXPORT_FORMATS)}")
     plain = merged_copy(backbone).eval()
     out = Path(out_dir)
+    prep = preprocessing or plain_preprocessing(_native_size(plain), plain.in_chans, mean, std)
+    if prep.channels != plain.in_chans:
+        raise ExportError(f"the preprocessing gives {prep.channels} channels but backbone '{plain.name}' takes "
+                          f"{plain.in_chans}; set data.channels to model.in_chans")
+    provenance = provenance or Provenance()
     if to == "hf":
         from medfoundry.models.export_hf import export_hf
 
         result = export_hf(plain, out, check, tol)
     elif to == "timm":
-        result = export_timm(plain, out, check, tol, mean, std)
+        result = export_timm(plain, out, check, tol, preprocessing=prep)
     else:
         result = export_safetensors(plain, out, check, tol, extra)
-    if to != "safetensors":
-        info = {"backbone": backbone.name, "format": to, "max_abs_diff": result.max_abs_diff,
-                "load": result.load_hint, "mean": mean, "std": std, **(extra or {})}
-        (out / "medfoundry_export.json").write_text(json.dumps(info, indent=2))
-        result.files.append(out / "medfoundry_export.json")
+    record = {**provenance.record(), **(extra or {})}
+    result.files += _write_records(plain, to, out, prep, provenance, record, result)
+    if to == "hf":
+        from medfoundry.models.preprocessor_config import write_preprocessor_config
+
+        result.files.append(write_preprocessor_config(out, prep))
+        if check:
+            _check_processor(out)
+    card = ModelCard(plain.name or type(plain.vit).__name__, to, out, prep, architecture(plain), provenance,
+                     result.max_abs_diff)
+    result.files.append(write_model_card(card))
     return result
 
 
+def architecture(backbone: Backbone) -> dict:
+    """The backbone's shape for the card and ``medfoundry_backbone.json``: layout, patch, width, depth, heads..."""
+    layout = ("DINOv3-style ViT (timm Eva, RoPE)" if is_eva(backbone)
+              else "DINOv2-style ViT (timm VisionTransformer, absolute position embeddings)")
+    return {"layout": layout, "patch_size": backbone.patch_size, "embed_dim": backbone.embed_dim,
+            "depth": backbone.depth, "num_heads": int(backbone.vit.blocks[0].attn.num_heads),
+            "registers": num_registers(backbone), "img_size": _native_size(backbone), "in_chans": backbone.in_chans}
+
+
+def _write_records(backbone: Backbone, to: str, out: Path, prep: Preprocessing, provenance: Provenance,
+                   record: dict, result: ExportResult) -> list[Path]:
+    """The medfoundry files every export holds (see the module docstring); returns their paths."""
+    import yaml
+
+    files = [prep.save(out)]
+    info = {"name": backbone.name, "img_size": _native_size(backbone), "in_chans": backbone.in_chans,
+            "patch_size": backbone.patch_size, "embed_dim": backbone.embed_dim, "format": to, **record}
+    (out / BACKBONE_FILE).write_text(json.dumps(info, indent=2))
+    export_info = {"backbone": backbone.name, "format": to, "max_abs_diff": result.max_abs_diff,
+                   "load": result.load_hint, "mean": prep.mean, "std": prep.std, **record,
+                   **({"metrics": provenance.metrics} if provenance.metrics else {})}
+    (out / EXPORT_FILE).write_text(json.dumps(export_info, indent=2))
+    files += [out / BACKBONE_FILE, out / EXPORT_FILE]
+    if provenance.run_config:
+        (out / RUN_CONFIG_FILE).write_text(yaml.safe_dump(provenance.run_config, sort_keys=False))
+        files.append(out / RUN_CONFIG_FILE)
+    return [f for f in files if f not in result.files]
+
+
+def _check_processor(out: Path) -> None:
+    """``AutoImageProcessor.from_pretrained(out)`` must load the written ``preprocessor_config.json``."""
+    from transformers import AutoImageProcessor
+
+    try:
+        AutoImageProcessor.from_pretrained(str(out))
+    except Exception as err:  # noqa: BLE001 - any failure means the processor file is unusable
+        raise ExportError(f"{out}/preprocessor_config.json: transformers cannot load it ({err}); "
+                          "upgrade transformers (>= 4.56) or pass --no-check") from None
+
+
 __all__ = [
+    "BACKBONE_FILE",
+    "EXPORT_FILE",
     "EXPORT_FORMATS",
+    "RUN_CONFIG_FILE",
+    "architecture",
     "ExportError",
     "ExportResult",
     "export_backbone",

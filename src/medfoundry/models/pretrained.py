@@ -386,7 +386,7 @@ def backbone_from_weights(
 
     source = resolve_source(path)
     if model is None:
-        if source.is_dir() or source.suffix == ".safetensors":
+        if (source.is_dir() and not (source / "meta.pt").is_file()) or source.suffix == ".safetensors":
             model = _model_from_export(source)
         else:
             if preloaded is None:

@@ -32,14 +32,16 @@ from medfoundry.distributed.parallelize import is_sharded, parallelize, unwrap
 from medfoundry.distributed.setup import DistInfo, init_distributed
 from medfoundry.errors import UserError
 from medfoundry.methods import get_method_entry
-from medfoundry.methods.input_paths import check_paths
+from medfoundry.methods.input_paths import check_paths, needed_paths
 from medfoundry.precision import autocast, resolve_device, resolve_precision
 from medfoundry.safe_load import load_torch_file
 from medfoundry.train.hooks import build_hooks
 from medfoundry.train.optim import apply_schedules, build_optimizer
 from medfoundry.train.preemption import PREEMPTED_EXIT_CODE, StopFlag, agree_step
-from medfoundry.train.resume import check_resume_config, select_checkpoint
+from medfoundry.train.resume import check_resume_config, flatten, select_checkpoint
 from medfoundry.train.run_logger import RunLogger
+from medfoundry.train.run_summary import ParamCount, RunSummary, parameter_counts, source_counts, write_summary
+from medfoundry.train.tracking import check_available, flat_params, start_trackers
 
 
 class NonFiniteLossError(RuntimeError):
@@ -62,6 +64,7 @@ def train(cfg: RunConfig, on_signal_stop: Callable[[int], None] | None = None) -
     """
     check_names(cfg)  # registered names, now that the method's packages (models, data) are imported
     check_paths(cfg)  # missing data, weights, teacher or anchor: a named error before any process group or file
+    check_available(cfg.train.tracking)  # a selected tracker's package is installed (the same, for train.tracking)
     info = init_distributed(cfg.dist.backend)
     device = resolve_device(cfg.train.device)
     precision = resolve_precision(cfg.train.precision, device)
@@ -79,6 +82,7 @@ def train(cfg: RunConfig, on_signal_stop: Callable[[int], None] | None = None) -
     torch.manual_seed(cfg.train.seed)
     entry = get_method_entry(cfg.method)
     method = entry.build(cfg).to(device)
+    counts = parameter_counts(method, method.backbones())  # before wrapping or sharding: whole tensors
     depth = max((b.depth for b in method.backbones().values()), default=None)
     model = parallelize(method, cfg.dist, device, precision)
     optimizer = build_optimizer(method, cfg.optim, depth)
@@ -93,23 +97,28 @@ def train(cfg: RunConfig, on_signal_stop: Callable[[int], None] | None = None) -
         bad_files = meta.get("bad_files", {})
 
     loader = entry.build_loader(cfg, method, start_step, info.rank, info.world_size)
-    logger = RunLogger(run_dir, info.is_main, start_step, cfg.train.steps, cfg.train.tensorboard,
-                       cfg.train.progress)
+    logger = _open_logger(cfg, run_dir, info, start_step)  # truncates the step records: before the hooks read them
     for note in notes:
         logger.write(note)
     if ckpt_path is not None:
         logger.write(f"resumed from {ckpt_path} at step {start_step}")
     hooks = build_hooks(cfg)
+    if info.is_main:
+        summary = _summary(cfg, counts, device, precision, info, loader.dataset, start_step, ckpt_path, logger)
+        logger.write(write_summary(run_dir, summary))
     stop = StopFlag()
     params = [p for p in method.parameters() if p.requires_grad]
     data_iter = iter(loader)
     step = start_step
     stopped_at: int | None = None
+    status = "failed"  # until the loop ends without an exception (a second Ctrl-C included)
     try:
         for step in range(start_step, cfg.train.steps):
             t0 = time.perf_counter()
             batch = _to_device(next(data_iter), device)
             _track_bad(batch.pop("bad", []), bad_files, cfg, logger, loader)
+            if step == start_step:
+                logger.log_inputs(step, batch)  # TensorBoard: a grid of this batch's crops (no random draw)
             sched = apply_schedules(optimizer, cfg.optim, step, horizon)
             with autocast(precision, device):
                 out = model(batch, step)
@@ -153,12 +162,13 @@ def train(cfg: RunConfig, on_signal_stop: Callable[[int], None] | None = None) -
             metrics.update(evaluated)
             if done % cfg.train.log_every == 0 or done == cfg.train.steps or evaluated:
                 logger.log(done, metrics)
-            logger.advance(1, float(loss.detach()))
+            logger.advance(1, float(loss.detach()), sched.get("lr"))
             if done % cfg.train.checkpoint_every == 0 or done == cfg.train.steps or stop_now:
                 _save(run_dir, done, method, optimizer, cfg, info, nonfinite, bad_files)
             if stop_now:
                 stopped_at = done
                 break
+        status = "finished"
     except Exception as err:
         if info.is_main:
             with open(run_dir / "error.log", "a") as fh:
@@ -167,12 +177,45 @@ def train(cfg: RunConfig, on_signal_stop: Callable[[int], None] | None = None) -
     finally:
         stop.restore()
         if stopped_at is not None:
+            status = "stopped"
             logger.write(f"stopped by a pre-emption signal after step {stopped_at}; checkpoint written on every "
                          f"rank, exit code {PREEMPTED_EXIT_CODE}; resume with the same command")
-        logger.close()
+        logger.close(status)
     if stopped_at is not None and on_signal_stop is not None:
         on_signal_stop(stopped_at)
     return run_dir
+
+
+def _open_logger(cfg: RunConfig, run_dir: Path, info: DistInfo, start_step: int) -> RunLogger:
+    """The run's logger: metrics.jsonl, TensorBoard (with the config as hparams), progress, and on the main rank the
+    trackers of ``train.tracking`` (started here, closed with the logger)."""
+    t = cfg.train
+    config = to_dict(cfg)
+    trackers = None
+    if info.is_main and t.tracking:
+        trackers = start_trackers(t.tracking, run_dir, t.tracking_project, t.tracking_name, t.tracking_uri, config)
+    logger = RunLogger(run_dir, info.is_main, start_step, t.steps, t.tensorboard, t.progress, t.log_every,
+                       flat_params(config), trackers)
+    if trackers is not None:
+        trackers.warn = logger.write
+    return logger
+
+
+def _summary(cfg: RunConfig, counts: list[ParamCount], device: torch.device, precision: str, info: DistInfo,
+             dataset, start_step: int, ckpt_path: Path | None, logger: RunLogger) -> RunSummary:
+    """The start-of-run summary's values, read from the run config, the built method and the loader's dataset."""
+    flat = flatten(to_dict(cfg))
+    kinds = sorted((k for k in flat if k == "data.kind" or k.endswith(".data.kind")), key=len)  # the training data
+    samples, skipped = source_counts(dataset)
+    outputs = ["metrics.jsonl", *(["tensorboard"] if logger.tb is not None else []),
+               *(logger.trackers.names if logger.trackers is not None else [])]
+    where = f"{device} ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else str(device)
+    return RunSummary(
+        run_dir=str(cfg.output_dir), method=cfg.method, backbone=cfg.model.name, parameters=counts, device=where,
+        precision=precision, world_size=info.world_size, data_kind=str(flat[kinds[0]]) if kinds else "",
+        inputs={key: str(path) for key, path, _ in needed_paths(cfg)}, samples=samples, skipped=skipped,
+        batch_size=cfg.train.batch_size, steps=cfg.train.steps, start_step=start_step,
+        resumed_from=str(ckpt_path) if ckpt_path is not None else None, outputs=outputs)
 
 
 def _choose_checkpoint(run_dir: Path, info: DistInfo, notes: list[str]) -> Path | None:

@@ -32,6 +32,10 @@ RESUME_MUTABLE: tuple[str, ...] = (
     "train.max_nonfinite_steps",
     "train.progress",
     "train.tensorboard",
+    "train.tracking",
+    "train.tracking_project",
+    "train.tracking_name",
+    "train.tracking_uri",
     "train.device",
     "train.allow_config_change",
     "data.num_workers",
@@ -57,12 +61,21 @@ def flatten(data: dict, prefix: str = "") -> dict[str, object]:
     return out
 
 
-def config_differences(saved: dict, current: dict) -> list[tuple[str, object, object]]:
-    """``(key, saved value, current value)`` for every key that differs and is not in :data:`RESUME_MUTABLE`."""
+def config_differences(saved: dict, current: dict, defaults: dict | None = None) -> list[tuple[str, object, object]]:
+    """``(key, saved value, current value)`` for every key that differs and is not in :data:`RESUME_MUTABLE`.
+
+    With ``defaults`` (the schema's default config, nested like ``current``), a key the folder's file does not
+    have but whose current value is its schema default is not a difference: it was added to the schema after the
+    folder was written, and the old run behaved as that default. Without this, every new config key would stop
+    every older run folder from resuming.
+    """
     a, b = flatten(saved), flatten(current)
+    base = flatten(defaults) if defaults else {}
     diffs = []
     for key in sorted(set(a) | set(b)):
         if any(key == m or (m.endswith(".") and key.startswith(m)) for m in RESUME_MUTABLE):
+            continue
+        if key not in a and key in base and b.get(key) == base[key]:
             continue
         if a.get(key, "<absent>") != b.get(key, "<absent>"):
             diffs.append((key, a.get(key, "<absent>"), b.get(key, "<absent>")))
@@ -84,7 +97,8 @@ def check_resume_config(run_dir: Path, cfg: RunConfig) -> None:
         raise ConfigMismatchError(f"{path} is not readable YAML ({err}); move the folder aside or pick another "
                                   "output_dir") from err
     current = yaml.safe_load(yaml.safe_dump(to_dict(cfg), sort_keys=False))  # same normalisation as the file
-    diffs = config_differences(saved, current)
+    defaults = yaml.safe_load(yaml.safe_dump(to_dict(type(cfg)()), sort_keys=False))
+    diffs = config_differences(saved, current, defaults)
     if not diffs:
         return
     listed = "\n  ".join(f"{k}: {_short(old)} in the folder, {_short(new)} now" for k, old, new in diffs[:12])

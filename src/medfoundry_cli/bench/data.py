@@ -104,8 +104,9 @@ def _time(fn, device: torch.device, steps: int, warmup: int) -> list[float]:
 
 
 def write_png_folder(root: Path, n_images: int, size: int, seed: int = 0) -> Path:
-    """``n_images`` 16-bit grey PNGs of ``size`` x ``size`` (smooth structure + noise) under ``root``."""
-    from PIL import Image
+    """``n_images`` 16-bit grey PNGs of ``size`` x ``size`` (smooth structure + noise) under ``root``, each recording
+    its value mapping (a [0, 1] picture over 0..65535), as 16-bit pictures must to be read."""
+    from medfoundry.data.readers.slices import FULL_RANGE_UINT16, write_stored
 
     root.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -113,7 +114,7 @@ def write_png_folder(root: Path, n_images: int, size: int, seed: int = 0) -> Pat
     for i in range(n_images):
         cy, cx, r = rng.uniform(0.3, 0.7), rng.uniform(0.3, 0.7), rng.uniform(0.1, 0.3)
         img = 0.3 * xx + 0.5 * (((yy - cy) ** 2 + (xx - cx) ** 2) < r**2) + 0.05 * rng.standard_normal((size, size))
-        Image.fromarray((np.clip(img, 0, 1) * 65535).astype(np.uint16)).save(root / f"img_{i:05d}.png")
+        write_stored(root / f"img_{i:05d}.png", (np.clip(img, 0, 1) * 65535).astype(np.uint16), FULL_RANGE_UINT16)
     return root
 
 

@@ -110,11 +110,16 @@ def fetch_debian_package(package: str, cache: str | Path) -> Path:
     return dest
 
 
+#: Marker in ``prepared.json``: the set's 16-bit PNGs record their value mapping (value = stored / 65535).
+MAPPED_MARKER = "pngs_record_mapping"
+
+
 def _write_png(path: Path, arr01: np.ndarray) -> None:
-    from PIL import Image
+    """A [0, 1] picture as a 16-bit PNG that records its mapping (readers refuse 16-bit PNGs without one)."""
+    from medfoundry.data.readers.slices import FULL_RANGE_UINT16, write_stored
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray((np.clip(arr01, 0.0, 1.0) * 65535).round().astype(np.uint16)).save(path)
+    write_stored(path, (np.clip(arr01, 0.0, 1.0) * 65535).round().astype(np.uint16), FULL_RANGE_UINT16)
 
 
 def _write_manifest(root: Path, rows: list[dict], info: dict) -> Path:
@@ -124,17 +129,42 @@ def _write_manifest(root: Path, rows: list[dict], info: dict) -> Path:
 
     manifest = root / "manifest.csv"
     write_table(pd.DataFrame(rows), manifest)
-    (root / "prepared.json").write_text(json.dumps(info, indent=2))
+    (root / "prepared.json").write_text(json.dumps({**info, MAPPED_MARKER: True}, indent=2))
     return manifest
 
 
 def _cached(root: Path, info: dict, name: str, label: str) -> QualitySet | None:
+    """The set prepared earlier with the same ``info``, or None. A set written before its PNGs recorded their
+    value mapping is recognised and upgraded in place (:func:`record_full_range_mapping`: same pixels)."""
     flag = root / "prepared.json"
     if flag.is_file() and (root / "manifest.csv").is_file():
         old = json.loads(flag.read_text())
         if {k: old.get(k) for k in info} == info:
+            if not old.get(MAPPED_MARKER):
+                record_full_range_mapping(root / "images")
+                flag.write_text(json.dumps({**old, MAPPED_MARKER: True}, indent=2))
             return QualitySet(name, root, root / "manifest.csv", label, old["counts"])
     return None
+
+
+def record_full_range_mapping(folder: Path) -> int:
+    """Add the full-range mapping (value = stored / 65535) to every 16-bit PNG under ``folder`` that records none.
+
+    The stored pixels are rewritten unchanged (temporary file, then rename), so images and every number measured
+    on them stay what they were. Returns how many files were upgraded.
+    """
+    from medfoundry.data.readers.slices import FULL_RANGE_UINT16, read_stored, write_stored
+
+    done = 0
+    for png in sorted(folder.rglob("*.png")):
+        stored, mapping = read_stored(png)
+        if mapping is not None or stored.dtype != np.uint16:
+            continue
+        tmp = png.with_name(png.name + ".tmp.png")
+        write_stored(tmp, stored, FULL_RANGE_UINT16)
+        tmp.replace(png)
+        done += 1
+    return done
 
 
 def lobe_lookup() -> np.ndarray:

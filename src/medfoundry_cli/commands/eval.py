@@ -108,6 +108,8 @@ def _checkpoint_method(path: Path) -> str | None:
 
 def run(args: argparse.Namespace) -> int:
     from medfoundry.eval import registry
+    from medfoundry.eval.report_context import comparison_context
+    from medfoundry.eval.split_warnings import val_needs
     from medfoundry.eval.tasks import evaluate_backbone, format_results
     from medfoundry.methods.checkpoint_backbone import load_backbone
 
@@ -133,6 +135,7 @@ def run(args: argparse.Namespace) -> int:
     which = "best" if args.best else "latest"
     variants = [False, True] if args.compare_random else [bool(args.random_init)]
     all_results: dict = {}
+    context: dict = {}
     for random_init in variants:
         loaded = load_backbone(path, random_init=random_init, which=which, device=args.device)
         tasks = feature_tasks or list(loaded.sections.eval.tasks)
@@ -153,6 +156,13 @@ def run(args: argparse.Namespace) -> int:
         summary = f"data {data}: {len(lset)} images, {lset.summary()}" if lset is not None else "label-free"
         print(f"{loaded.checkpoint} ({loaded.label}); {summary}{'; features from cache' if from_cache else ''}")
         print(format_results(results, f"[{name}] tasks: {', '.join(tasks)}"))
+        if lset is not None and not context:  # the split checks and the majority-class baseline, once
+            context = comparison_context(lset, results, args.split, val_needs(tasks))
+            for warning in context["warnings"]:
+                print(f"medfoundry eval: warning: {warning['message']}", file=sys.stderr)
+            if context["majority_class"]:
+                print(format_results(context["majority_class"], f"[majority class: always "
+                                     f"'{context['majority']['class']}'] same splits"))
         all_results[name] = results
         all_results.setdefault("meta", {"checkpoint": str(loaded.checkpoint), "step": loaded.step,
                                         "data": str(data), "summary": lset.summary() if lset else "",
@@ -162,13 +172,17 @@ def run(args: argparse.Namespace) -> int:
         meta = all_results["meta"]
         comparison = {"checkpoint": meta["checkpoint"], "step": meta["step"], "labels": {
             meta["label_column"]: {"pretrained": all_results["pretrained"], "random_init": all_results["random_init"],
-                                   "summary": meta["summary"], "classes": meta["classes"]}}}
+                                   "summary": meta["summary"], "classes": meta["classes"], "data": meta["data"],
+                                   **context}}}
         run_dir = path if path.is_dir() else (path.parent.parent if path.parent.name == "checkpoints" else None)
         if run_dir is not None:
             out = run_dir / "eval" / "comparison.json"
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps(comparison, indent=2))
             print(f"comparison written to {out} (shown by `medfoundry report {run_dir}`)")
+    if context:
+        all_results["majority_class"] = context["majority_class"]
+        all_results["warnings"] = context["warnings"]
     if args.json_out:
         Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json_out).write_text(json.dumps(all_results, indent=2))

@@ -7,7 +7,9 @@ architecture). The evaluated backbone is exported by default (EMA teacher for ``
 normalisation recorded with the export is the one frozen evaluation uses (the method entry's
 ``frozen_eval_sections``: the DINO crops' mean/std, a CLIP image tower's pixel statistics). The export is
 reloaded with the target library and its features compared with medfoundry's (max abs diff must be <= 1e-4)
-unless ``--no-check``.
+unless ``--no-check``. Every export folder also gets a model card (README.md: recipe, intensity settings, data
+path, the run's evaluation results, how to load it), ``medfoundry_preprocessing.json`` and, for ``hf``, a
+``preprocessor_config.json`` for ``transformers.AutoImageProcessor``; ``medfoundry eval`` reads the folder back.
 """
 
 from __future__ import annotations
@@ -29,24 +31,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-check", action="store_true", help="skip reloading and comparing the export")
 
 
-def _preprocessing(loaded) -> tuple[list[float] | None, list[float] | None, dict]:
-    """Input normalisation and provenance from a medfoundry checkpoint's config (None otherwise)."""
-    from medfoundry.methods import get_method_entry
-    from medfoundry.methods.checkpoint_backbone import config_from_checkpoint
-    from medfoundry.models.convert import medfoundry_ckpt
-
-    obj = loaded[0] if loaded is not None else None
-    if not medfoundry_ckpt.is_training_checkpoint(obj) or not obj.get("config"):
-        return None, None, {}
-    cfg = config_from_checkpoint(obj["config"], "weights to export")
-    crops = get_method_entry(cfg.method).frozen_eval_sections(cfg, obj["method"]).crops
-    return list(crops.mean), list(crops.std), {"step": obj.get("step"), "method": cfg.method}
-
-
 def run(args: argparse.Namespace) -> int:
     from medfoundry.config.schema import ModelConfig
-    from medfoundry.models.convert import PretrainedLoadError
+    from medfoundry.methods.checkpoint_backbone import export_provenance
+    from medfoundry.methods.exported_backbone import export_folder, export_record
+    from medfoundry.models.convert import PretrainedLoadError, medfoundry_ckpt
     from medfoundry.models.export import ExportError, export_backbone
+    from medfoundry.models.model_card import Provenance
     from medfoundry.models.pretrained import backbone_from_weights, read_weights, resolve_source
 
     try:
@@ -56,14 +47,17 @@ def run(args: argparse.Namespace) -> int:
         if fmt == "auto" and args.which != "auto":
             fmt = f"medfoundry:{args.which}"
         loaded = None
-        if source.is_file() and source.suffix != ".safetensors":
+        if (source.is_file() and source.suffix != ".safetensors") or (source / "meta.pt").is_file():
             loaded = read_weights(source, fmt if fmt != "auto" else "medfoundry", "weights to export")
         backbone, _ = backbone_from_weights(source, which=args.which, fmt=fmt, model=model, preloaded=loaded,
                                             what="weights to export")
-        mean, std, extra = _preprocessing(loaded)
-        extra["source"] = str(source)
-        result = export_backbone(backbone, args.to, args.out, check=not args.no_check, mean=mean, std=std,
-                                 extra=extra)
+        prep, provenance = None, Provenance(source=str(source))
+        if loaded is not None and medfoundry_ckpt.is_training_checkpoint(loaded[0]) and loaded[0].get("config"):
+            prep, provenance = export_provenance(loaded[0], source, args.which, channels=backbone.in_chans)
+        elif model is None and export_folder(source) is not None:  # re-exporting an export keeps its records
+            prep, provenance = export_record(export_folder(source))
+        result = export_backbone(backbone, args.to, args.out, check=not args.no_check, preprocessing=prep,
+                                 provenance=provenance)
     except (PretrainedLoadError, ExportError, KeyError, ValueError) as err:
         print(f"medfoundry export: {err}", file=sys.stderr)
         return 1

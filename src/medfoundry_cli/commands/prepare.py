@@ -19,6 +19,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the patient-level split")
     parser.add_argument("--force", action="store_true", help="redo items that are already finished")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--unmapped-16bit", choices=["refuse", "full_range"], default="refuse",
+                        help="16-bit PNG/TIFF slices without a recorded value mapping: skip them (default), or read "
+                             "them as [0, 1] pictures over 0..65535 (full_range)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -42,6 +45,7 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         force=args.force,
         progress=not args.no_progress,
+        unmapped_16bit=args.unmapped_16bit,
     )
     report = prepare(args.src, args.out, opts)  # a missing SRC or a bad manifest: the CLI reports it (exit 2)
     print(report.summary())

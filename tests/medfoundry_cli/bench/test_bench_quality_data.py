@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import gzip
+import json
 from pathlib import Path
 
 import numpy as np
@@ -107,3 +108,30 @@ def test_debian_fetch_names_the_missing_tool(tmp_path: Path, monkeypatch) -> Non
     monkeypatch.setattr(qd.shutil, "which", lambda tool: None)
     with pytest.raises(RuntimeError, match=r"mricron-data.*apt-get"):
         qd.fetch_debian_package("mricron-data", tmp_path)
+
+
+def test_written_pngs_record_their_mapping_and_old_caches_are_upgraded_in_place(tmp_path: Path) -> None:
+    """A cache written before 16-bit PNGs recorded their mapping is recognised: same pixels, mapping added."""
+    from medfoundry.data.image_folder import read_image_file
+    from medfoundry.data.readers.slices import FULL_RANGE_UINT16, UnmappedImageError, read_mapping
+
+    qd._write_png(tmp_path / "new.png", np.full((4, 4), 0.5))
+    assert read_mapping(tmp_path / "new.png") == FULL_RANGE_UINT16
+    root = tmp_path / "brain"
+    old = (np.random.default_rng(1).random((8, 8)) * 65535).astype(np.uint16)
+    (root / "images" / "train").mkdir(parents=True)
+    Image.fromarray(old).save(root / "images" / "train" / "a.png")  # as the old writer did: no mapping
+    (root / "manifest.csv").write_text("path,lobe,split\nimages/train/a.png,frontal,train\n")
+    info = {"patch": 48, "version": 3}
+    (root / "prepared.json").write_text(json.dumps({**info, "counts": {"train": 1}}))
+    with pytest.raises(UnmappedImageError):
+        read_image_file(root / "images" / "train" / "a.png")
+    hit = qd._cached(root, info, "brain", "lobe")
+    assert hit is not None and hit.counts == {"train": 1}
+    png = root / "images" / "train" / "a.png"
+    assert read_mapping(png) == FULL_RANGE_UINT16
+    with Image.open(png) as im:
+        assert np.array_equal(np.asarray(im), old)  # pixels unchanged
+    assert np.array_equal(read_image_file(png), old.astype(np.float32) / 65535.0)
+    assert json.loads((root / "prepared.json").read_text())[qd.MAPPED_MARKER] is True
+    assert qd.record_full_range_mapping(root / "images") == 0  # nothing left to upgrade

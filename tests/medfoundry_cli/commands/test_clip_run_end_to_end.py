@@ -49,4 +49,6 @@ def test_tiny_clip_run_exports_evaluates_draws_and_reports(tmp_path: Path, capsy
     assert main(["report", str(run)]) == 0
     page = (run / "report.html").read_text()
     assert "Image-text evaluation" in page and "zeroshot/mean_auc" in page and "Zero-shot AUC per finding" in page
+    assert "Health monitors" not in page  # the DINO family's monitors never watched this run
+    assert "<th>split</th>" in page and "(clip.eval.zeroshot)" in page  # each table row names its images
     assert (run / "report" / "eval_clip.png").is_file()

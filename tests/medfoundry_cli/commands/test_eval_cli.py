@@ -77,10 +77,35 @@ def test_evalx_cli_cache_random_init_and_compare(trained: dict, capsys: pytest.C
     assert set(both) >= {"pretrained", "random_init"}
     key = "health_mean_pairwise_cosine"
     assert both["pretrained"][key] != both["random_init"][key]
-    assert (run / "eval" / "comparison.json").is_file()
+    comparison = json.loads((run / "eval" / "comparison.json").read_text())
+    entry = next(iter(comparison["labels"].values()))
+    assert entry["majority_class"]["knn_top1_k20"] == pytest.approx(entry["majority"]["by_split"]["test"]["accuracy"])
+    assert entry["query_split"] == "test" and sum(entry["split_sizes"].values()) == 16 and entry["warnings"] == []
     ckpt = sorted((run / "checkpoints").glob("step_*.pt"))[-1]
     assert main(["eval", str(ckpt), "--task", "health", "--data", data, "--random-init", "--feature", "both"]) == 0
     assert "random_init" in capsys.readouterr().out
+
+
+def test_evalx_cli_warns_about_a_single_class_test_split(trained: dict, capsys: pytest.CaptureFixture) -> None:
+    """Accuracy on a one-class test split means nothing and its AUC is undefined: said on stderr and in --json."""
+    rows = []
+    for label in ("disc", "plain"):  # 8 images each: 4 train, 2 val, 2 test (test: disc only)
+        for i, p in enumerate(sorted((trained["data"] / label).glob("*.png"))):
+            split = "train" if i < 4 else "val" if i < 6 else "test"
+            if split != "test" or label == "disc":
+                rows.append((p, label, split))
+    manifest = trained["tmp"] / "one_class_test.csv"
+    manifest.write_text("path,label,split\n" + "".join(f"{p},{lab},{s}\n" for p, lab, s in rows))
+    out_json = trained["tmp"] / "one_class.json"
+    capsys.readouterr()
+    assert main(["eval", str(trained["run"]), "--task", "knn", "--data", str(manifest), "--json", str(out_json)]) == 0
+    captured = capsys.readouterr()
+    assert "warning: the test split holds a single class ('disc'" in captured.err and "nan" in captured.err
+    assert "[majority class: always" in captured.out
+    saved = json.loads(out_json.read_text())
+    assert [w["rule"] for w in saved["warnings"]] == ["single_class"]
+    assert np.isnan(saved["pretrained"]["knn_auc_k20"])  # undefined, and reported so
+    assert saved["majority_class"]["knn_top1_k20"] in (0.0, 1.0)
 
 
 def test_evalx_cli_errors(trained: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -31,16 +31,20 @@ from medfoundry.data.readers.registry import (
     unregister_reader,
 )
 from medfoundry.data.readers.slices import (
+    FULL_RANGE_UINT16,
     HU_INT16,
     HU_UINT16,
     MappingMismatchError,
+    UnmappedImageError,
     ValueMapping,
     read_slice,
     write_slice,
+    write_stored,
 )
 from medfoundry.data.readers.wsi import Slide, open_slide
 
 __all__ = [
+    "FULL_RANGE_UINT16",
     "HDF5Images",
     "HU_INT16",
     "HU_UINT16",
@@ -52,6 +56,7 @@ __all__ = [
     "ReaderError",
     "ReaderKind",
     "Slide",
+    "UnmappedImageError",
     "ValueMapping",
     "Volume",
     "axis_codes",
@@ -70,6 +75,7 @@ __all__ = [
     "register_reader",
     "unregister_reader",
     "write_slice",
+    "write_stored",
 ]
 
 

@@ -8,8 +8,14 @@ that disagrees with the recorded one is an error, never silently preferred: stor
 reading them back another (stored ``HU + 32768``, read as ``(x - 32768) * 0.1``) turns air at
 -1000 HU into -100 HU without any visible failure.
 
-Common mappings: :data:`HU_UINT16` (stored = HU + 32768, lossless for integer HU) and
-:data:`HU_INT16` (stored = HU).
+Common mappings: :data:`HU_UINT16` (stored = HU + 32768, lossless for integer HU),
+:data:`HU_INT16` (stored = HU) and :data:`FULL_RANGE_UINT16` / :data:`FULL_RANGE_UINT8` (a [0, 1] picture spread
+over the type's full range: value = stored / 65535 or / 255, computed as exactly that division).
+
+A picture of more than 8 bits per sample with no recorded mapping is refused (:class:`UnmappedImageError`)
+unless the caller supplies a mapping or opts in to the full-range reading (``unmapped_16bit="full_range"``,
+``data.unmapped_16bit``): the stored integers could be HU + 1024, HU + 32768, raw detector counts or a
+[0, 1] picture, and dividing them by 65535 regardless turns a CT slice into a near-black image.
 """
 
 from __future__ import annotations
@@ -30,8 +36,15 @@ MAPPING_KEY = "medfoundry.value_mapping"
 SLICE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg")
 
 
+UNMAPPED_CHOICES = ("refuse", "full_range")  # what to do with >8-bit pictures without a recorded mapping
+
+
 class MappingMismatchError(ReaderError):
     """A configured value mapping contradicts the one recorded with the file."""
+
+
+class UnmappedImageError(ReaderError):
+    """A picture of more than 8 bits per sample with no recorded or configured value mapping."""
 
 
 @dataclass(frozen=True)
@@ -43,8 +56,24 @@ class ValueMapping:
     units: str = "HU"
 
     def to_units(self, stored: np.ndarray) -> np.ndarray:
-        """Stored integers -> float32 values in :attr:`units`."""
+        """Stored integers -> float32 values in :attr:`units`.
+
+        A full-range mapping (:meth:`full_range_divisor`) is computed as ``stored / n`` in float32, bit for bit
+        what reading an 8/16-bit picture by its storage type has always given.
+        """
+        divisor = self.full_range_divisor()
+        if divisor is not None:
+            return stored.astype(np.float32) / float(divisor)
         return stored.astype(np.float32) * np.float32(self.slope) + np.float32(self.intercept)
+
+    def full_range_divisor(self) -> int | None:
+        """``n`` when this mapping is ``value = stored / n`` with ``n`` = 255 or 65535 (a [0, 1] picture), else None."""
+        if self.intercept != 0.0 or not self.slope > 0:
+            return None
+        n = round(1.0 / self.slope)
+        if n in (255, 65535) and math.isclose(self.slope * n, 1.0, rel_tol=1e-9):
+            return n
+        return None
 
     def to_stored(self, values: np.ndarray, dtype: str | np.dtype, clip: bool = False) -> np.ndarray:
         """Values -> stored integers of ``dtype``; out-of-range values raise unless ``clip``."""
@@ -75,6 +104,8 @@ class ValueMapping:
 
 HU_UINT16 = ValueMapping(1.0, -32768.0, "HU")  # stored = HU + 32768
 HU_INT16 = ValueMapping(1.0, 0.0, "HU")  # stored = HU
+FULL_RANGE_UINT16 = ValueMapping(1.0 / 65535.0, 0.0, "unit")  # a [0, 1] picture stored as round(value * 65535)
+FULL_RANGE_UINT8 = ValueMapping(1.0 / 255.0, 0.0, "unit")  # a [0, 1] picture stored as round(value * 255)
 
 
 def window_mapping(center: float, width: float, dtype: str = "uint8") -> ValueMapping:
@@ -102,7 +133,19 @@ def write_slice(
     values = np.asarray(values)
     if values.ndim != 2:
         raise ValueError(f"{path}: write_slice takes a 2-D array, got shape {values.shape}")
-    stored = mapping.to_stored(values, dtype, clip=clip)
+    write_stored(path, mapping.to_stored(values, dtype, clip=clip), mapping, sidecar=sidecar)
+
+
+def write_stored(path: str | Path, stored: np.ndarray, mapping: ValueMapping, sidecar: bool = False) -> None:
+    """Write integers that are already stored values (2-D grey or (H, W, 3) RGB) as a PNG/TIFF, recording ``mapping``.
+
+    For writers that quantise themselves, e.g. ``(picture * 65535).round().astype(np.uint16)`` with
+    :data:`FULL_RANGE_UINT16`: the pixels written are exactly ``stored``, and readers apply ``mapping``.
+    """
+    path = Path(path)
+    stored = np.asarray(stored)
+    if not np.issubdtype(stored.dtype, np.integer):
+        raise ValueError(f"{path}: write_stored takes integer stored values, got {stored.dtype}")
     suffix = path.suffix.lower()
     if suffix == ".png":
         from PIL import Image, PngImagePlugin
@@ -117,12 +160,13 @@ def write_slice(
 
         tifffile.imwrite(path, stored, description=json.dumps({MAPPING_KEY: asdict(mapping)}), metadata=None)
     else:
-        raise ValueError(f"{path}: write_slice writes .png or .tif(f), not '{suffix}'")
+        raise ValueError(f"{path}: write_slice/write_stored write .png or .tif(f), not '{suffix}'")
     if sidecar:
         sidecar_path(path).write_text(json.dumps({MAPPING_KEY: asdict(mapping)}))
 
 
-def _parse_mapping(description: str | None) -> ValueMapping | None:
+def parse_mapping(description: str | None) -> ValueMapping | None:
+    """The mapping in a PNG text value / TIFF description / sidecar text (JSON), or None."""
     if not description:
         return None
     try:
@@ -140,7 +184,7 @@ def read_stored(path: str | Path) -> tuple[np.ndarray, ValueMapping | None]:
     """(stored pixel array, recorded mapping or None) of a PNG/TIFF/JPEG: from the file, else its sidecar."""
     path = Path(path)
     stored, embedded = _load_pixels(path)
-    return stored, embedded or _sidecar_mapping(path)
+    return stored, embedded or sidecar_mapping(path)
 
 
 def _load_pixels(path: Path) -> tuple[np.ndarray, ValueMapping | None]:
@@ -152,14 +196,14 @@ def _load_pixels(path: Path) -> tuple[np.ndarray, ValueMapping | None]:
 
             with tifffile.TiffFile(path) as tf:
                 page = tf.pages[0]
-                return page.asarray(), _parse_mapping(page.description)
+                return page.asarray(), parse_mapping(page.description)
         from PIL import Image
 
         with Image.open(path) as im:
             im.load()
             text = getattr(im, "text", {}) or {}
             arr = np.asarray(im)
-            return arr, _parse_mapping(text.get(MAPPING_KEY))
+            return arr, parse_mapping(text.get(MAPPING_KEY))
     except FileNotFoundError as err:
         raise ReaderError(f"{path}: no such file") from err
     except Exception as err:  # PIL/tifffile raise many types on truncated or corrupt files
@@ -171,40 +215,85 @@ def read_mapping(path: str | Path) -> ValueMapping | None:
     return read_stored(path)[1]
 
 
-def _sidecar_mapping(path: Path) -> ValueMapping | None:
+def sidecar_mapping(path: str | Path) -> ValueMapping | None:
+    """The mapping kept in ``<file>.json``, or None."""
     side = sidecar_path(path)
     if not side.is_file():
         return None
     try:
-        return _parse_mapping(side.read_text())
+        return parse_mapping(side.read_text())
     except OSError:
         return None
 
 
-def read_slice(
-    path: str | Path, mapping: ValueMapping | None = None, require_mapping: bool = True
-) -> tuple[np.ndarray, ValueMapping | None]:
-    """(values float32 (H, W) or (H, W, C), mapping used) of a PNG/TIFF/JPEG slice.
+def scale_by_dtype(arr: np.ndarray, where: str = "") -> np.ndarray:
+    """Map integer storage to [0, 1] by the type's range; floats are returned as they are.
 
-    The recorded mapping wins; ``mapping`` is used for files without one, and a ``mapping`` that
-    contradicts the recorded one raises :class:`MappingMismatchError`. With neither, the file is
-    refused when ``require_mapping`` (the default), else the stored values are returned scaled by
-    their storage type to [0, 1] (plain 8/16-bit pictures) and the mapping returned is None.
+    Only for data whose meaning is known to be "a picture over the type's full range" (8-bit pictures,
+    ``unmapped_16bit="full_range"``); wider integers without a mapping go through :func:`plain_picture_values`.
     """
-    from medfoundry.data.image_folder import scale_by_dtype
+    if arr.dtype == np.uint8:
+        return arr.astype(np.float32) / 255.0
+    if arr.dtype == np.uint16:
+        return arr.astype(np.float32) / 65535.0
+    if arr.dtype in (np.int16, np.int32, np.uint32):
+        info = np.iinfo(arr.dtype)
+        return (arr.astype(np.float32) - info.min) / float(info.max - info.min)
+    if arr.dtype == bool:
+        return arr.astype(np.float32)
+    if np.issubdtype(arr.dtype, np.floating):
+        return arr.astype(np.float32)
+    raise ValueError(f"{where}: unsupported pixel type {arr.dtype}")
 
-    path = Path(path)
-    stored, recorded = read_stored(path)
-    if stored.ndim not in (2, 3) or min(stored.shape[:2]) < 1:
-        raise ReaderError(f"{path}: wrong dimensions {stored.shape}; expected a 2-D image")
-    if recorded is not None and mapping is not None and not recorded.same_as(mapping):
+
+def unmapped_message(path: str | Path, dtype: np.dtype, config_keys: bool = True) -> str:
+    """The one-line refusal of a >8-bit picture without a value mapping: the file, why, and every fix."""
+    bits = np.dtype(dtype).itemsize * 8
+    keys = ("set data.slice_slope and data.slice_intercept (value = stored * slope + intercept, e.g. 1 and -1024 "
+            "for HU + 1024), or set data.unmapped_16bit=full_range if the file stores a [0, 1] picture scaled to "
+            "the type's full range (0..65535); or " if config_keys else "")
+    return (f"{path}: {bits}-bit pixels ({np.dtype(dtype)}) with no recorded value mapping, so what the stored "
+            f"numbers mean is unknown (dividing HU + 1024 by 65535 would give a near-black picture); {keys}record "
+            f"the mapping with the file: medfoundry.data.readers.slices.write_stored/write_slice, or a sidecar "
+            f"{sidecar_path(path).name} holding {{\"{MAPPING_KEY}\": {{\"slope\": ..., \"intercept\": ..., "
+            f"\"units\": ...}}}}")
+
+
+def plain_picture_values(stored: np.ndarray, path: str | Path, unmapped_16bit: str = "refuse",
+                         config_keys: bool = True) -> np.ndarray:
+    """A picture without any value mapping -> float32: 8-bit / 255, floats and booleans as they are; wider integers
+    only with ``unmapped_16bit="full_range"`` (by the type's range), else :class:`UnmappedImageError`."""
+    if unmapped_16bit not in UNMAPPED_CHOICES:
+        raise ValueError(f"data.unmapped_16bit={unmapped_16bit!r}: choose one of {list(UNMAPPED_CHOICES)}")
+    wide_int = np.issubdtype(stored.dtype, np.integer) and stored.dtype.itemsize > 1
+    if wide_int and unmapped_16bit != "full_range":
+        raise UnmappedImageError(unmapped_message(path, stored.dtype, config_keys))
+    return scale_by_dtype(stored, str(path))
+
+
+def apply_mapping(
+    stored: np.ndarray,
+    path: str | Path,
+    recorded: ValueMapping | None,
+    configured: ValueMapping | None = None,
+    unmapped_16bit: str = "refuse",
+    require_mapping: bool = False,
+    config_keys: bool = True,
+) -> tuple[np.ndarray, ValueMapping | None]:
+    """(values, mapping used) of stored pixels: the recorded mapping, else the configured one, else a plain picture.
+
+    A configured mapping that contradicts the recorded one raises :class:`MappingMismatchError`. Without either,
+    ``require_mapping`` refuses every file, otherwise :func:`plain_picture_values` decides (8-bit pictures /255,
+    wider integers refused unless ``unmapped_16bit="full_range"``).
+    """
+    if recorded is not None and configured is not None and not recorded.same_as(configured):
         raise MappingMismatchError(
-            f"{path}: configured value mapping (slope={mapping.slope:g}, intercept={mapping.intercept:g}) "
+            f"{path}: configured value mapping (slope={configured.slope:g}, intercept={configured.intercept:g}) "
             f"contradicts the one recorded with the file (slope={recorded.slope:g}, "
             f"intercept={recorded.intercept:g}); remove data.slice_slope/data.slice_intercept "
             "or fix the file's mapping"
         )
-    used = recorded or mapping
+    used = recorded or configured
     if used is None:
         if require_mapping:
             raise ReaderError(
@@ -212,10 +301,29 @@ def read_slice(
                 "set data.slice_slope and data.slice_intercept (value = stored * slope + intercept), "
                 "e.g. slope 1, intercept -32768 for PNGs that store HU + 32768"
             )
-        return scale_by_dtype(stored, str(path)), None
+        return plain_picture_values(stored, path, unmapped_16bit, config_keys), None
     if not np.issubdtype(stored.dtype, np.integer):
         raise ReaderError(f"{path}: a value mapping needs integer pixels, got {stored.dtype}")
     return used.to_units(stored), used
+
+
+def read_slice(
+    path: str | Path, mapping: ValueMapping | None = None, require_mapping: bool = True,
+    unmapped_16bit: str = "refuse",
+) -> tuple[np.ndarray, ValueMapping | None]:
+    """(values float32 (H, W) or (H, W, C), mapping used) of a PNG/TIFF/JPEG slice.
+
+    The recorded mapping wins; ``mapping`` is used for files without one, and a ``mapping`` that
+    contradicts the recorded one raises :class:`MappingMismatchError`. With neither, the file is
+    refused when ``require_mapping`` (the default), else it is read as a plain picture (8-bit / 255;
+    16-bit only with ``unmapped_16bit="full_range"``, see :func:`plain_picture_values`) and the
+    mapping returned is None.
+    """
+    path = Path(path)
+    stored, recorded = read_stored(path)
+    if stored.ndim not in (2, 3) or min(stored.shape[:2]) < 1:
+        raise ReaderError(f"{path}: wrong dimensions {stored.shape}; expected a 2-D image")
+    return apply_mapping(stored, path, recorded, mapping, unmapped_16bit, require_mapping)
 
 
 def read_slice_volume(path: str | Path, mapping: ValueMapping | None = None) -> Volume:

@@ -44,12 +44,12 @@ def image_paths(cfg: DinoRunConfig) -> Iterator[Need]:
     if not cfg.data.root:
         raise paths.ConfigError(f"'data.root' is not set: give the training images (data.kind={cfg.data.kind}), "
                                 "e.g. data.root=path/to/images")
-    yield "data.root", cfg.data.root, paths.data_root(cfg.data.kind, cfg.data.extensions)
+    yield "data.root", cfg.data.root, paths.data_root(cfg.data.kind, cfg.data.extensions, cfg.data)
     if cfg.data.hdf5_reports:
         yield "data.hdf5_reports", cfg.data.hdf5_reports, paths.regular_file
     ec = cfg.eval
     if ec.every_steps > 0 and ec.data:
-        yield "eval.data", ec.data, paths.any_path
+        yield "eval.data", ec.data, paths.eval_pictures(cfg.data, ec.label_column)
     if ec.every_steps > 0 and "retrieval" in ec.tasks and ec.retrieval_root:
         yield "eval.retrieval_root", ec.retrieval_root, paths.any_path
 
