@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from medfoundry.eval import report
+from medfoundry.eval import report, report_plots
 from medfoundry.eval.labelled_set import load_labelled_set
 from medfoundry.eval.report_context import comparison_context
 
@@ -83,13 +83,13 @@ def rows(page: str) -> dict[str, str]:
 def figures(monkeypatch: pytest.MonkeyPatch) -> list:
     """Every matplotlib figure the report saves."""
     saved: list = []
-    real = report._save
+    real = report_plots._save
 
     def keep(fig, path):
         saved.append(fig)
         return real(fig, path)
 
-    monkeypatch.setattr(report, "_save", keep)
+    monkeypatch.setattr(report_plots, "_save", keep)
     return saved
 
 
