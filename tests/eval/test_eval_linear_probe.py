@@ -6,7 +6,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 from sklearn.preprocessing import StandardScaler
 
-from medfoundry.eval import linear_probe
+from medfoundry.eval.linear_probe import linear_probe
 
 
 def _blobs(n, n_classes, dim, seed, offset=5.0):
