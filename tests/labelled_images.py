@@ -36,3 +36,24 @@ def write_grey_pngs(root: Path) -> Path:
         img = 0.3 * (xx / 96) + 0.6 * (((yy - cy) ** 2 + (xx - cx) ** 2) < r**2) + 0.05 * rng.standard_normal((80, 96))
         write_stored(sub / f"slice_{i:02d}.png", (np.clip(img, 0, 1) * 65535).astype(np.uint16), FULL_RANGE_UINT16)
     return root
+
+
+def write_disc_masks(image_folder: Path, out: Path, threshold: float = 0.6) -> Path:
+    """Masks drawn from the images themselves (stored value above ``threshold`` of full range: the bright disc of
+    :func:`write_grey_pngs`), as 8-bit PNGs under ``out/masks``, and ``out/masks.csv`` (``path``, ``mask`` relative
+    to it, ``patient`` = the image's folder) for the localisation task."""
+    import pandas as pd
+    from PIL import Image
+
+    from medfoundry.data.readers.slices import read_stored
+
+    rows = []
+    for i, png in enumerate(sorted(image_folder.rglob("*.png"))):
+        stored = read_stored(png)[0].astype(np.float64) / 65535.0
+        mask_path = out / "masks" / f"mask_{i:02d}.png"
+        mask_path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(((stored > threshold) * 255).astype(np.uint8)).save(mask_path)
+        rows.append({"path": str(png), "mask": f"masks/{mask_path.name}", "patient": png.parent.name})
+    manifest = out / "masks.csv"
+    pd.DataFrame(rows).to_csv(manifest, index=False)
+    return manifest

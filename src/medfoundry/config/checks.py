@@ -125,6 +125,7 @@ RULES: dict[str, Rule] = {
     "crops.local_scale": ordered_pair(0.0, 1.0, low_open=True),
     "crops.*_prob": _PROB,
     "crops.storage_size": _COUNT,
+    "crops.hed_sigma": within(0.0, 1.0),  # stain scale factors in [1 - s, 1 + s] stay >= 0
     "*color_jitter": Rule(lambda v: len(v) == 4 and min(v[:3]) >= 0 and 0 <= v[3] <= 0.5,
                           "[brightness, contrast, saturation, hue] with the first three >= 0 and hue in [0, 0.5]"),
     "crops.mean": each(Rule(lambda v: True, "finite")),
@@ -153,11 +154,13 @@ RULES: dict[str, Rule] = {
     "optim.betas": exactly(2, within(0.0, 1.0, high_open=True)),
     "optim.clip_grad": _NONNEG,  # 0 = no clipping
     "optim.layer_decay": in_unit_open_low(),
+    "optim.patch_embed_lr_mult": _NONNEG,  # 0 = the patch embedding is not updated
     "optim.freeze_backbone_steps": _NONNEG,
     # train
     "train.steps": _COUNT,
     "train.schedule_steps": _NONNEG,  # 0 = train.steps
     "train.batch_size": _COUNT,
+    "train.grad_accum_steps": _COUNT,
     "train.log_every": _COUNT,
     "train.checkpoint_every": _COUNT,
     "train.keep_last": _COUNT,
@@ -320,10 +323,16 @@ def check_best_metric(ec: EvalConfig) -> None:
 
 
 def check_image_pipeline(data: DataConfig, crops: CropsConfig) -> None:
-    """``crops.mean``/``crops.std`` fit ``data.channels``; HU windows x slices give ``data.channels``."""
+    """``crops.mean``/``crops.std`` fit ``data.channels``; HU windows x slices give ``data.channels``; a
+    normalisation preset and HED stain augmentation need RGB pictures."""
     from medfoundry.config.loader import ConfigError
 
     channels = data.channels
+    if crops.normalize != "custom" and channels != 3:
+        raise ConfigError(f"'crops.normalize' = {crops.normalize!r} is a preset of 3 RGB statistics but "
+                          f"'data.channels' = {channels}; set crops.normalize=custom with crops.mean/std")
+    if crops.hed_prob > 0:
+        check_hed(data, crops)
     for key in ("mean", "std"):
         values = getattr(crops, key)
         if len(values) not in (1, channels) and channels != 1:
@@ -343,6 +352,23 @@ def check_image_pipeline(data: DataConfig, crops: CropsConfig) -> None:
         raise ConfigError(f"'data.slices' = {data.slices} x {len(data.windows)} window(s) in 'data.windows' "
                           f"give {produced} channels but 'data.channels' = {channels}; set data.channels (and "
                           f"model.in_chans) to {produced}")
+
+
+def check_hed(data: DataConfig, crops: CropsConfig) -> None:
+    """HED stain augmentation (``crops.hed_prob > 0``) needs RGB pictures (3 channels, no HU windows) and the CPU
+    crop path, which implements it."""
+    from medfoundry.config.loader import ConfigError
+
+    why = ""
+    if data.channels != 3:
+        why = f"'data.channels' = {data.channels}"
+    elif data.intensity == "window":
+        why = "'data.intensity' = 'window' (HU windows are not colours)"
+    elif crops.device != "cpu":
+        why = f"'crops.device' = {crops.device!r} (only the CPU crop path implements it)"
+    if why:
+        raise ConfigError(f"'crops.hed_prob' = {crops.hed_prob} needs RGB H&E pictures and crops.device=cpu, "
+                          f"not {why}; set crops.hed_prob=0")
 
 
 _BACKENDS = ("auto", "nccl", "gloo", "mpi", "ucc")

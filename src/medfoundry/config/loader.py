@@ -22,6 +22,7 @@ import yaml
 
 from medfoundry.config.checks import check_names, check_values
 from medfoundry.config.names import DEFAULT_METHOD, registered_methods, run_config_class
+from medfoundry.config.normalization import resolve_normalization
 from medfoundry.config.schema import RunConfig
 from medfoundry.errors import UserError
 
@@ -107,10 +108,13 @@ def parse_override(item: str) -> tuple[str, Any]:
 
 def apply_overrides(cfg: Any, items: Iterable[str], label: str = "override") -> None:
     """Apply ``key.sub=value`` strings to an already built config (a checkpoint's, or a section bundle); an
-    unknown key is reported naming the item (``<label> 'item'``) and the nearest valid key."""
+    unknown key is reported naming the item (``<label> 'item'``) and the nearest valid key. A ``crops.normalize``
+    preset among them replaces the built config's ``crops.mean`` / ``crops.std``."""
+    origins: dict[str, str] = {}
     for item in items:
         key, value = parse_override(item)
-        apply_override(cfg, key, value, source=f"{label} '{item}'")
+        apply_override(cfg, key, value, source=f"{label} '{item}'", origins=origins)
+    resolve_normalization(cfg, origins)
 
 
 def apply_override(cfg: Any, dotted: str, value: Any, source: str, origins: dict[str, str] | None = None) -> None:
@@ -254,7 +258,9 @@ def validate(cfg: RunConfig, origins: dict[str, str] | None = None) -> None:
 
     ``origins`` (dotted key -> recipe or override) lets a message say where a bad value came from. The
     method's own cross-field rules are its run config's :meth:`~medfoundry.config.schema.RunConfig.check`.
+    A named preset (``crops.normalize``) first writes the values it stands for (``crops.mean`` / ``crops.std``).
     """
+    resolve_normalization(cfg, origins)
     check_values(cfg, origins)
     cfg.check()
     check_names(cfg)

@@ -56,11 +56,14 @@ class CropsConfig:
     global2_blur_prob: float = 0.0  # ... of the second and further global crops (DINOv2 0.1)
     local_blur_prob: float = 0.0  # ... of each local crop (DINOv2 0.5)
     solarize_prob: float = 0.0  # solarisation probability, second global crop only (DINOv2 0.2)
+    hed_prob: float = 0.0  # HED stain augmentation probability per crop (H&E RGB only; Tellez et al. 2018)
+    hed_sigma: float = 0.05  # HED strength: stain scale in [1-s, 1+s], shift in [-s, s] (OD units; 0.05 light)
     region_crop_prob: float = 0.0  # chance a crop must contain the labelled region, if any (DINO-MX)
     interpolation: Literal["bilinear", "bicubic"] = "bicubic"  # resize interpolation
     device: Literal["cpu", "gpu"] = "cpu"  # crops made by DataLoader workers, or batched on the training device
     storage_size: int = 512  # crops.device=gpu: canvas side workers place each decoded image on
     gpu_backend: Literal["grid_sample", "roi_align"] = "grid_sample"  # crops.device=gpu: resampling
+    normalize: Literal["custom", "imagenet", "tcga"] = "custom"  # custom = mean/std below; a preset sets them
     mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])  # per-channel mean
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])  # per-channel std
 
@@ -79,6 +82,7 @@ class OptimConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW betas
     clip_grad: float = 3.0  # max global grad norm (0 = no clipping)
     layer_decay: float = 1.0  # layer-wise lr decay (1.0 = off)
+    patch_embed_lr_mult: float = 1.0  # patch embedding's lr multiplier, times the layer decay (DINOv2: 0.2)
     freeze_backbone_steps: int = 0  # head-only warm-up: backbone frozen for this many steps
 
 
@@ -88,7 +92,8 @@ class TrainConfig:
 
     steps: int = 1000  # total optimizer steps
     schedule_steps: int = 0  # horizon of the cosine schedules (0 = train.steps); fix it to extend runs exactly
-    batch_size: int = 64  # global batch size (split evenly over ranks)
+    batch_size: int = 64  # global batch size (split evenly over ranks) of one forward/backward (micro-batch)
+    grad_accum_steps: int = 1  # micro-batches per optimizer step: the step's batch is batch_size x this
     seed: int = 0  # seed for init, data order and augmentation
     device: str = "auto"  # auto|cpu|cuda|cuda:N
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto = bf16 autocast on GPU, fp32 on CPU

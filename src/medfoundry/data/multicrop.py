@@ -7,7 +7,9 @@ grey-valid part, brightness and contrast; see :mod:`medfoundry.data.transforms.c
 greyscale (RGB only; refused on other input rather than silently doing nothing), a
 Gaussian blur whose probability is set per crop type (DINOv2: 1.0 for the first global crop, 0.1 for
 the second, 0.5 for local crops) and solarisation on the second global crop only. They are off in the
-medical recipes: they change Hounsfield-unit semantics.
+medical recipes: they change Hounsfield-unit semantics. For H&E pictures, HED stain augmentation
+(``crops.hed_prob``, ``crops.hed_sigma``; Tellez et al. 2018, :mod:`medfoundry.data.transforms.hed`) perturbs
+each crop's haematoxylin, eosin and DAB amounts after the flip and before the colour jitter (RGB only).
 
 With a per-view intensity transform (``data.random_window_per_view``, DINO-X's random HU window drawn
 afresh for every view) the transform receives the image in source units and maps it to [0, 1] once per
@@ -27,6 +29,7 @@ from torchvision.transforms import InterpolationMode
 
 from medfoundry.config.schema import CropsConfig
 from medfoundry.data.transforms.color_jitter import apply_color_jitter, check_jitter_channels, sample_color_jitter
+from medfoundry.data.transforms.hed import random_hed
 from medfoundry.data.transforms.label_guided import sample_crop_size
 
 _RATIO = (3 / 4, 4 / 3)
@@ -67,6 +70,9 @@ class MultiCropTransform:
         if cfg.grayscale_prob > 0 and channels != 3:
             raise ValueError(f"crops.grayscale_prob={cfg.grayscale_prob} has no effect on {channels}-channel input "
                              "(greyscale conversion needs RGB); set it to 0")
+        if cfg.hed_prob > 0 and channels != 3:
+            raise ValueError(f"crops.hed_prob={cfg.hed_prob} needs RGB (H&E) input, not {channels} channel(s) "
+                             "(stain deconvolution is defined for RGB); set it to 0")
         self.cfg = cfg
         self.channels = channels
         self.view_intensity = view_intensity
@@ -96,6 +102,8 @@ class MultiCropTransform:
         out = TF.resized_crop(img, top, left, ch, cw, [size, size], interpolation=self.interp, antialias=True)
         if c.hflip_prob > 0 and float(torch.rand(1)) < c.hflip_prob:
             out = TF.horizontal_flip(out)
+        if c.hed_prob > 0 and float(torch.rand(1)) < c.hed_prob:
+            out = random_hed(out.clamp(0.0, 1.0), c.hed_sigma)
         if c.color_jitter_prob > 0 and float(torch.rand(1)) < c.color_jitter_prob:
             order, factors = sample_color_jitter(c.color_jitter)
             out = apply_color_jitter(out.clamp(0.0, 1.0), order, factors, c.color_jitter)

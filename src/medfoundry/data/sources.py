@@ -67,7 +67,7 @@ def build_source(cfg: DataConfig) -> ImageSource:
 def _import_builtin_sources() -> None:
     import importlib
 
-    for module in ("medfoundry.data.image_folder", "medfoundry.data.medical_sources"):
+    for module in ("medfoundry.data.image_folder", "medfoundry.data.medical_sources", "medfoundry.data.medmnist"):
         importlib.import_module(module)  # each registers its source kinds on import
 
 

@@ -340,7 +340,8 @@ def load_inputs(paths: Sequence[str | Path], cfg: Any, img_size: int = 0,
     return PreparedInputs(torch.stack(inputs), images, notes, names, loaded_masks)
 
 
-def _maps_of(backbone: nn.Module, prepared: PreparedInputs) -> list[AttentionResult]:
+def maps_of(backbone: nn.Module, prepared: PreparedInputs) -> list[AttentionResult]:
+    """The maps of prepared images on the backbone's device (also what the localisation scores read)."""
     device = next(backbone.parameters()).device
     return compute_maps(backbone, prepared.inputs.to(device), prepared.images, prepared.names, prepared.masks,
                         prepared.notes)
@@ -357,7 +358,7 @@ def save_attention_maps(backbone: nn.Module, paths: Sequence[str | Path], out_di
     if not paths:
         return []
     prepared = load_inputs(paths, cfg, img_size, masks)
-    results = _maps_of(backbone, prepared)
+    results = maps_of(backbone, prepared)
     return [save_result(r, Path(out_dir), f"{title}: {r.name}" if title else r.name) for r in results]
 
 
@@ -373,7 +374,7 @@ def save_attention_comparison(backbones: Mapping[str, tuple[nn.Module, str]], pa
     if not paths:
         return {name: [] for name in backbones}
     prepared = load_inputs(paths, cfg, img_size, masks)
-    results = {name: _maps_of(bb, prepared) for name, (bb, _) in backbones.items()}
+    results = {name: maps_of(bb, prepared) for name, (bb, _) in backbones.items()}
     tops = [max(rs[i].attention_max for rs in results.values()) for i in range(len(prepared.names))]
     shared_by = f"{' and '.join(backbones)} (all heads and the mean) for this image"
     out: dict[str, list[dict[str, Path]]] = {}

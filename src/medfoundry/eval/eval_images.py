@@ -27,6 +27,8 @@ def read_eval_image(item: LabelledItem, slices: int = 1, slice_stride: int = 1,
                     mapping: ValueMapping | None = None, unmapped_16bit: str = "refuse") -> Tensor:
     """The item's image as a float32 (C, H, W) tensor in source units (pictures in [0, 1], CT in HU).
 
+    A row of a MedMNIST ``.npz`` (``item.index`` set) is its stored value / 255; a 3-D row gives its central
+    slice across ``item.axis`` (with ``slices // 2`` neighbours each side for 2.5D models).
     PNG/JPEG/TIFF files are read like ``data.kind=image_folder`` reads them (their recorded value mapping, else
     ``mapping`` = the run's ``data.slice_slope``/``slice_intercept``; a 16-bit picture with neither is refused
     unless ``unmapped_16bit="full_range"``, see :mod:`medfoundry.data.image_folder`); volume files (DICOM,
@@ -38,6 +40,14 @@ def read_eval_image(item: LabelledItem, slices: int = 1, slice_stride: int = 1,
     from medfoundry.data.sources import array_to_chw
 
     path = Path(item.path)
+    if item.index is not None:  # a row of an array file (MedMNIST .npz): [0, 1], a volume's central slice(s)
+        from medfoundry.data.readers.medmnist import open_medmnist
+
+        f = open_medmnist(path)
+        if f.volumetric:
+            return torch.from_numpy(f.central_slice(item.split, item.index, item.axis or 0, slices, slice_stride))
+        image = array_to_chw(f.image(item.split, item.index))
+        return image.expand(slices, -1, -1).clone() if slices > 1 and image.shape[0] == 1 else image
     if path.suffix.lower() in IMAGE_SUFFIXES:
         from medfoundry.data.image_folder import read_image_file
 

@@ -81,6 +81,8 @@ class FeatureSet:
     paths: list[str]
     series: list[str]
     meta: dict[str, Any] = field(default_factory=dict)  # feature kind, checkpoint identity, sizes ...
+    targets: np.ndarray | None = None  # (N, L) 0/1 labels of a multi-label set (None: single-label)
+    target_names: list[str] = field(default_factory=list)  # names of the ``targets`` columns
 
     def subset(self, split: str) -> tuple[np.ndarray, np.ndarray]:
         """(features, labels) of one split."""
@@ -96,13 +98,16 @@ class FeatureSet:
 
         The series' label is its slices' most common label (ties: the higher class index, so a
         series with as many tumour as normal slices counts as tumour) and its split the slices'
-        most common split. Items without a series id stay single.
+        most common split; its multi-label ``targets`` are 1 where at least half its slices have 1. Items
+        without a series id stay single.
         """
         groups: dict[str, list[int]] = defaultdict(list)
         for i, s in enumerate(self.series):
             groups[s or f"__item{i}"].append(i)
-        feats, labels, splits, paths, series = [], [], [], [], []
+        feats, labels, splits, paths, series, targets = [], [], [], [], [], []
         for key, idx in groups.items():
+            if self.targets is not None:
+                targets.append((self.targets[idx].mean(axis=0) >= 0.5).astype(np.int64))
             feats.append(self.feats[idx].mean(axis=0))
             counts = Counter(int(v) for v in self.labels[idx])
             top = max(counts.values())
@@ -114,6 +119,7 @@ class FeatureSet:
         return FeatureSet(
             np.stack(feats).astype(np.float32), np.array(labels, dtype=np.int64), np.array(splits),
             list(self.classes), paths, series, meta,
+            np.stack(targets) if self.targets is not None else None, list(self.target_names),
         )
 
 
@@ -135,6 +141,8 @@ def compute_feature_set(
         paths=[it.path for it in lset.items],
         series=[it.series for it in lset.items],
         meta={"feature": feature, **transform.settings()},
+        targets=lset.targets,
+        target_names=list(lset.target_names),
     )
 
 
@@ -183,7 +191,7 @@ def cached_features(
             if feats.shape[0] == len(lset):
                 return FeatureSet(
                     feats, lset.labels, lset.splits, lset.classes, [it.path for it in lset.items],
-                    [it.series for it in lset.items], meta,
+                    [it.series for it in lset.items], meta, lset.targets, list(lset.target_names),
                 ), True
         except (OSError, ValueError, KeyError):
             pass  # unreadable cache entry: recompute and overwrite

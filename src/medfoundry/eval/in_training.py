@@ -143,8 +143,9 @@ class EvaluationHook:
         fs = FeatureSet(
             feats, self._lset.labels, self._lset.splits, self._lset.classes,
             [it.path for it in self._lset.items], [it.series for it in self._lset.items], {"feature": ec.feature},
+            self._lset.targets, list(self._lset.target_names),
         )
-        return fs.aggregate_series() if ec.aggregate == "series" else fs
+        return fs.aggregate_series() if "series" in (ec.aggregate, self._lset.aggregate) else fs
 
     def _prepare(self) -> None:
         from medfoundry.eval.eval_images import EvalImages, eval_transform_from_config

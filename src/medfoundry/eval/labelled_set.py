@@ -8,7 +8,12 @@ the series (volume) and patient each image belongs to. It comes from
   ``series_id``/``series_uid``/``volume``), ``patient`` (or ``patient_id``) and ``slice`` (the index
   of the slice to take from a volume file); relative paths are relative to the manifest's folder;
 * or a folder whose subfolder names are the labels (``root/<label>/...``), optionally split
-  (``root/<train|val|test>/<label>/...``).
+  (``root/<train|val|test>/<label>/...``);
+* or a MedMNIST ``.npz`` (:func:`medmnist_items`): its rows with the file's own train/val/test split. Multi-label
+  files (``(N, L)`` labels, ``L > 1``) give every item its 0/1 ``targets`` (what the ``multilabel`` probe reads)
+  and, for the single-label tasks, the label ``any`` (some label is 1) or ``none``; a 3-D file gives each volume
+  three items, the central slices across its three axes, which the evaluation averages into one feature per
+  volume (:attr:`LabelledSet.aggregate` = ``series``).
 
 Without a split, one is drawn (:func:`assign_splits`): grouped by patient, else by series, so
 slices of one volume never straddle train and test, and stratified by label.
@@ -20,7 +25,7 @@ import hashlib
 import os
 from collections import Counter, defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -45,6 +50,9 @@ class LabelledItem:
     series: str = ""  # series/volume id ("" = the image is its own series)
     patient: str = ""  # patient id ("" = unknown)
     slice_index: int | None = None  # slice of a volume file to take (None: the file is a 2-D image)
+    index: int | None = None  # row of split ``split`` in an array file (MedMNIST .npz); None: ``path`` is the image
+    axis: int | None = None  # array-file volumes: the axis (0, 1, 2) whose central slice is taken
+    targets: tuple[int, ...] | None = None  # multi-label sets: one 0/1 value per label (``LabelledSet.target_names``)
 
 
 @dataclass
@@ -53,6 +61,8 @@ class LabelledSet:
 
     items: list[LabelledItem]
     source: str = ""  # the manifest or folder it came from
+    target_names: list[str] = field(default_factory=list)  # multi-label sets: the names of the labels of ``targets``
+    aggregate: str = ""  # "series": items are views of one volume, evaluated as one feature per series (3-D MedMNIST)
 
     @property
     def classes(self) -> list[str]:
@@ -70,16 +80,31 @@ class LabelledSet:
         """Split name of every item."""
         return np.array([it.split for it in self.items])
 
+    @property
+    def targets(self) -> np.ndarray | None:
+        """The ``(N, L)`` int64 0/1 labels of a multi-label set (``target_names`` names the columns); None otherwise."""
+        if not self.target_names:
+            return None
+        return np.array([it.targets for it in self.items], dtype=np.int64).reshape(len(self.items), -1)
+
     def __len__(self) -> int:
         return len(self.items)
 
     def summary(self) -> str:
-        """One line per split: counts per class."""
+        """One line per split: counts per class (per volume when the set's items are views of volumes); a
+        multi-label set adds how many labels it has."""
         lines = []
         for split in SPLITS:
-            counts = Counter(it.label for it in self.items if it.split == split)
+            members = [it for it in self.items if it.split == split]
+            if self.aggregate == "series":  # one count per volume, not per view
+                members = list({it.series: it for it in members}.values())
+            counts = Counter(it.label for it in members)
             if counts:
                 lines.append(f"{split}: " + ", ".join(f"{c}={counts[c]}" for c in self.classes if counts[c]))
+        if self.target_names:
+            lines.append(f"{len(self.target_names)} labels per image (any = some label is 1)")
+        if self.aggregate == "series":
+            lines.append("counts are volumes")
         return "; ".join(lines)
 
     def signature(self) -> str:
@@ -91,7 +116,8 @@ class LabelledSet:
                 stamp = f"{st.st_size}:{st.st_mtime_ns}"
             except OSError:
                 stamp = "missing"
-            h.update(f"{it.path}|{it.label}|{it.split}|{it.series}|{it.slice_index}|{stamp}\n".encode())
+            extra = "" if it.index is None else f"|{it.index}|{it.axis}|{it.targets}"  # array-file rows only
+            h.update(f"{it.path}|{it.label}|{it.split}|{it.series}|{it.slice_index}|{stamp}{extra}\n".encode())
         return h.hexdigest()[:16]
 
 
@@ -101,15 +127,19 @@ def load_labelled_set(
     split_fractions: Sequence[float] = (0.6, 0.2, 0.2),
     seed: int = 0,
 ) -> LabelledSet:
-    """Read a labelled set from a manifest file or a label-per-subfolder image folder (see module docstring).
+    """Read a labelled set from a manifest file, a label-per-subfolder image folder or a MedMNIST ``.npz`` (see
+    module docstring).
 
-    Items without a split get one from :func:`assign_splits` with ``split_fractions`` and ``seed``.
+    Items without a split get one from :func:`assign_splits` with ``split_fractions`` and ``seed`` (a MedMNIST
+    file's items all have the file's split).
     """
     path = Path(spec)
     if not str(spec):
         raise ValueError("no labelled data given (set eval.data or pass --data)")
     if not path.exists():
         raise FileNotFoundError(f"labelled data '{path}' does not exist")
+    if path.is_file() and path.suffix.lower() == ".npz":
+        return medmnist_items(path)
     items = _read_folder(path) if path.is_dir() else _read_manifest(path, label_column)
     if not items:
         raise ValueError(f"labelled data '{path}' holds no images")
@@ -121,6 +151,49 @@ def load_labelled_set(
         for it, s in zip(missing, splits):
             it.split = s
     return LabelledSet(items, source=str(path))
+
+
+#: The single label a multi-label item gets for the single-label tasks (knn, linear, health, baselines).
+ANY_LABEL, NO_LABEL = "any", "none"
+
+
+def medmnist_items(path: str | Path) -> LabelledSet:
+    """The labelled set of a MedMNIST ``.npz`` (:mod:`medfoundry.data.readers.medmnist`), splits as stored.
+
+    * single-label files (``(N, 1)`` labels: binary, multi-class, ordinal): label = the class index as text;
+    * multi-label files (``(N, L)``, ``L > 1``, e.g. ChestMNIST's 14 findings): ``targets`` = the row's 0/1
+      labels, named ``"0"`` .. ``"L-1"`` like MedMNIST's ``INFO[...]["label"]`` keys, and label ``any`` when some
+      label is 1, else ``none`` (ChestMNIST: any finding against no finding), which is what the single-label
+      tasks see;
+    * 3-D files: each volume ``(D, H, W)`` gives three items, its central slice across each axis (``axis`` 0, 1,
+      2), sharing the volume's series id; the set's ``aggregate`` is ``series``, so the evaluation averages the
+      three slices' features into one feature per volume (the stated 2-D protocol for 3-D MedMNIST; the file does
+      not say which axis is axial, so all three are used alike).
+
+    A file that is not in the published layout raises :class:`~medfoundry.data.readers.base.ReaderError` naming
+    the file and the key.
+    """
+    from medfoundry.data.readers.medmnist import SPLITS as FILE_SPLITS
+    from medfoundry.data.readers.medmnist import open_medmnist
+
+    f = open_medmnist(path)
+    p = str(Path(path).resolve())
+    names = [str(i) for i in range(f.n_labels)] if f.multi_label else []
+    axes = (0, 1, 2) if f.volumetric else (None,)
+    items: list[LabelledItem] = []
+    for split in FILE_SPLITS:
+        for row, values in enumerate(f.labels(split)):
+            if f.multi_label:
+                targets: tuple[int, ...] | None = tuple(int(v) for v in values)
+                label = ANY_LABEL if any(targets) else NO_LABEL
+            else:
+                targets, label = None, str(int(values[0]))
+            series = f"{split}/{row}" if f.volumetric else ""
+            items.extend(LabelledItem(p, label, split, series=series, index=row, axis=axis, targets=targets)
+                         for axis in axes)
+    if not items:
+        raise ValueError(f"labelled data '{path}' holds no images")
+    return LabelledSet(items, source=str(path), target_names=names, aggregate="series" if f.volumetric else "")
 
 
 def _natural_key(name: str) -> tuple:

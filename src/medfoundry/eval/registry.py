@@ -11,7 +11,11 @@ An :class:`EvalTask` says
 * ``needs``: what :meth:`EvalTask.run` reads from its :class:`EvalInputs` — ``"features"`` (a
   :class:`~medfoundry.eval.features.FeatureSet` of the labelled set's train/val/test features),
   ``"views"`` (the backbone and the run's ``data``/``crops``/``eval`` sections: label-free augmented view
-  pairs) or ``"clip"`` (a CLIP-style image-text method and its evaluation context, the ``clip`` section);
+  pairs), ``"clip"`` (a CLIP-style image-text method and its evaluation context, the ``clip`` section) or
+  ``"masks"`` (the backbone and sections whose ``eval.data`` is a manifest of images and their masks: the
+  localisation scores; asked for by name, not part of ``task_names()`` / ``--task all`` / ``eval.tasks``);
+  ``"slides"`` (the backbone and a :class:`~medfoundry.eval.slide.context.SlideEvalContext`: whole slides as bags
+  of tile features, for slide-level aggregators; asked for by name like ``"masks"``);
 * ``function``: ``(EvalInputs) -> {metric: float}``, a callable or ``"module:function"`` imported on
   first use, so that reading the registry (every CLI start builds the ``eval`` parser) imports no torch;
 * ``headline``: the :class:`Metric` names (as logged) worth a table row, with their direction;
@@ -46,8 +50,9 @@ if TYPE_CHECKING:
     from medfoundry.eval.clip_hook import ClipEvalContext
     from medfoundry.eval.features import FeatureSet
     from medfoundry.eval.sections import FrozenEvalSections
+    from medfoundry.eval.slide.context import SlideEvalContext
 
-Needs = Literal["features", "views", "clip"]
+Needs = Literal["features", "views", "clip", "masks", "slides"]
 Direction = Literal["max", "min"]
 NEEDS: tuple[str, ...] = get_args(Needs)
 #: What in-training evaluation and the backbone path of ``medfoundry eval`` run: tasks on the frozen backbone.
@@ -98,9 +103,11 @@ class EvalInputs:
     sections: FrozenEvalSections | None = None  # needs "views": the run's data, crops and eval sections
     clip_method: nn.Module | None = None  # needs "clip": a ClipMethod
     clip: ClipEvalContext | None = None  # needs "clip": its ``clip`` section and image settings
+    slides: SlideEvalContext | None = None  # needs "slides": slide manifest, tile settings, cache, output folder
 
 
-_REQUIRED = {"features": ("features",), "views": ("backbone", "sections"), "clip": ("clip_method", "clip")}
+_REQUIRED = {"features": ("features",), "views": ("backbone", "sections"), "clip": ("clip_method", "clip"),
+             "masks": ("backbone", "sections"), "slides": ("backbone", "slides")}
 
 
 @dataclass(frozen=True)
@@ -118,7 +125,7 @@ class EvalTask:
     def run(self, inputs: EvalInputs) -> dict[str, float]:
         """The task's metrics on ``inputs`` (``ValueError`` when an input its ``needs`` names is missing)."""
         given = {"features": inputs.features, "backbone": inputs.backbone, "sections": inputs.sections,
-                 "clip_method": inputs.clip_method, "clip": inputs.clip}
+                 "clip_method": inputs.clip_method, "clip": inputs.clip, "slides": inputs.slides}
         missing = [f for f in _REQUIRED[self.needs] if given[f] is None]
         if missing:
             raise ValueError(f"task '{self.name}' needs {', '.join(missing)} (needs={self.needs})")
@@ -147,6 +154,9 @@ BUILTIN_TASKS: tuple[EvalTask, ...] = (
              (Metric("linear_accuracy"), Metric("linear_balanced_accuracy"), Metric("linear_auc")),
              "logistic-regression probe: fit on train, C chosen on val, test metrics with bootstrap CIs",
              key_parts=("linear",)),
+    EvalTask("multilabel", "features", "medfoundry.eval.multilabel_probe:run_task", (Metric("multilabel_mean_auc"),),
+             "one-vs-rest logistic probe per label (multi-label sets; classes otherwise): per-label and mean test "
+             "AUC with bootstrap CIs, C chosen on val"),
     EvalTask("retrieval", "views", "medfoundry.eval.retrieval:run_task", (Metric("view_retrieval_ratio"),),
              "DINO-X's label-free view-retrieval ratio on augmented view pairs"),
     EvalTask("health", "features", "medfoundry.eval.health:run_task",
@@ -164,6 +174,14 @@ BUILTIN_TASKS: tuple[EvalTask, ...] = (
               Metric("retrieval/i2t_median_rank", "min"), Metric("retrieval/t2i_median_rank", "min")),
              "CLIP image<->report retrieval Recall@K", aliases=("retrieval",),
              key_parts=("recall",)),
+    EvalTask("localisation", "masks", "medfoundry.eval.localisation:run_task",
+             (Metric("localisation_pointing"), Metric("localisation_pointing_tol"),
+              Metric("localisation_iou_top_area"), Metric("localisation_iou_t50"), Metric("localisation_auc")),
+             "class-token attention vs masks: pointing game, IoU, pixel AUC (--data: path + mask columns; not in all)"),
+    EvalTask("slide", "slides", "medfoundry.eval.slide.evaluate:run_task",
+             (Metric("slide_abmil_auc"), Metric("slide_mean_auc"), Metric("slide_abmil_accuracy"),
+              Metric("slide_mean_accuracy")),
+             "slide-level MIL on tile features: mean pooling and gated attention (--slides MANIFEST; not in all)"),
 )
 
 _TASKS: dict[str, EvalTask] = {}

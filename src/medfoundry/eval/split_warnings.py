@@ -9,7 +9,9 @@ report (a warning box), so every place says the same thing:
 * ``single_class``: a split holds images of one class only;
 * ``few_patients``: patient ids are known and a split holds fewer than ``min_patients`` (10) patients;
 * ``missing_val``: there is no val split while something needs one (``val_needed_by``: best-checkpoint selection,
-  the linear probe's choice of C, the report's validation curves).
+  the linear probe's choice of C, the report's validation curves);
+* ``single_class_label``: in a multi-label set, a label is 0 (or 1) on every image of a split
+  (:func:`check_label_splits`; the ``multilabel`` probe reports ``nan`` for what that makes undefined).
 """
 
 from __future__ import annotations
@@ -80,20 +82,55 @@ def check_splits(labels: Sequence[str], splits: Sequence[str], patients: Sequenc
     return out
 
 
+_SINGLE_LABEL_EFFECT = {
+    "train": "the multi-label probe cannot fit it, so its AUC is nan",
+    "val": "it takes no part in the multi-label probe's choice of C",
+    "test": "its test AUC is undefined (reported as nan) and the mean AUC averages the other labels",
+}
+
+
+def check_label_splits(targets: Any, splits: Sequence[str], names: Sequence[str]) -> list[SplitWarning]:
+    """The ``single_class_label`` warnings of a multi-label set: per split, the labels (columns of the ``(N, L)``
+    0/1 ``targets``, called ``names``) that have one value on every image of that split."""
+    import numpy as np
+
+    y = np.asarray(targets).reshape(len(splits), -1)
+    split_arr = np.asarray(splits)
+    if y.shape[1] != len(names):
+        raise ValueError(f"{y.shape[1]} label columns but {len(names)} label names")
+    out: list[SplitWarning] = []
+    for split in [s for s in SPLITS if s in set(splits)]:
+        rows = y[split_arr == split]
+        constant = [(str(names[j]), int(rows[0, j])) for j in range(y.shape[1]) if np.unique(rows[:, j]).size < 2]
+        if constant:
+            what = ", ".join(f"'{n}' (always {v})" for n, v in constant)
+            out.append(SplitWarning("single_class_label", split,
+                                    f"in the {split} split ({len(rows)} images) label(s) {what} take a single value: "
+                                    f"{_SINGLE_LABEL_EFFECT[split]}"))
+    return out
+
+
 def labelled_set_warnings(lset: Any, *, val_needed_by: Sequence[str] = (),
                           min_patients: int = MIN_PATIENTS) -> list[SplitWarning]:
-    """:func:`check_splits` on a :class:`~medfoundry.eval.labelled_set.LabelledSet`'s items."""
+    """:func:`check_splits` on a :class:`~medfoundry.eval.labelled_set.LabelledSet`'s items, plus
+    :func:`check_label_splits` when the set is multi-label."""
     items = lset.items
-    return check_splits([it.label for it in items], [it.split for it in items], [it.patient for it in items],
-                        val_needed_by=val_needed_by, min_patients=min_patients)
+    out = check_splits([it.label for it in items], [it.split for it in items], [it.patient for it in items],
+                       val_needed_by=val_needed_by, min_patients=min_patients)
+    targets = getattr(lset, "targets", None)
+    if targets is not None:
+        out += check_label_splits(targets, [it.split for it in items], lset.target_names)
+    return out
 
 
 def val_needs(tasks: Sequence[str] = (), best_metric: str = "") -> list[str]:
-    """What needs a val split among ``tasks`` (the linear probe chooses C there) and ``best_metric`` (a
+    """What needs a val split among ``tasks`` (the linear and multi-label probes choose C there) and ``best_metric`` (a
     ``val_*`` metric selects ``best.pt``), as phrases for the ``missing_val`` warning."""
     out = []
     if best_metric:
         out.append(f"best-checkpoint selection (eval.best_metric={best_metric})")
     if "linear" in tasks:
         out.append("the linear probe's choice of C (without val it is chosen on 20 % of train)")
+    if "multilabel" in tasks:
+        out.append("the multi-label probe's choice of C (without val it is chosen on 20 % of train)")
     return out

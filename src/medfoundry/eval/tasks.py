@@ -134,7 +134,8 @@ def evaluate_backbone(
     from / written to the feature cache (keyed by the checkpoint identity, the labelled set's content and
     the extraction settings). The label-free view tasks (``needs="views"``: retrieval) read
     ``eval.retrieval_*`` (overridden by the ``retrieval`` dict, e.g. ``{"retrieval_root": ...,
-    "retrieval_images": ...}``). Returns ``(results, labelled set or None when no feature task ran,
+    "retrieval_images": ...}``). The mask tasks (``needs="masks"``: localisation) read ``data`` as a manifest of
+    images and their masks. Returns ``(results, labelled set or None when no feature task ran,
     features_from_cache)``.
     """
     from medfoundry.eval.eval_images import eval_transform_from_config
@@ -148,7 +149,8 @@ def evaluate_backbone(
     aggregate = aggregate or ec.aggregate
     tasks = registry.names(("features",)) if tasks is None else list(tasks)
     view_tasks = [t for t in tasks if registry.needs_of(t) == "views"]
-    feature_tasks = [t for t in tasks if t not in view_tasks]  # unknown names too: evaluate_features says so
+    mask_tasks = [t for t in tasks if registry.needs_of(t) == "masks"]  # localisation: data = image + mask manifest
+    feature_tasks = [t for t in tasks if t not in view_tasks + mask_tasks]  # unknown ones: evaluate_features says so
     results: dict[str, float] = {}
     lset, from_cache = None, False
     if feature_tasks:
@@ -160,7 +162,7 @@ def evaluate_backbone(
         use_cache = use_cache and ec.cache_features
         fs, from_cache = cached_features(loaded.backbone, loaded.identity if use_cache else "", lset, transform,
                                          feature, ec.batch_size, cache_dir=cache)
-        if aggregate == "series":
+        if aggregate == "series" or lset.aggregate == "series":  # a 3-D MedMNIST set: one feature per volume
             fs = fs.aggregate_series()
         boot = ec.n_bootstrap if n_bootstrap is None else n_bootstrap
         results.update(evaluate_features(fs, feature_tasks, knn_k or ec.knn_k, ec.knn_temperature, boot,
@@ -171,5 +173,14 @@ def evaluate_backbone(
         inputs = EvalInputs(EvalSettings(feature=feature, batch_size=ec.batch_size), backbone=loaded.backbone,
                             sections=rcfg)
         for name in view_tasks:
+            results.update(registry.get(name).run(inputs))
+    if mask_tasks:
+        if not data:
+            raise ValueError(f"tasks {mask_tasks} need a manifest with 'path' and 'mask' columns: pass --data MANIFEST")
+        mec = dataclasses.replace(ec, data=str(data), img_size=img_size or ec.img_size)
+        inputs = EvalInputs(EvalSettings(n_bootstrap=ec.n_bootstrap if n_bootstrap is None else n_bootstrap,
+                                         seed=ec.split_seed, batch_size=ec.batch_size),
+                            backbone=loaded.backbone, sections=dataclasses.replace(cfg, eval=mec))
+        for name in mask_tasks:
             results.update(registry.get(name).run(inputs))
     return results, lset, from_cache

@@ -20,6 +20,11 @@ class Method(nn.Module):
         """Compute ``{"loss": ..., metric_name: value, ...}`` for one batch."""
         raise NotImplementedError
 
+    def start_step(self, step: int) -> None:
+        """Called once per optimizer step before its first forward; with ``train.grad_accum_steps`` > 1 the step's
+        micro-batches follow, and state gathered across them for ``after_optimizer_step`` (DINO's teacher outputs
+        for the centre) starts empty here, so a skipped step leaves nothing behind."""
+
     def before_optimizer_step(self, step: int) -> None:
         """Called after backward and clipping, before ``optimizer.step()`` (e.g. freeze a layer's grads)."""
 

@@ -2,7 +2,8 @@
 
 The loop builds the method and its loader by name, applies parallelism from outside, and runs
 ``method(batch, step) -> {"loss", metrics}`` with schedules, clipping, non-finite-loss guarding,
-metric logging and atomic checkpoints. Everything method-specific lives in the method.
+metric logging and atomic checkpoints. Everything method-specific lives in the method. With
+``train.grad_accum_steps`` = N an optimizer step runs N micro-batches (:mod:`medfoundry.train.accumulate`).
 """
 
 from __future__ import annotations
@@ -33,11 +34,12 @@ from medfoundry.distributed.setup import DistInfo, init_distributed
 from medfoundry.errors import UserError
 from medfoundry.methods import get_method_entry
 from medfoundry.methods.input_paths import check_paths, needed_paths
-from medfoundry.precision import autocast, resolve_device, resolve_precision
+from medfoundry.precision import resolve_device, resolve_precision
 from medfoundry.safe_load import load_torch_file
+from medfoundry.train.accumulate import StepOutputs
 from medfoundry.train.hooks import build_hooks
 from medfoundry.train.optim import apply_schedules, build_optimizer
-from medfoundry.train.preemption import PREEMPTED_EXIT_CODE, StopFlag, agree_step
+from medfoundry.train.preemption import PREEMPTED_EXIT_CODE, StopFlag
 from medfoundry.train.resume import check_resume_config, flatten, select_checkpoint
 from medfoundry.train.run_logger import RunLogger
 from medfoundry.train.run_summary import ParamCount, RunSummary, parameter_counts, source_counts, write_summary
@@ -96,7 +98,8 @@ def train(cfg: RunConfig, on_signal_stop: Callable[[int], None] | None = None) -
         start_step, nonfinite = meta["step"], meta.get("nonfinite_in_a_row", 0)
         bad_files = meta.get("bad_files", {})
 
-    loader = entry.build_loader(cfg, method, start_step, info.rank, info.world_size)
+    n_micro = cfg.train.grad_accum_steps
+    loader = entry.build_loader(cfg, method, start_step * n_micro, info.rank, info.world_size)  # counts micro-batches
     logger = _open_logger(cfg, run_dir, info, start_step)  # truncates the step records: before the hooks read them
     for note in notes:
         logger.write(note)
@@ -115,16 +118,19 @@ def train(cfg: RunConfig, on_signal_stop: Callable[[int], None] | None = None) -
     try:
         for step in range(start_step, cfg.train.steps):
             t0 = time.perf_counter()
-            batch = _to_device(next(data_iter), device)
-            _track_bad(batch.pop("bad", []), bad_files, cfg, logger, loader)
-            if step == start_step:
-                logger.log_inputs(step, batch)  # TensorBoard: a grid of this batch's crops (no random draw)
             sched = apply_schedules(optimizer, cfg.optim, step, horizon)
-            with autocast(precision, device):
-                out = model(batch, step)
-            loss = out["loss"]
-            finite, stop_now = agree_step(loss, stop.requested, device)  # the step's one host sync
-            stop.requested = stop.requested or stop_now  # a stop agreed from another rank's signal counts here too
+            method.start_step(step)
+            acc = StepOutputs(n_micro)
+            for micro in range(n_micro):
+                batch = _to_device(next(data_iter), device)
+                _track_bad(batch.pop("bad", []), bad_files, cfg, logger, loader)
+                if step == start_step and micro == 0:
+                    logger.log_inputs(step, batch)  # TensorBoard: a grid of this batch's crops (no random draw)
+                acc.images += _batch_images(batch)
+                if acc.finite:  # a skipped step still reads all its micro-batches: the data position stays step x N
+                    acc.forward_backward(model, batch, step, micro == n_micro - 1, stop.requested, precision, device)
+                    stop.requested = stop.requested or acc.stop  # a stop agreed from another rank's signal counts too
+            finite, stop_now = acc.finite, acc.stop
             if not finite:
                 optimizer.zero_grad(set_to_none=True)
                 nonfinite += 1
@@ -142,7 +148,8 @@ def train(cfg: RunConfig, on_signal_stop: Callable[[int], None] | None = None) -
                     )
                 continue
             nonfinite = 0
-            loss.backward()
+            out = acc.mean()  # the loss and metrics: means over the micro-batches
+            loss = out["loss"]
             method.before_optimizer_step(step)  # frozen-for-now grads are dropped before the norm is taken
             grad_norm = _clip(params, cfg.optim.clip_grad)
             optimizer.step()
@@ -154,7 +161,7 @@ def train(cfg: RunConfig, on_signal_stop: Callable[[int], None] | None = None) -
             metrics.update(sched)
             metrics["grad_norm"] = grad_norm
             metrics.update(method.metrics_after_step(step))
-            n_images = _batch_images(batch) * info.world_size
+            n_images = acc.images * info.world_size
             metrics["images_per_s"] = n_images / max(1e-9, time.perf_counter() - t0)
             evaluated: dict[str, float] = {}
             for hook in hooks:

@@ -1,4 +1,5 @@
-"""Optimizer construction: AdamW parameter groups with no decay on 1-D parameters and layer-wise lr decay."""
+"""Optimizer construction: AdamW parameter groups with no decay on 1-D parameters, layer-wise lr decay and the
+patch embedding's lr multiplier."""
 
 from __future__ import annotations
 
@@ -32,16 +33,38 @@ def layer_id(name: str, depth: int) -> int:
     return depth + 1
 
 
+def is_patch_embed(name: str) -> bool:
+    """Whether parameter ``name`` belongs to a backbone's patch embedding (timm's ``vit.patch_embed.*``)."""
+    dotted = f".{name}"
+    return ".backbone." in dotted and ".patch_embed." in dotted
+
+
+def lr_scale(name: str, cfg: OptimConfig, depth: int | None) -> float:
+    """The lr multiplier of parameter ``name``: layer-wise decay times, for the patch embedding, the
+    ``optim.patch_embed_lr_mult``.
+
+    Both follow DINOv2 (``dinov2/utils/param_groups.py``, ``get_params_groups_with_decay``): a backbone
+    parameter at depth index ``i`` (:func:`layer_id`) gets ``layer_decay ** (depth + 1 - i)``, and a parameter
+    whose name contains ``patch_embed`` additionally gets ``patch_embed_lr_mult`` (0.2 in DINOv2's
+    ``ssl_default_config.yaml``, kept by OpenMidnight), so the two compose by multiplication.
+    """
+    scale = 1.0
+    if cfg.layer_decay != 1.0 and depth is not None and ".backbone." in f".{name}":
+        scale = cfg.layer_decay ** (depth + 1 - layer_id(name, depth))
+    if cfg.patch_embed_lr_mult != 1.0 and is_patch_embed(name):
+        scale *= cfg.patch_embed_lr_mult
+    return scale
+
+
 def param_groups(model: nn.Module, cfg: OptimConfig, depth: int | None = None) -> list[dict]:
-    """Groups keyed by (weight decay on/off, lr scale); each group records ``lr_scale`` and ``wd_scale``."""
+    """Groups keyed by (weight decay on/off, lr scale); each group records ``lr_scale`` (:func:`lr_scale`) and
+    ``wd_scale``."""
     groups: dict[tuple[bool, float], dict] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         decay = not no_weight_decay(name, p)
-        scale = 1.0
-        if cfg.layer_decay != 1.0 and depth is not None and ".backbone." in f".{name}":
-            scale = cfg.layer_decay ** (depth + 1 - layer_id(name, depth))
+        scale = lr_scale(name, cfg, depth)
         key = (decay, scale)
         if key not in groups:
             groups[key] = {"params": [], "names": [], "lr_scale": scale, "wd_scale": 1.0 if decay else 0.0}

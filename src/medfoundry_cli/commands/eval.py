@@ -14,7 +14,8 @@ them once. ``--random-init`` evaluates the same backbone at its initialisation i
 
 Image-text tasks (``needs="clip"``: zero-shot classification, image<->report retrieval) go to
 :func:`medfoundry_cli.commands.eval_clip.run_task`; on a ``method=clip`` checkpoint a CLIP task's alias
-(``retrieval`` for ``clip_retrieval``) means that task.
+(``retrieval`` for ``clip_retrieval``) means that task. Slide-level tasks (``needs="slides"``: ``slide``, with
+``--slides MANIFEST``) go to :func:`medfoundry_cli.commands.eval_slide.run_task`.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import json
 import sys
 from pathlib import Path
 
-from medfoundry_cli.commands import eval_clip
+from medfoundry_cli.commands import eval_clip, eval_slide
 
 _TASK_LIST = "\0medfoundry-eval-task-list"  # epilog placeholder, filled by _HelpWithTasks
 
@@ -78,6 +79,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--json", dest="json_out", help="also write the results to this JSON file")
     eval_clip.add_arguments(parser)
+    eval_slide.add_arguments(parser)
 
 
 def _tasks(args: argparse.Namespace, default: list[str]) -> list[str]:
@@ -128,7 +130,10 @@ def run(args: argparse.Namespace) -> int:
     rc = 0
     for task in to_clip:
         rc = max(rc, eval_clip.run_task(task, args))
-    feature_tasks = [t for t in requested if t not in to_clip]
+    to_slide = [name for name, task in resolved.items() if task is not None and task.needs == "slides"]
+    for task in to_slide:  # slide-level MIL (--slides MANIFEST): medfoundry_cli.commands.eval_slide
+        rc = max(rc, eval_slide.run_task(task, args))
+    feature_tasks = [t for t in requested if t not in to_clip + to_slide]
     if requested and not feature_tasks:
         return rc
 
@@ -154,6 +159,8 @@ def run(args: argparse.Namespace) -> int:
             return 2
         name = "random_init" if random_init else "pretrained"
         summary = f"data {data}: {len(lset)} images, {lset.summary()}" if lset is not None else "label-free"
+        if any(registry.needs_of(t) == "masks" for t in tasks):  # localisation: images and masks, no labels
+            summary += f"; masks from {data}"
         print(f"{loaded.checkpoint} ({loaded.label}); {summary}{'; features from cache' if from_cache else ''}")
         print(format_results(results, f"[{name}] tasks: {', '.join(tasks)}"))
         if lset is not None and not context:  # the split checks and the majority-class baseline, once

@@ -15,11 +15,13 @@ from pathlib import Path
 from medfoundry.data.readers.dicom import DICOM_READER
 from medfoundry.data.readers.hdf5 import HDF5_READER
 from medfoundry.data.readers.interface import READER_KINDS, Reader
+from medfoundry.data.readers.medmnist import MEDMNIST_READER
 from medfoundry.data.readers.nifti import NIFTI_READER, NRRD_READER
 from medfoundry.data.readers.slices import SLICE_READER
 from medfoundry.data.readers.wsi import SLIDE_READER
 
-READERS: list[Reader] = [NIFTI_READER, NRRD_READER, HDF5_READER, SLIDE_READER, SLICE_READER, DICOM_READER]
+READERS: list[Reader] = [NIFTI_READER, NRRD_READER, HDF5_READER, MEDMNIST_READER, SLIDE_READER, SLICE_READER,
+                         DICOM_READER]
 
 
 def register_reader(reader: Reader, *, first: bool = True) -> Reader:

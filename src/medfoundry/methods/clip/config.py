@@ -81,6 +81,16 @@ class ClipRunConfig(RunConfig):
                                               "clip")
 
     def check(self) -> None:
-        """The ``clip`` section's cross-field rules (:func:`check_clip_config`)."""
+        """The ``clip`` section's cross-field rules (:func:`check_clip_config`); no gradient accumulation.
+
+        The contrastive loss couples every image with every report of the batch, so micro-batches of
+        ``train.batch_size`` would train with that many negatives, not the product's: refused rather than
+        silently different. Cached-feature accumulation (GradCache, Gao et al. 2021) is the exact alternative.
+        """
+        if self.train.grad_accum_steps > 1:
+            raise ConfigError(f"'train.grad_accum_steps' = {self.train.grad_accum_steps} is refused for method clip: "
+                              "its contrastive loss couples all pairs of a batch, so micro-batches would not equal "
+                              "the big batch; raise train.batch_size over more GPUs (cached-feature/GradCache "
+                              "accumulation is not implemented)")
         check_clip_config(self.clip)
         check_clip_best_metric(self.clip.eval)

@@ -82,7 +82,7 @@ class DINOMethod(StudentTeacherMethod):
             anchor.requires_grad_(False)
             anchor.eval()
             self.gram_anchor = anchor
-        self._pending: dict[str, Tensor] = {}
+        self._pending: dict[str, list[Tensor]] = {}  # teacher logits of the step's micro-batches, for the centres
 
     @property
     def _ibot_dim(self) -> int:
@@ -181,7 +181,8 @@ class DINOMethod(StudentTeacherMethod):
             "gram_loss": c.gram_weight,
         }
         loss = sum(weights[name] * value for name, value in terms.items())
-        self._pending = pending
+        for key, logits in pending.items():  # gathered over the step's micro-batches (train.grad_accum_steps)
+            self._pending.setdefault(key, []).append(logits)
 
         with torch.no_grad():
             t_cls = nn.functional.normalize(t_out.cls.float(), dim=-1)
@@ -203,9 +204,14 @@ class DINOMethod(StudentTeacherMethod):
             for p in self.student["backbone"].parameters():
                 p.grad = None
 
+    def start_step(self, step: int) -> None:
+        """Forget teacher outputs gathered for a step that was skipped (non-finite loss)."""
+        self._pending = {}
+
     @torch.no_grad()
     def after_optimizer_step(self, step: int) -> None:
-        """EMA update of the teacher, then the centers from this step's teacher outputs."""
+        """EMA update of the teacher, then the centers from this step's teacher outputs (of all its micro-batches,
+        so an accumulated step updates them as the big batch would)."""
         m = self.teacher_momentum(step)
         # only trainable student params move; frozen ones (LoRA base weights, frozen blocks) stay bit-identical
         pairs = [(s, t) for s, t in zip(self.student.parameters(), self.teacher.parameters()) if s.requires_grad]
@@ -214,9 +220,9 @@ class DINOMethod(StudentTeacherMethod):
         torch._foreach_lerp_(t_params, s_params, 1.0 - m)
         if self.cfg.centering == "center":
             if "dino" in self._pending:
-                self.dino_loss.update_center(self._pending["dino"].float())
+                self.dino_loss.update_center(torch.cat(self._pending["dino"]).float())
             if "ibot" in self._pending:
-                self.ibot_loss.update_center(self._pending["ibot"].float())
+                self.ibot_loss.update_center(torch.cat(self._pending["ibot"]).float())
         self._pending = {}
 
     def metrics_after_step(self, step: int) -> dict[str, float]:

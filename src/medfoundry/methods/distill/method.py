@@ -118,7 +118,7 @@ class DistillMethod(StudentTeacherMethod):
         self.teacher.requires_grad_(False)
         self.teacher.eval()
         self.cosine = CosineFeatureLoss()
-        self._pending: Tensor | None = None
+        self._pending: list[Tensor] = []  # teacher DINO logits of the step's micro-batches, for the centre
         if global_size % teacher.patch_size:
             raise ValueError(
                 f"crops.global_size={global_size} is not a multiple of the teacher patch size "
@@ -160,7 +160,7 @@ class DistillMethod(StudentTeacherMethod):
             student_logits = self.student_crop_logits(s_out.cls, local, n_g, b)
             terms["dino_loss"] = self.dino_loss(student_logits, t_probs.view(n_g, b, -1), skip_same_view=False)
             weights["dino_loss"] = d.dino_weight
-            self._pending = t_logits.detach()
+            self._pending.append(t_logits.detach())
         if "cls_proj" in self.student:
             terms["cls_cosine_loss"] = self.cosine(self.student["cls_proj"](s_out.cls), t_out.cls)
             weights["cls_cosine_loss"] = d.cls_cosine_weight
@@ -183,12 +183,16 @@ class DistillMethod(StudentTeacherMethod):
             for p in self.student["backbone"].parameters():
                 p.grad = None
 
+    def start_step(self, step: int) -> None:
+        """Forget teacher logits gathered for a step that was skipped (non-finite loss)."""
+        self._pending = []
+
     @torch.no_grad()
     def after_optimizer_step(self, step: int) -> None:
-        """Update the DINO center from this step's teacher logits (centering only)."""
-        if self._pending is not None and self.dino_cfg.centering == "center":
-            self.dino_loss.update_center(self._pending)
-        self._pending = None
+        """Update the DINO center from this step's teacher logits, of all its micro-batches (centering only)."""
+        if self._pending and self.dino_cfg.centering == "center":
+            self.dino_loss.update_center(torch.cat(self._pending))
+        self._pending = []
 
 
 def _projector(d_in: int, d_out: int) -> nn.Linear:
