@@ -1,9 +1,11 @@
 """Timing full training steps: the DINOv2-style multi-crop step and the CLIP image-report step.
 
-A step is exactly what :func:`medfoundry.train.loop.train` does per iteration, minus logging and
-checkpoints: schedules, forward under autocast (bf16 on GPU by default), backward, gradient clipping,
-``before_optimizer_step``, the optimizer step (fused AdamW on CUDA) and ``after_optimizer_step``
-(the EMA teacher update for DINO). Inputs are synthetic tensors already on the device ("model only").
+A step is what :func:`medfoundry.train.loop.train` does per iteration, minus data loading, logging and
+checkpoints (:class:`TrainStep`): schedules, forward under autocast (bf16 on GPU by default), the loop's
+finite-loss agreement, backward, ``before_optimizer_step``, gradient clipping with the norm read back,
+the optimizer step (fused AdamW on CUDA), ``after_optimizer_step`` (the EMA teacher update for DINO)
+and the loop's metric reduction, host syncs included. Inputs are synthetic tensors already on the
+device ("model only").
 
 The DINOv2-style configuration is DINO (class token, Sinkhorn-Knopp teacher targets) + iBOT
 (masked patch tokens, shared head, half the global crops masked at 10-50 %) + KoLeo, with
@@ -23,7 +25,7 @@ import torch
 from torch import Tensor
 
 from medfoundry.config.schema import HeadConfig, RunConfig
-from medfoundry.precision import autocast, resolve_device, resolve_precision
+from medfoundry.precision import resolve_device, resolve_precision
 from medfoundry.train.optim import apply_schedules, build_optimizer
 from medfoundry_cli.bench.flops import (
     ViTShape,
@@ -59,6 +61,8 @@ class StepSpec:
     seed: int = 0
     peak_tflops: float | None = None  # MFU reference instead of the device table / nominal CPU peak
     find_max_batch: bool = False  # binary-search the largest batch that fits (CUDA only)
+    seconds: float | None = None  # time box of the timed steps (None: all ``steps``)
+    max_batch_seconds: float | None = None  # time box of the largest-batch search (None: until it converges)
     extra: list[str] = field(default_factory=list)  # config overrides ``key=value`` applied last
 
     def label(self) -> str:
@@ -94,16 +98,41 @@ def dino_run_config(spec: StepSpec) -> RunConfig:
 
 
 class TrainStep:
-    """One training-loop iteration of ``method`` (see the module docstring); call with ``(batch, step)``."""
+    """One iteration of the training loop's body, minus data loading, logging and checkpoints; call with
+    ``(batch, step)``, returns the detached loss (the per-step metrics are kept in ``last_metrics``).
 
-    def __init__(self, method: torch.nn.Module, cfg: RunConfig, device: torch.device, precision: str) -> None:
+    ``medfoundry.train.loop`` exposes no step function (``train`` inlines its loop body), so this runs the
+    body's sequence with the loop's own pieces, for one micro-batch: ``apply_schedules``,
+    ``Method.start_step``, :meth:`medfoundry.train.accumulate.StepOutputs.forward_backward` (forward under
+    autocast, ``agree_step``'s finite/stop flags read on the host -- sync 1 -- then backward),
+    ``before_optimizer_step``, the loop's ``_clip`` (the gradient norm as a float: sync 2), the optimizer
+    step, ``zero_grad``, ``after_optimizer_step``, the loop's ``_reduce_metrics`` (every scalar metric as a
+    float: sync 3), ``metrics_after_step`` and the loss as a float for the progress line (sync 4). A
+    non-finite loss skips the update, as the loop does.
+
+    Args:
+        method: the training method (its hooks are called, its parameters optimised).
+        cfg: the run config (``optim``, ``train.steps``/``schedule_steps``).
+        device, precision: where it runs and the autocast precision.
+        model: the module the loop calls (a DDP wrapper of ``method``); default ``method``.
+    """
+
+    def __init__(self, method: torch.nn.Module, cfg: RunConfig, device: torch.device, precision: str,
+                 model: torch.nn.Module | None = None) -> None:
+        from medfoundry.train import loop
+
         self.method = method
+        self.model = model if model is not None else method
         self.cfg = cfg
         self.device = device
         self.precision = precision
         depth = max((b.depth for b in method.backbones().values()), default=None)
         self.optimizer = build_optimizer(method, cfg.optim, depth)
         self.params = [p for p in method.parameters() if p.requires_grad]
+        self.horizon = cfg.train.schedule_steps or cfg.train.steps
+        self._clip = loop._clip
+        self._reduce_metrics = loop._reduce_metrics
+        self.last_metrics: dict[str, float] = {}
 
     def compile_blocks(self) -> None:
         """``torch.compile`` every transformer block of every backbone, as ``dist.compile=true`` does."""
@@ -115,17 +144,29 @@ class TrainStep:
                     block.compile()
 
     def __call__(self, batch: dict, step: int) -> Tensor:
-        apply_schedules(self.optimizer, self.cfg.optim, step, self.cfg.train.steps)
-        with autocast(self.precision, self.device):
-            out = self.method(batch, step)
+        from medfoundry.train.accumulate import StepOutputs
+
+        sched = apply_schedules(self.optimizer, self.cfg.optim, step, self.horizon)
+        self.method.start_step(step)
+        acc = StepOutputs(1)
+        acc.forward_backward(self.model, batch, step, True, False, self.precision, self.device)
+        if not acc.finite:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.last_metrics = {"loss": float("nan")}
+            return torch.tensor(float("nan"))
+        out = acc.mean()
         loss = out["loss"]
-        loss.backward()
-        if self.cfg.optim.clip_grad > 0:
-            torch.nn.utils.clip_grad_norm_([p for p in self.params if p.grad is not None], self.cfg.optim.clip_grad)
         self.method.before_optimizer_step(step)
+        grad_norm = self._clip(self.params, self.cfg.optim.clip_grad)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.method.after_optimizer_step(step)
+        metrics = self._reduce_metrics(out, self.device)
+        metrics.update(sched)
+        metrics["grad_norm"] = grad_norm
+        metrics.update(self.method.metrics_after_step(step))
+        metrics["loss"] = float(loss.detach())
+        self.last_metrics = metrics
         return loss.detach()
 
 
@@ -157,28 +198,37 @@ def analytic_dino_flops(cfg: RunConfig, shape: ViTShape, batch: int, masked_patc
 
 
 def time_steps(step_fn: Callable[[int], object], device: torch.device, steps: int, warmup: int,
-               first_step: int = 0) -> list[float]:
-    """Seconds of each of ``steps`` calls ``step_fn(i)`` after ``warmup`` untimed ones (synchronised)."""
+               first_step: int = 0, seconds: float | None = None) -> list[float]:
+    """Seconds of each of ``steps`` calls ``step_fn(i)`` after ``warmup`` untimed ones (synchronised).
+
+    ``seconds`` time-boxes the timed part: no new step starts once the timed steps have taken that long
+    (at least one step is timed), so a slow configuration still returns within its budget.
+    """
     i = first_step
     for _ in range(warmup):
         step_fn(i)
         i += 1
     synchronize(device)
-    times = []
+    times: list[float] = []
     for _ in range(steps):
         t0 = time.perf_counter()
         step_fn(i)
         synchronize(device)
         times.append(time.perf_counter() - t0)
         i += 1
+        if seconds is not None and sum(times) >= seconds:
+            break
     return times
 
 
-def largest_batch(try_batch: Callable[[int], None], start: int, limit: int = 16384) -> int:
+def largest_batch(try_batch: Callable[[int], None], start: int, limit: int = 16384,
+                  deadline: float | None = None) -> int:
     """Largest batch for which ``try_batch(b)`` runs without CUDA out-of-memory (0 if none).
 
     Doubles from ``start`` until a batch fails (or ``limit``), then bisects to within 1/32 of the
     answer. ``try_batch`` must run at least two full steps (optimizer state exists from the second).
+    ``deadline`` (a ``time.monotonic()`` value): no new try starts after it; the largest batch that fitted
+    so far is returned (a lower bound).
     """
 
     def fits(b: int) -> bool:
@@ -192,14 +242,17 @@ def largest_batch(try_batch: Callable[[int], None], start: int, limit: int = 163
                 gc.collect()
                 torch.cuda.empty_cache()
 
+    def late() -> bool:
+        return deadline is not None and time.monotonic() > deadline
+
     lo, hi = 0, start
     while True:
-        if hi > limit:
+        if hi > limit or (lo and late()):
             return lo
         if not fits(hi):
             break
         lo, hi = hi, hi * 2
-    while hi - lo > max(1, lo // 32):
+    while hi - lo > max(1, lo // 32) and not late():
         mid = (lo + hi) // 2
         if fits(mid):
             lo = mid
@@ -226,7 +279,7 @@ def bench_dino_step(spec: StepSpec) -> BenchResult:
     if spec.compile:  # after counting: FlopCounterMode needs the eager ops
         step.compile_blocks()
     reset_peak_memory(device)
-    times = time_steps(lambda i: step(batch, i), device, spec.steps, spec.warmup, first_step=1)
+    times = time_steps(lambda i: step(batch, i), device, spec.steps, spec.warmup, first_step=1, seconds=spec.seconds)
     mem, mem_source = peak_memory(device)
     step_s = sum(times) / len(times)
     result = BenchResult("model", spec.label(), str(device), spec.batch, spec.batch / step_s, step_s,
@@ -239,7 +292,11 @@ def bench_dino_step(spec: StepSpec) -> BenchResult:
     if spec.find_max_batch:
         if device.type == "cuda":
             del batch
+            t0 = time.monotonic()
             result.max_batch = _largest_dino_batch(step, cfg, backbone.patch_size, device, spec)
+            if spec.max_batch_seconds and time.monotonic() - t0 > spec.max_batch_seconds:
+                result.notes.append(f"largest batch: search stopped at its {spec.max_batch_seconds:g} s time box; "
+                                    f"{result.max_batch} fits (a lower bound)")
         else:
             result.notes.append("largest batch: searched on CUDA only (CPU memory is not the limit worth reporting)")
     return result
@@ -253,7 +310,8 @@ def _largest_dino_batch(step: TrainStep, cfg: RunConfig, patch: int, device: tor
             step(batch, i)
         synchronize(device)
 
-    return largest_batch(try_batch, max(1, spec.batch))
+    deadline = time.monotonic() + spec.max_batch_seconds if spec.max_batch_seconds else None
+    return largest_batch(try_batch, max(1, spec.batch), deadline=deadline)
 
 
 # ---- CLIP ------------------------------------------------------------------------------------------------------
@@ -273,6 +331,7 @@ class ClipStepSpec:
     seed: int = 0
     peak_tflops: float | None = None
     find_max_batch: bool = False
+    seconds: float | None = None  # time box of the timed steps (None: all ``steps``)
     extra: list[str] = field(default_factory=list)  # config overrides ``key=value`` applied last
 
 
@@ -348,7 +407,7 @@ def bench_clip_step(spec: ClipStepSpec) -> BenchResult:
     counted, _ = count_flops(lambda: step(batch, 0))
     analytic = analytic_clip_flops(method, cfg, spec.batch, text_len)
     reset_peak_memory(device)
-    times = time_steps(lambda i: step(batch, i), device, spec.steps, spec.warmup, first_step=1)
+    times = time_steps(lambda i: step(batch, i), device, spec.steps, spec.warmup, first_step=1, seconds=spec.seconds)
     mem, mem_source = peak_memory(device)
     step_s = sum(times) / len(times)
     name = f"clip {spec.recipe or 'tiny'} {cfg.model.name} {cfg.clip.preprocess.size}px text {text_len}"
