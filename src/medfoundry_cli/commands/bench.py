@@ -4,6 +4,7 @@ Modes (see docs/performance.md): ``model`` times a DINOv2-style step on syntheti
 device; ``aug`` times the CPU multi-crop per core and the batched device multi-crop; ``e2e`` feeds the
 step from PNG files through the real loader and reports the share of time spent waiting for data;
 ``clip`` times a CLIP image-report step (tiny towers, or ``--clip-recipe``); ``all`` runs each of those.
+``startup`` prints the time to first step of ``medfoundry train`` on the tiny recipe in fresh processes.
 Tiny configurations run on CPU in seconds; full ones need ``--device cuda``. ``quality`` is different: it
 pretrains on a real benchmark set (``--dataset brain|fashion|ct``) and prints kNN / linear-probe numbers
 beside random init, raw pixels and the majority class (see docs/quality.md); it takes minutes per seed.
@@ -12,14 +13,18 @@ beside random init, raw pixels and the majority class (see docs/quality.md); it 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--mode", choices=["model", "aug", "e2e", "clip", "all", "quality"], default="all",
-                        help="what to measure (default: all speed modes; quality: pretraining quality, minutes)")
+    parser.add_argument("--mode", choices=["model", "aug", "e2e", "clip", "all", "startup", "quality"],
+                        default="all", help="what to measure (default: all speed modes; startup: time to first "
+                        "step of `medfoundry train` on the tiny recipe; quality: pretraining quality, minutes)")
     parser.add_argument("--dataset", choices=["brain", "fashion", "ct"], default="brain",
                         help="quality: benchmark set (brain patches split by hemisphere, Fashion-MNIST, CT by patient)")
-    parser.add_argument("--recipe", default="", help="quality: recipe to pretrain (default: quality_<dataset>_cpu)")
+    parser.add_argument("--recipe", default="",
+                        help="quality: recipe to pretrain (default: quality_<dataset>_cpu); startup: recipe started "
+                        "(default: tiny_dino_cpu)")
     parser.add_argument("--seeds", default="0,1,2", help="quality: comma-separated training seeds")
     parser.add_argument("--train-steps", type=int, default=0, help="quality: pretraining steps (0: the recipe's)")
     parser.add_argument("--cache", default=".cache/quality", help="quality: where the real data is fetched to")
@@ -33,7 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n-local", type=int, default=8, help="local crops per image")
     parser.add_argument("--local-size", type=int, default=32, help="local crop side in pixels")
     parser.add_argument("--in-chans", type=int, default=3, help="image channels")
-    parser.add_argument("--steps", type=int, default=5, help="timed steps")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps (startup: fresh processes timed)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps before timing")
     parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | auto")
     parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
@@ -73,6 +78,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.mode == "quality":
         return _run_quality(args)
+    if args.mode == "startup":
+        return _run_startup(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
@@ -126,4 +133,17 @@ def _run_quality(args: argparse.Namespace) -> int:
     spec = QualitySpec(dataset=args.dataset, recipe=args.recipe, overrides=list(args.overrides), seeds=seeds,
                        steps=args.train_steps, cache=args.cache, output_dir=args.output_dir, resume=args.resume)
     report_quality(spec, args.json)
+    return 0
+
+
+def _run_startup(args: argparse.Namespace) -> int:
+    import json
+
+    from medfoundry_cli.bench.startup import format_startup, time_to_first_step
+
+    result = time_to_first_step(args.recipe or "tiny_dino_cpu", tuple(args.overrides), repeats=args.steps)
+    print(format_startup(result), flush=True)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2))
     return 0
