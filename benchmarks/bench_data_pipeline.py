@@ -9,12 +9,19 @@ times, in one process with one torch thread (so the numbers are per core):
 
 Usage: ``python benchmarks/bench_data_pipeline.py [--quick] [--seconds S]`` (``--quick``: small
 inputs and short timings, under a minute on a 2-core CPU).
+
+``--peer dinov2`` instead times the CPU multi-crop side by side with facebookresearch/dinov2's own
+``DataAugmentationDINO`` on real CT frames (pydicom's ``CT_small.dcm``, pydicom-data's ``693_UNCI.dcm`` and
+``eCT_Supplemental.dcm``, lung window), per core, with DINOv2's colour/blur augmentations and geometric only, in
+alternating blocks, and prints both ratios (``medfoundry_cli.bench.data.compare_augmentation_with_dinov2``; the
+dinov2 code is looked up in ``.cache/peers/dinov2`` and cloned there only when absent, see docs/performance.md).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import os
 import sys
 import tempfile
@@ -133,7 +140,21 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small inputs, short timings (< 1 minute)")
     parser.add_argument("--seconds", type=float, default=None, help="timing per measurement")
+    parser.add_argument("--peer", choices=["dinov2"], default=None,
+                        help="only the side-by-side with dinov2's DataAugmentationDINO on real CT frames")
+    parser.add_argument("--repeats", type=int, default=7, help="--peer: alternating timed blocks per side")
+    parser.add_argument("--block-images", type=int, default=24, help="--peer: images per block")
+    parser.add_argument("--global-size", type=int, default=224, help="--peer: global crop side (dinov2: 224)")
+    parser.add_argument("--local-size", type=int, default=96, help="--peer: local crop side (dinov2: 96)")
+    parser.add_argument("--n-local", type=int, default=8, help="--peer: local crops (dinov2: 8)")
+    parser.add_argument("--peer-path", default=None, help="--peer: folder holding the dinov2 code")
+    parser.add_argument("--no-fetch", action="store_true", help="--peer: never clone the dinov2 code")
+    parser.add_argument("--uint8-resize", action="store_true",
+                        help="--peer: also time medfoundry with MultiCropTransform(uint8_resize=True)")
+    parser.add_argument("--json", default=None, help="--peer: write the comparison as JSON to this file")
     args = parser.parse_args(argv)
+    if args.peer:
+        return _peer(args)
     seconds = args.seconds or (1.0 if args.quick else 5.0)
     torch.set_num_threads(1)
 
@@ -174,6 +195,30 @@ def main(argv: list[str] | None = None) -> int:
             full = _rate(augmented, len(src), seconds)
             print(f"{name:34s} {len(src):6d} {decode:9.1f} {full:9.1f}")
         print(f"total {time.perf_counter() - t0:.1f}s")
+    return 0
+
+
+def _peer(args: argparse.Namespace) -> int:
+    """``--peer dinov2``: the comparison table and its two ratios (see the module docstring); exit code 2 with one
+    line when the dinov2 code is missing and cannot be fetched."""
+    from medfoundry.errors import UserError
+    from medfoundry_cli.bench.data import compare_augmentation_with_dinov2
+    from medfoundry_cli.bench.results import describe_machine
+
+    torch.set_num_threads(1)
+    print(f"{describe_machine(torch.device('cpu'))}; load average {os.getloadavg()[0]:.1f}", flush=True)
+    try:
+        result = compare_augmentation_with_dinov2(repeats=args.repeats, block_images=args.block_images,
+                                                  global_size=args.global_size, local_size=args.local_size,
+                                                  n_local=args.n_local, peer_path=args.peer_path,
+                                                  fetch=not args.no_fetch, uint8_resize=args.uint8_resize)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(result.format())
+    print(f"load average after: {os.getloadavg()[0]:.1f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result.as_dict(), indent=1) + "\n")
     return 0
 
 

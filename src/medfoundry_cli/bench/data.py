@@ -9,14 +9,20 @@
   crops on the device) and fed to the training step of :mod:`medfoundry_cli.bench.step`. Each step's wall
   time splits into *waiting* for ``next(loader)`` (plus the host-to-device copy), the device crops
   (GPU path) and the step itself (synchronised); the data-wait fraction is waiting / total.
+* **Side by side with dinov2** (:func:`compare_augmentation_with_dinov2`): the CPU multi-crop and dinov2's own
+  ``DataAugmentationDINO`` on the same real CT frames, per core, with DINOv2's colour/blur augmentations and
+  geometric only (``benchmarks/bench_data_pipeline.py --peer dinov2``).
 """
 
 from __future__ import annotations
 
+import statistics
+import sys
 import tempfile
 import time
+import warnings
 from contextlib import contextmanager
-from dataclasses import replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -187,3 +193,179 @@ def bench_end_to_end(spec: StepSpec, crops_on: Literal["cpu", "gpu"] = "cpu", wo
              f" ms, step {1e3 * sum(computes) / spec.steps:.1f} ms")
     result.notes.append(f"{workers} loader workers, {n_images} files; {parts}")
     return result
+
+
+# --- the CPU multi-crop side by side with dinov2's DataAugmentationDINO on real CT frames -------------------------
+
+#: Real CT files by explicit name (a wildcard lookup in pydicom's test data would try to download): pydicom's own
+#: ``CT_small.dcm`` (128 x 128) and pydicom-data's ``693_UNCI.dcm`` (512 x 512) and ``eCT_Supplemental.dcm``
+#: (two 512 x 512 frames).
+CT_FRAME_FILES = ("CT_small.dcm", "693_UNCI.dcm", "eCT_Supplemental.dcm")
+#: DINOv2's photometric settings (``dinov2/data/augmentations.py``) as medfoundry's ``crops`` keys.
+DINOV2_PHOTOMETRIC = dict(color_jitter_prob=0.8, color_jitter=[0.4, 0.4, 0.2, 0.1], grayscale_prob=0.2,
+                          global1_blur_prob=1.0, global2_blur_prob=0.1, local_blur_prob=0.5, solarize_prob=0.2)
+
+
+def real_ct_frames(window: str = "lung") -> list[tuple[str, torch.Tensor]]:
+    """``[(name, (1, H, W) float32 in [0, 1])]``: every frame of :data:`CT_FRAME_FILES` read by medfoundry's DICOM
+    reader (Hounsfield units) and mapped through the HU ``window``. Without pydicom-data only ``CT_small.dcm``."""
+    import importlib.util
+
+    from pydicom.data import get_testdata_file
+
+    from medfoundry.data.readers import read_volume
+    from medfoundry.data.transforms.hu import apply_window, parse_window
+
+    names = CT_FRAME_FILES if importlib.util.find_spec("data_store") is not None else CT_FRAME_FILES[:1]
+    center, width = parse_window(window)
+    frames = []
+    for name in names:
+        vol = read_volume(get_testdata_file(name))
+        for z in range(vol.array.shape[0]):
+            hu = torch.from_numpy(np.ascontiguousarray(vol.array[z])).float()[None]
+            frames.append((f"{name}[{z}]", apply_window(hu, center, width)))
+    return frames
+
+
+@dataclass
+class AugSide:
+    """One side of the augmentation comparison: images per CPU second and per wall second, one value per block."""
+
+    name: str
+    cpu_rates: list[float] = field(default_factory=list)
+    wall_rates: list[float] = field(default_factory=list)
+
+    @property
+    def cpu_rate(self) -> float:
+        """Median images per CPU second over the blocks (one thread: images/s per core)."""
+        return statistics.median(self.cpu_rates)
+
+
+@dataclass
+class AugComparison:
+    """medfoundry's CPU multi-crop and dinov2's ``DataAugmentationDINO`` timed in alternating blocks."""
+
+    sides: dict[str, AugSide]
+    frames: list[str]
+    views: str
+    peer: str
+    block_images: int
+    repeats: int
+
+    def ratios(self, side: str, peer: str) -> list[float]:
+        """Per block: images/s (CPU time) of ``side`` / images/s of ``peer``, from the same repeat."""
+        a, b = self.sides[side].cpu_rates, self.sides[peer].cpu_rates
+        return [x / y for x, y in zip(a, b)]
+
+    def ratio(self, side: str, peer: str) -> tuple[float, float, float]:
+        """(median, min, max) of :meth:`ratios`."""
+        r = self.ratios(side, peer)
+        return statistics.median(r), min(r), max(r)
+
+    def _medfoundry_sides(self) -> list[tuple[str, str]]:
+        """(side prefix, label) of the medfoundry variants that ran."""
+        known = (("medfoundry", "medfoundry"), ("medfoundry_3ch_path", "three-channel path"),
+                 ("medfoundry_uint8", "medfoundry + uint8_resize"))
+        return [(k, label) for k, label in known if f"{k}_geometric" in self.sides]
+
+    def as_dict(self) -> dict:
+        """The comparison as plain data (for ``--json``)."""
+        out = {"frames": self.frames, "views": self.views, "peer": self.peer, "block_images": self.block_images,
+               "repeats": self.repeats, "sides": {k: asdict(v) for k, v in self.sides.items()}, "ratios": {}}
+        for kind in ("photometric", "geometric"):
+            for mf, _ in self._medfoundry_sides():
+                key = f"{mf}_{kind}"
+                med, lo, hi = self.ratio(key, f"dinov2_{kind}")
+                out["ratios"][f"{key}/dinov2_{kind}"] = {"median": med, "min": lo, "max": hi,
+                                                          "blocks": self.ratios(key, f"dinov2_{kind}")}
+        return out
+
+    def format(self) -> str:
+        """The table and the two ratios the issue asks for, one line each."""
+        lines = [f"CPU multi-crop per core (1 torch thread) on {len(self.frames)} real CT frames "
+                 f"({', '.join(self.frames)}), {self.views}; {self.repeats} alternating blocks of "
+                 f"{self.block_images} images per side; peer {self.peer}",
+                 f"{'side':34s} {'images/s (CPU time)':>20s} {'block range':>16s} {'images/s (wall)':>16s}"]
+        for s in self.sides.values():
+            lines.append(f"{s.name:34s} {s.cpu_rate:20.1f} {min(s.cpu_rates):7.1f}-{max(s.cpu_rates):<8.1f} "
+                         f"{statistics.median(s.wall_rates):16.1f}")
+        labels = {"photometric": "with DINOv2's colour/blur augmentations", "geometric": "geometric only"}
+        for kind, label in labels.items():
+            for mf, what in self._medfoundry_sides():
+                med, lo, hi = self.ratio(f"{mf}_{kind}", f"dinov2_{kind}")
+                lines.append(f"ratio {what} / DataAugmentationDINO, {label}: {med:.2f} (blocks {lo:.2f}-{hi:.2f})")
+        return "\n".join(lines)
+
+
+def compare_augmentation_with_dinov2(frames: list[tuple[str, torch.Tensor]] | None = None, repeats: int = 7,
+                                     block_images: int = 24, global_size: int = 224, local_size: int = 96,
+                                     n_local: int = 8, peer_path: str | None = None, fetch: bool = True,
+                                     uint8_resize: bool = False) -> AugComparison:
+    """Images/s per core of medfoundry's multi-crop and of dinov2's ``DataAugmentationDINO`` on the same CT frames.
+
+    Six sides, each a function of one image returning all its views as normalised float tensors: medfoundry's
+    :class:`~medfoundry.data.multicrop.MultiCropTransform` with DINOv2's photometric settings
+    (:data:`DINOV2_PHOTOMETRIC`) and geometric only, each with the grey-RGB fast path (``medfoundry_*``) and without
+    it (``medfoundry_3ch_path_*``, the path before it); ``DataAugmentationDINO`` itself (``dinov2_photometric``) and
+    its geometric part (``geometric_augmentation_global/local`` + ``ToTensor`` + ``Normalize``, ``dinov2_geometric``).
+    Both use the same crop scales, sizes, bicubic interpolation, flips and ImageNet normalisation, and give the
+    model three channels: medfoundry gets the windowed frame repeated to three channels (what ``data.channels=3``
+    makes of a CT slice), dinov2 the same frame as an 8-bit RGB PIL image (what its loader makes of a picture
+    file). Preparing the inputs is not timed. One torch thread; ``repeats`` blocks of ``block_images`` images
+    per side, the sides' order reversed every other block, each block seeded alike; the figure is images per
+    second of process CPU time (one thread: per core; less sensitive than wall time to other jobs of a busy
+    machine), the ratios are taken block by block. ``uint8_resize`` adds two sides, ``medfoundry_uint8_*``: the
+    grey-RGB path with the (inexact, opt-in) 8-bit resize.
+    """
+    from PIL import Image
+
+    from medfoundry.data.multicrop import MultiCropTransform
+    from medfoundry_cli.bench.peer_dinov2 import locate_dinov2
+
+    code = locate_dinov2(peer_path, fetch=fetch)
+    if str(code.root) not in sys.path:
+        sys.path.insert(0, str(code.root))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # dinov2 warns about its optional xFormers
+        from dinov2.data.augmentations import DataAugmentationDINO
+
+    frames = frames if frames is not None else real_ct_frames()
+    rgb = [f.expand(3, -1, -1).contiguous() for _, f in frames]
+    pil = [Image.fromarray((f[0].numpy() * 255).round().astype(np.uint8)).convert("RGB") for _, f in frames]
+    geo = CropsConfig(global_size=global_size, global_scale=[0.32, 1.0], n_local=n_local, local_size=local_size,
+                      local_scale=[0.05, 0.32], interpolation="bicubic")
+    photo = replace(geo, **DINOV2_PHOTOMETRIC)
+    peer = DataAugmentationDINO((0.32, 1.0), (0.05, 0.32), n_local, global_size, local_size)
+
+    def peer_geometric(image):
+        g = [peer.normalize(peer.geometric_augmentation_global(image)) for _ in range(2)]
+        return g + [peer.normalize(peer.geometric_augmentation_local(image)) for _ in range(n_local)]
+
+    sides = {
+        "medfoundry_photometric": (MultiCropTransform(photo, 3), rgb),
+        "medfoundry_3ch_path_photometric": (MultiCropTransform(photo, 3, grey_fast_path=False), rgb),
+        "dinov2_photometric": (peer, pil),
+        "medfoundry_geometric": (MultiCropTransform(geo, 3), rgb),
+        "medfoundry_3ch_path_geometric": (MultiCropTransform(geo, 3, grey_fast_path=False), rgb),
+        "dinov2_geometric": (peer_geometric, pil),
+    }
+    if uint8_resize:
+        sides["medfoundry_uint8_photometric"] = (MultiCropTransform(photo, 3, uint8_resize=True), rgb)
+        sides["medfoundry_uint8_geometric"] = (MultiCropTransform(geo, 3, uint8_resize=True), rgb)
+    out = {name: AugSide(name) for name in sides}
+    with _threads(1):
+        for fn, images in sides.values():  # warm-up
+            fn(images[0])
+        order = list(sides)
+        for block in range(repeats):
+            for name in order if block % 2 == 0 else order[::-1]:
+                fn, images = sides[name]
+                torch.manual_seed(block)
+                c0, w0 = time.process_time(), time.perf_counter()
+                for i in range(block_images):
+                    fn(images[i % len(images)])
+                cpu, wall = time.process_time() - c0, time.perf_counter() - w0
+                out[name].cpu_rates.append(block_images / max(cpu, 1e-9))
+                out[name].wall_rates.append(block_images / max(wall, 1e-9))
+    views = f"2x{global_size} + {n_local}x{local_size}, bicubic + flips, 3 channels"
+    return AugComparison(out, [n for n, _ in frames], views, code.describe(), block_images, repeats)
