@@ -58,16 +58,25 @@ class StudentTeacherMethod(Method):
         """The student's backbone (the only one with trainable parameters)."""
         return {"student.backbone": self.student["backbone"]}
 
+    def student_local_cls(self, local: Tensor | None) -> Tensor | None:
+        """Student class tokens ``(n_local * batch, D)`` of the local crops ``local`` ``(n_local, batch, C, h, w)``
+        (view-major), or None without local crops."""
+        if local is None:
+            return None
+        return self.student["backbone"].forward_features(local.flatten(0, 1)).cls
+
     def student_crop_logits(self, global_cls: Tensor, local: Tensor | None, n_global: int, batch: int) -> Tensor:
         """Student DINO-head logits of every crop, ``(n_global + n_local, batch, K)`` float: the global crops'
         class tokens ``global_cls`` first, then the local crops ``local`` ``(n_local, batch, C, h, w)`` (if any)
-        through the student backbone (the multi-crop student side of Caron et al. 2021)."""
-        head = self.student["dino_head"]
-        logits = [head(global_cls).view(n_global, batch, -1)]
-        if local is not None:
-            s_local = self.student["backbone"].forward_features(local.flatten(0, 1))
-            logits.append(head(s_local.cls).view(local.shape[0], batch, -1))
-        return torch.cat(logits, dim=0).float()
+        through the student backbone (the multi-crop student side of Caron et al. 2021).
+
+        The head runs once on the class tokens of all crops concatenated (as DINOv2's ``ssl_meta_arch.py``
+        does), so its prototype matrix and weight norm are evaluated once per step, not once per crop group.
+        """
+        local_cls = self.student_local_cls(local)
+        cls = global_cls if local_cls is None else torch.cat([global_cls, local_cls])
+        logits = self.student["dino_head"](cls)
+        return logits.view(-1, batch, logits.shape[-1]).float()
 
     def train(self, mode: bool = True) -> StudentTeacherMethod:
         """Set ``mode`` on the student; the teacher stays in eval mode."""

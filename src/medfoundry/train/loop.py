@@ -8,7 +8,6 @@ metric logging and atomic checkpoints. Everything method-specific lives in the m
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -36,6 +35,7 @@ from medfoundry.methods import get_method_entry
 from medfoundry.methods.input_paths import check_paths, needed_paths
 from medfoundry.precision import resolve_device, resolve_precision
 from medfoundry.safe_load import load_torch_file
+from medfoundry.train import step as train_step
 from medfoundry.train.accumulate import StepOutputs
 from medfoundry.train.hooks import build_hooks
 from medfoundry.train.optim import apply_schedules, build_optimizer
@@ -149,27 +149,27 @@ def train(cfg: RunConfig, on_signal_stop: Callable[[int], None] | None = None) -
                 continue
             nonfinite = 0
             out = acc.mean()  # the loss and metrics: means over the micro-batches
-            loss = out["loss"]
-            method.before_optimizer_step(step)  # frozen-for-now grads are dropped before the norm is taken
-            grad_norm = _clip(params, cfg.optim.clip_grad)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            method.after_optimizer_step(step)
+            device_metrics = train_step.update(method, optimizer, params, out, step, cfg.optim.clip_grad, device)
 
             done = step + 1
-            metrics = _reduce_metrics(out, device)
-            metrics.update(sched)
-            metrics["grad_norm"] = grad_norm
-            metrics.update(method.metrics_after_step(step))
-            n_images = acc.images * info.world_size
-            metrics["images_per_s"] = n_images / max(1e-9, time.perf_counter() - t0)
-            evaluated: dict[str, float] = {}
-            for hook in hooks:
-                evaluated.update(hook.on_step_end(done, metrics, method, run_dir) or {})
-            metrics.update(evaluated)
-            if done % cfg.train.log_every == 0 or done == cfg.train.steps or evaluated:
-                logger.log(done, metrics)
-            logger.advance(1, float(loss.detach()), sched.get("lr"))
+            log_step = done % cfg.train.log_every == 0 or done == cfg.train.steps
+            loss_value: float | None = None
+            if log_step or hooks:  # one host read of all of the step's values; none on other steps without hooks
+                metrics = train_step.read_metrics(device_metrics)
+                loss_value = metrics.pop("_local_loss")
+                grad_norm = metrics.pop("grad_norm")
+                metrics.update(sched)
+                metrics["grad_norm"] = grad_norm  # the key order of metrics.jsonl as before
+                metrics.update(method.metrics_after_step(step))
+                n_images = acc.images * info.world_size
+                metrics["images_per_s"] = n_images / max(1e-9, time.perf_counter() - t0)
+                evaluated: dict[str, float] = {}
+                for hook in hooks:
+                    evaluated.update(hook.on_step_end(done, metrics, method, run_dir) or {})
+                metrics.update(evaluated)
+                if log_step or evaluated:
+                    logger.log(done, metrics)
+            logger.advance(1, loss_value, sched.get("lr"))
             if done % cfg.train.checkpoint_every == 0 or done == cfg.train.steps or stop_now:
                 _save(run_dir, done, method, optimizer, cfg, info, nonfinite, bad_files)
             if stop_now:
@@ -326,24 +326,6 @@ def _batch_images(batch: dict) -> int:
             t = batch[key]
             return int(t.shape[1] if key == "global_crops" else t.shape[0])
     return 0
-
-
-def _clip(params: list[torch.Tensor], max_norm: float) -> float:
-    grads = [p for p in params if p.grad is not None]
-    if not grads:
-        return 0.0
-    if max_norm > 0:
-        return float(torch.nn.utils.clip_grad_norm_(grads, max_norm))
-    return float(torch.nn.utils.get_total_norm([p.grad for p in grads]))
-
-
-def _reduce_metrics(out: dict, device: torch.device) -> dict[str, float]:
-    keys = sorted(k for k, v in out.items() if isinstance(v, torch.Tensor) and v.numel() == 1)
-    values = torch.stack([out[k].detach().float().reshape(()).to(device) for k in keys])
-    if torch.distributed.is_initialized():
-        torch.distributed.all_reduce(values)
-        values /= torch.distributed.get_world_size()
-    return {k: float(v) if math.isfinite(float(v)) else float("nan") for k, v in zip(keys, values.tolist())}
 
 
 def _barrier(info: DistInfo) -> None:

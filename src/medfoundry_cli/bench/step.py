@@ -101,14 +101,13 @@ class TrainStep:
     """One iteration of the training loop's body, minus data loading, logging and checkpoints; call with
     ``(batch, step)``, returns the detached loss (the per-step metrics are kept in ``last_metrics``).
 
-    ``medfoundry.train.loop`` exposes no step function (``train`` inlines its loop body), so this runs the
-    body's sequence with the loop's own pieces, for one micro-batch: ``apply_schedules``,
+    It runs the loop body's sequence for one micro-batch with the loop's own pieces: ``apply_schedules``,
     ``Method.start_step``, :meth:`medfoundry.train.accumulate.StepOutputs.forward_backward` (forward under
-    autocast, ``agree_step``'s finite/stop flags read on the host -- sync 1 -- then backward),
-    ``before_optimizer_step``, the loop's ``_clip`` (the gradient norm as a float: sync 2), the optimizer
-    step, ``zero_grad``, ``after_optimizer_step``, the loop's ``_reduce_metrics`` (every scalar metric as a
-    float: sync 3), ``metrics_after_step`` and the loss as a float for the progress line (sync 4). A
-    non-finite loss skips the update, as the loop does.
+    autocast, ``agree_step``'s finite/stop flags read on the host -- the step's one sync -- then backward) and
+    :func:`medfoundry.train.step.update` (``before_optimizer_step``, clipping, the optimizer step, ``zero_grad``,
+    ``after_optimizer_step``, the metric all-reduce, all on the device). Like the loop on a step that is not a
+    logging step (and without hooks) it reads no metric back; ``read_metrics=True`` reads them every step (one
+    more sync, the loop's logging step). A non-finite loss skips the update, as the loop does.
 
     Args:
         method: the training method (its hooks are called, its parameters optimised).
@@ -118,9 +117,7 @@ class TrainStep:
     """
 
     def __init__(self, method: torch.nn.Module, cfg: RunConfig, device: torch.device, precision: str,
-                 model: torch.nn.Module | None = None) -> None:
-        from medfoundry.train import loop
-
+                 model: torch.nn.Module | None = None, read_metrics: bool = False) -> None:
         self.method = method
         self.model = model if model is not None else method
         self.cfg = cfg
@@ -130,9 +127,9 @@ class TrainStep:
         self.optimizer = build_optimizer(method, cfg.optim, depth)
         self.params = [p for p in method.parameters() if p.requires_grad]
         self.horizon = cfg.train.schedule_steps or cfg.train.steps
-        self._clip = loop._clip
-        self._reduce_metrics = loop._reduce_metrics
+        self.read_metrics = read_metrics
         self.last_metrics: dict[str, float] = {}
+        self.last_device_metrics: dict[str, Tensor] = {}
 
     def compile_blocks(self) -> None:
         """``torch.compile`` every transformer block of every backbone, as ``dist.compile=true`` does."""
@@ -154,20 +151,19 @@ class TrainStep:
             self.optimizer.zero_grad(set_to_none=True)
             self.last_metrics = {"loss": float("nan")}
             return torch.tensor(float("nan"))
+        from medfoundry.train import step as train_step
+
         out = acc.mean()
-        loss = out["loss"]
-        self.method.before_optimizer_step(step)
-        grad_norm = self._clip(self.params, self.cfg.optim.clip_grad)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.method.after_optimizer_step(step)
-        metrics = self._reduce_metrics(out, self.device)
-        metrics.update(sched)
-        metrics["grad_norm"] = grad_norm
-        metrics.update(self.method.metrics_after_step(step))
-        metrics["loss"] = float(loss.detach())
-        self.last_metrics = metrics
-        return loss.detach()
+        metrics = train_step.update(self.method, self.optimizer, self.params, out, step, self.cfg.optim.clip_grad,
+                                    self.device)
+        self.last_device_metrics = metrics
+        if self.read_metrics:
+            host = train_step.read_metrics(metrics)
+            host.update(sched)
+            host.update(self.method.metrics_after_step(step))
+            host["loss"] = host.pop("_local_loss")
+            self.last_metrics = host
+        return out["loss"].detach()
 
 
 def synthetic_dino_batch(cfg: RunConfig, batch: int, patch_size: int, device: torch.device, seed: int = 0) -> dict:

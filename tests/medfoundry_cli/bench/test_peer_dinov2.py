@@ -149,7 +149,7 @@ def test_train_step_is_the_loops_body() -> None:
     cfg = dino_run_config(spec)
     torch.manual_seed(0)
     method = DINOMethod(cfg.model, cfg.dino, cfg.train.steps)
-    step = TrainStep(method, cfg, torch.device("cpu"), "fp32")
+    step = TrainStep(method, cfg, torch.device("cpu"), "fp32", read_metrics=True)
     batch = synthetic_dino_batch(cfg, 2, 8, torch.device("cpu"))
     teacher = [p.detach().clone() for p in method.teacher.parameters()]
     loss = step(batch, 0)

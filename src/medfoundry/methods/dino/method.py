@@ -20,7 +20,7 @@ from medfoundry.losses import DINOLoss, GramLoss, IBOTPatchLoss, KDEUniformityLo
 from medfoundry.methods.base import StudentTeacherMethod
 from medfoundry.methods.dino.config import DinoConfig
 from medfoundry.models.backbone import Backbone
-from medfoundry.models.heads import DINOHead
+from medfoundry.models.heads import DINOHead, apply_head
 from medfoundry.models.registry import create_backbone
 from medfoundry.schedules import cosine, linear_warmup_constant
 
@@ -97,6 +97,22 @@ class DINOMethod(StudentTeacherMethod):
     def _ibot_head(self, tower: nn.ModuleDict) -> nn.Module:
         return tower["ibot_head"] if "ibot_head" in tower else tower["dino_head"]
 
+    def head_logits(self, tower: nn.ModuleDict, cls: Tensor, patch: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """DINO-head logits of the class-token rows ``cls`` and iBOT-head logits of the masked patch-token rows
+        ``patch`` (None: no iBOT term) of one tower, with one call per head.
+
+        With the iBOT head shared (``dino.ibot_separate_head=false``, DINOv2's default) both row sets go
+        through the head in a single call (:func:`~medfoundry.models.heads.apply_head`, as DINOv2's
+        ``ssl_meta_arch.py`` does), so the prototype matrix is read and weight-normalised once per tower and
+        step; with a separate iBOT head each head runs once.
+        """
+        if patch is None:
+            return tower["dino_head"](cls), None
+        if "ibot_head" in tower:
+            return tower["dino_head"](cls), tower["ibot_head"](patch)
+        cls_logits, patch_logits = apply_head(tower["dino_head"], [cls, patch])
+        return cls_logits, patch_logits
+
     def eval_backbone(self) -> Backbone:
         """The teacher backbone: DINO's better and smoother model, the one evaluated and exported."""
         return self.teacher["backbone"]
@@ -140,11 +156,11 @@ class DINOMethod(StudentTeacherMethod):
 
         with torch.no_grad():
             t_out = self.teacher["backbone"].forward_features(glob)
-            t_logits = self.teacher["dino_head"](t_out.cls)
+            t_logits, t_patch_logits = self.head_logits(self.teacher, t_out.cls,
+                                                        t_out.patch[masks] if use_ibot else None)
             t_probs = self._targets(self.dino_loss, t_logits.float(), temp)
             pending = {"dino": t_logits.detach()}
             if use_ibot:
-                t_patch_logits = self._ibot_head(self.teacher)(t_out.patch[masks])
                 t_patch_probs = self._targets(self.ibot_loss, t_patch_logits.float(), temp)
                 pending["ibot"] = t_patch_logits.detach()
             gram_target = None
@@ -154,15 +170,18 @@ class DINOMethod(StudentTeacherMethod):
                 )
 
         s_out = self.student["backbone"].forward_features(glob, masks=masks)
-        student_logits = self.student_crop_logits(s_out.cls, local, n_g, b)
+        # one head call per tower: global + local class tokens (+ masked patch tokens with a shared iBOT head)
+        s_local_cls = self.student_local_cls(local)
+        s_cls = s_out.cls if s_local_cls is None else torch.cat([s_out.cls, s_local_cls])
+        s_logits, s_patch_logits = self.head_logits(self.student, s_cls, s_out.patch[masks] if use_ibot else None)
+        student_logits = s_logits.view(-1, b, s_logits.shape[-1]).float()
         teacher_probs = t_probs.view(n_g, b, -1)
 
         terms: dict[str, Tensor] = {}
         terms["dino_loss"] = self.dino_loss(student_logits, teacher_probs, skip_same_view=n_g > 1)
         if use_ibot:
-            s_patch_logits = self._ibot_head(self.student)(s_out.patch[masks]).float()
             image_index = torch.arange(n_g * b, device=glob.device)[:, None].expand_as(masks)[masks]
-            terms["ibot_loss"] = self.ibot_loss(s_patch_logits, t_patch_probs, image_index, n_g * b)
+            terms["ibot_loss"] = self.ibot_loss(s_patch_logits.float(), t_patch_probs, image_index, n_g * b)
         # KoLeo and KDE per global crop, summed over the crops as DINOv2 (ssl_meta_arch.py, KoLeo over
         # chunk(2)), DINOv3 and OpenMidnight do, so a published weight means the same here
         s_cls_views = s_out.cls.float().view(n_g, b, -1)
