@@ -27,9 +27,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from medfoundry.precision import resolve_device, resolve_precision
 from medfoundry_cli.bench.results import peak_memory, reset_peak_memory, synchronize
-from medfoundry_cli.bench.step import StepSpec, TrainStep, dino_run_config, synthetic_dino_batch
+from medfoundry_cli.bench.step import StepSpec, build_dino_step
 
 FLOPS_TOLERANCE = 1e-3  # "equal": within 0.1 %
 
@@ -202,19 +201,14 @@ def dino_loss_einsum_flops(n_teacher: int, n_student: int, batch: int, prototype
 def compare_with_dinov2(spec: StepSpec, peer_path: str | None = None, fetch: bool = True, repeats: int = 4,
                         steps: int = 1, warmup: int = 1) -> PeerComparison:
     """Build medfoundry's step and dinov2's for ``spec`` and measure both (see the module docstring)."""
-    from medfoundry.methods.dino.method import DINOMethod
     from medfoundry_cli.bench.peer_dinov2 import Dinov2PeerStep, dinov2_batch, import_dinov2, locate_dinov2
 
     code = locate_dinov2(peer_path, fetch=fetch)  # first: an offline machine fails before building anything
     mods = import_dinov2(code)
-    cfg = dino_run_config(spec)
-    device = resolve_device(spec.device)
-    precision = resolve_precision(spec.precision, device)
-    torch.manual_seed(spec.seed)
-    method = DINOMethod(cfg.model, cfg.dino, cfg.train.steps).to(device)
-    step = TrainStep(method, cfg, device, precision)
+    setup = build_dino_step(spec)
+    cfg, device, precision, method, step, batch = (setup.cfg, setup.device, setup.precision, setup.method,
+                                                   setup.step, setup.batch)
     backbone = method.student["backbone"]
-    batch = synthetic_dino_batch(cfg, spec.batch, backbone.patch_size, device, spec.seed)
     peer = Dinov2PeerStep(cfg, backbone, device, precision, mods)
     peer.load_medfoundry_student(method.student)
     peer_batch = dinov2_batch(batch)

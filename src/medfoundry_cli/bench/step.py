@@ -20,6 +20,7 @@ import gc
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -257,8 +258,22 @@ def largest_batch(try_batch: Callable[[int], None], start: int, limit: int = 163
     return lo
 
 
-def bench_dino_step(spec: StepSpec) -> BenchResult:
-    """Model-only benchmark of a DINOv2-style step: images/s, FLOPs (counted and analytic), MFU, memory."""
+@dataclass
+class DinoStepSetup:
+    """What a DINO step benchmark measures: the run config, device and precision, the seeded method, the loop's
+    step around it and one synthetic multi-crop batch (shared by :func:`bench_dino_step` and the peer comparison)."""
+
+    cfg: Any
+    device: torch.device
+    precision: Any
+    method: Any
+    step: TrainStep
+    batch: dict
+
+
+def build_dino_step(spec: StepSpec) -> DinoStepSetup:
+    """The seeded DINO method for ``spec`` (``torch.manual_seed(spec.seed)`` before building), wrapped in the
+    loop's step, with its synthetic batch on the device."""
     from medfoundry.methods.dino.method import DINOMethod
 
     cfg = dino_run_config(spec)
@@ -267,8 +282,16 @@ def bench_dino_step(spec: StepSpec) -> BenchResult:
     torch.manual_seed(spec.seed)
     method = DINOMethod(cfg.model, cfg.dino, cfg.train.steps).to(device)
     step = TrainStep(method, cfg, device, precision)
+    batch = synthetic_dino_batch(cfg, spec.batch, method.student["backbone"].patch_size, device, spec.seed)
+    return DinoStepSetup(cfg, device, precision, method, step, batch)
+
+
+def bench_dino_step(spec: StepSpec) -> BenchResult:
+    """Model-only benchmark of a DINOv2-style step: images/s, FLOPs (counted and analytic), MFU, memory."""
+    setup = build_dino_step(spec)
+    cfg, device, precision, method, step, batch = (setup.cfg, setup.device, setup.precision, setup.method,
+                                                   setup.step, setup.batch)
     backbone = method.student["backbone"]
-    batch = synthetic_dino_batch(cfg, spec.batch, backbone.patch_size, device, spec.seed)
     counted, _ = count_flops(lambda: step(batch, 0))
     masked = int(batch["masks"].sum()) if "masks" in batch else 0
     analytic = analytic_dino_flops(cfg, ViTShape.from_backbone(backbone), spec.batch, masked)
