@@ -4,8 +4,9 @@ Two gloo ranks shard a DINO method with :func:`medfoundry.distributed.paralleliz
 optimizer step and save through the training loop's own ``_save``. During the save nothing may call
 ``DTensor.full_tensor`` / ``redistribute`` or the all-gather FSDP2 unshards with; afterwards the
 checkpoint's metadata must show every sharded weight and AdamW moment as one half per rank, each half in
-that rank's own ``.distcp`` file. (``best.pt`` is different: ``eval/best.py`` gathers the full weights on
-rank 0 by design; see docs/cluster.md, memory plan.)
+that rank's own ``.distcp`` file. The best checkpoint of in-training evaluation (``eval/best.py``) is held
+to the same: under FSDP it is the sharded ``RUN/best.dcp/``, written without a gather, and it loads back
+(consolidated on the CPU) with the weights the ranks held.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ def _worker(rank: int, port: int, run_dir: str, result_path: str) -> None:
     from medfoundry.config import load_config
     from medfoundry.distributed.parallelize import apply_fsdp
     from medfoundry.distributed.setup import DistInfo
+    from medfoundry.eval.best import BestCheckpoint
     from medfoundry.methods.dino.method import DINOMethod
     from medfoundry.train import loop
 
@@ -66,10 +68,15 @@ def _worker(rank: int, port: int, run_dir: str, result_path: str) -> None:
                 mock.patch.object(dist, "all_gather_into_tensor",
                                   counting("all_gather_into_tensor", dist.all_gather_into_tensor)):
             loop._save(Path(run_dir), 1, method, optimizer, cfg, DistInfo(rank, 2, rank), 0, {})
+            best = BestCheckpoint("val_knn_top1_k20", "max", {"method": "dino"}, "eval.best_metric")
+            best.update(1, {"val_knn_top1_k20": 0.5}, method, Path(run_dir))
         sharded = {f"method.{n}": tuple(p.shape) for n, p in method.named_parameters()
                    if isinstance(p, DTensor) and p.shape[0] >= 2}
         moments = {f"optimizer.state.{n}.exp_avg": tuple(p.shape) for n, p in method.named_parameters()
                    if isinstance(p, DTensor) and p.requires_grad and p.shape[0] >= 2}
+        cls = method.teacher.backbone.vit.cls_token.full_tensor()  # after the saves: what best.dcp must hold
+        if rank == 0:
+            torch.save(cls, f"{result_path}.cls.pt")
         Path(f"{result_path}.{rank}").write_text(json.dumps({"calls": calls, "sharded": sharded, "moments": moments}))
         dist.barrier()
     finally:
@@ -102,3 +109,20 @@ def test_fsdp_save_writes_per_rank_shards_without_gathering(tmp_path: Path, free
         assert homes == set(files), (key, homes)  # each half in its own rank's file
     sizes = [(folder / f).stat().st_size for f in files]
     assert max(sizes) < 0.6 * sum(sizes)  # neither rank wrote (nearly) everything
+
+    best = run_dir / "best.dcp"  # sharded too: no best.pt, one half of each weight per rank's file
+    assert not (run_dir / "best.pt").exists() and sorted(p.name for p in best.glob("*.distcp")) == files
+    assert json.loads((run_dir / "best.json").read_text())["checkpoint"] == "best.dcp"
+    best_meta = FileSystemReader(str(best)).read_metadata()
+    for key, shape in ranks[0]["sharded"].items():
+        chunks = [c for c in best_meta.state_dict_metadata[key].chunks if c.sizes[0] > 0]
+        assert len(chunks) == 2 and all(c.sizes[0] < shape[0] for c in chunks), key
+    from medfoundry.checkpoints.format import load_checkpoint
+    from medfoundry.checkpoints.integrity import verify_checkpoint
+    from medfoundry.methods.checkpoint_backbone import resolve_checkpoint
+
+    assert verify_checkpoint(best) == "checksum"
+    assert resolve_checkpoint(run_dir, which="best") == best
+    state = load_checkpoint(best)  # consolidated on the CPU, in one process
+    assert state["step"] == 1 and state["value"] == 0.5 and state["format"] == "medfoundry-best-v1"
+    assert torch.equal(state["method"]["teacher.backbone.vit.cls_token"], torch.load(f"{result}.cls.pt"))

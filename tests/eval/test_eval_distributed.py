@@ -13,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+from medfoundry.checkpoints.format import load_checkpoint
 from medfoundry.eval.in_training import read_eval_history
 from medfoundry.methods.checkpoint_backbone import load_backbone
 from medfoundry.recipes import recipes_dir
@@ -51,7 +52,10 @@ def test_evalx_in_training_eval_two_ranks(strategy: str, tmp_path: Path, free_po
     logged = {r["step"]: r for r in read_metrics(out)}
     assert "eval/knn_top1_k20" in logged[2] and "eval/view_retrieval_ratio" in logged[3]
     best = json.loads((out / "best.json").read_text())
-    state = torch.load(out / "best.pt", map_location="cpu", weights_only=False)
+    name = "best.dcp" if strategy == "fsdp" else "best.pt"  # FSDP: sharded, every rank writes its own shards
+    assert best["checkpoint"] == name
+    assert {p.name for p in out.glob("best.*")} - {"best.json", "best.pt.sha256.json"} == {name}  # one kind only
+    state = load_checkpoint(out / name)
     assert state["step"] == best["step"]
     cls = state["method"]["teacher.backbone.vit.cls_token"]
     assert isinstance(cls, torch.Tensor) and cls.shape == (1, 1, 64)  # full tensor, not a shard

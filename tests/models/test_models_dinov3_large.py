@@ -144,6 +144,20 @@ def test_parameter_counts_match_meta(name: str) -> None:
         assert abs(meta_param_count(arch) - published) <= 0.01 * published
 
 
+def test_small_plus_matches_the_published_figure_given_to_0_1_m() -> None:
+    """S+ against a size printed to 0.1 M: timm's model card for ``vit_small_plus_patch16_dinov3.lvd1689m``
+    gives "Params (M): 28.7" for the network without the (all-zero) qkv biases and without the mask token.
+
+    With Meta's 13,824 key-bias entries and its q/v biases the same network is 28.70 M, so the README's "29M"
+    is that figure rounded to whole millions, not a different network (its 1.04 % gap is rounding).
+    """
+    backbone = on_meta("vit_small_plus_patch16_dinov3")
+    timm_count = sum(p.numel() for p in backbone.parameters()) - 384  # without the iBOT mask token (1, D)
+    assert round(timm_count / 1e6, 1) == 28.7, timm_count
+    assert abs(meta_param_count(META["vit_small_plus_patch16_dinov3_qkvb"]) - 28.7e6) <= 0.01 * 28.7e6
+    assert round(meta_param_count(META["vit_small_plus_patch16_dinov3_qkvb"]) / 1e6) == 29
+
+
 @pytest.mark.filterwarnings("ignore:.*copying from a non-meta parameter")  # loading into meta tensors is a no-op
 @pytest.mark.parametrize("name", [*META, *NO_BIAS_TWINS])
 def test_meta_layout_maps_every_key_on_the_meta_device(tmp_path, name: str) -> None:

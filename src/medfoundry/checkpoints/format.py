@@ -44,6 +44,33 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
+BEST_NAMES = ("best.pt", "best.dcp")  # the best checkpoint: one file, or a sharded folder written under FSDP
+
+
+def best_checkpoint(run_dir: str | Path) -> Path | None:
+    """A run's best checkpoint (``RUN/best.pt``, or the sharded ``RUN/best.dcp/`` an FSDP run writes), or None.
+
+    Writing one removes the other; should both exist (a crash between the two), ``best.json``'s
+    ``checkpoint`` field names the current one.
+    """
+    run_dir = Path(run_dir)
+    found = [run_dir / n for n in BEST_NAMES if (run_dir / n).is_file() or (run_dir / n / "meta.pt").is_file()]
+    if len(found) > 1:
+        import json
+
+        try:
+            named = json.loads((run_dir / "best.json").read_text()).get("checkpoint")
+        except (OSError, ValueError):
+            named = None
+        found = [f for f in found if f.name == named] or found
+    return found[0] if found else None
+
+
+def is_best_checkpoint(path: str | Path) -> bool:
+    """Whether ``path`` is a run folder's best checkpoint (``best.pt`` or ``best.dcp``), so its run is its parent."""
+    return Path(path).name in BEST_NAMES
+
+
 def atomic_torch_save(obj: Any, path: str | Path) -> Path:
     """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``.
 
@@ -99,29 +126,46 @@ def save_sharded_checkpoint(run_dir: str | Path, step: int, tensors: dict, meta:
     renames the folder to ``step_XXXXXXXX.dcp`` once all ranks are done. A run can resume from it on
     any number of ranks (DCP reshards on load), including one process.
     """
-    import torch.distributed as dist
+    final = save_sharded_folder(checkpoint_dir(run_dir) / f"step_{step:08d}.dcp", tensors, meta, is_main)
+    if is_main:
+        prune_checkpoints(run_dir, keep_last)
+    _barrier()
+    return final
+
+
+def save_sharded_folder(final: str | Path, tensors: dict, meta: dict, is_main: bool) -> Path:
+    """Write ``tensors`` (state dicts holding DTensors) as a ``torch.distributed.checkpoint`` folder, atomically.
+
+    A collective: every rank writes only its own shards (no rank gathers the full state) into ``.NAME.tmp``
+    beside ``final``; the main rank then adds ``meta.pt`` (the non-tensor fields), records the files'
+    checksums and renames the folder to ``final``, replacing an older one. A crash leaves the old folder.
+    """
     import torch.distributed.checkpoint as dcp
 
-    final = checkpoint_dir(run_dir) / f"step_{step:08d}.dcp"
-    tmp = checkpoint_dir(run_dir) / f".step_{step:08d}.dcp.tmp"
+    final = Path(final)
+    tmp = final.with_name(f".{final.name}.tmp")
     if is_main:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-    if dist.is_initialized():
-        dist.barrier()
+    _barrier()
     dcp.save(tensors, checkpoint_id=str(tmp))
     if is_main:
         atomic_torch_save(meta, tmp / "meta.pt")
-        record_folder(tmp)  # after every rank's shards are complete (barrier above), before the rename
-    if dist.is_initialized():
-        dist.barrier()
+        record_folder(tmp)  # after every rank's shards are complete (dcp.save ends in a collective)
+    _barrier()
     if is_main:
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
-        prune_checkpoints(run_dir, keep_last)
-    if dist.is_initialized():
-        dist.barrier()
+    _barrier()
     return final
+
+
+def _barrier() -> None:
+    """``dist.barrier()`` when a process group is up (a one-process run has nothing to wait for)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
 
 
 def load_checkpoint(path: str | Path) -> dict:

@@ -1,7 +1,10 @@
-"""Best-checkpoint tracking for in-training evaluation: ``RUN/best.pt`` and ``RUN/best.json``.
+"""Best-checkpoint tracking for in-training evaluation: ``RUN/best.pt`` (or ``RUN/best.dcp``) and ``RUN/best.json``.
 
 Used by every evaluation hook (image-feature evaluation, CLIP zero-shot). The record survives resume:
 the best value so far is read back from ``best.json`` the first time the tracker is used in a run.
+Under FSDP the weights are written sharded (``best.dcp/``, torch.distributed.checkpoint: every rank its own
+shards), so no rank ever holds the full state; readers consolidate it on the CPU
+(:func:`medfoundry.checkpoints.format.load_checkpoint`), as for the periodic ``step_*.dcp`` checkpoints.
 """
 
 from __future__ import annotations
@@ -13,7 +16,9 @@ from typing import Literal
 
 from torch import nn
 
-from medfoundry.checkpoints.format import atomic_torch_save
+from medfoundry.checkpoints.format import BEST_NAMES, atomic_torch_save, save_sharded_folder
+from medfoundry.checkpoints.integrity import record_file
+from medfoundry.distributed.parallelize import is_sharded
 from medfoundry.distributed.setup import is_main_process as _is_main
 
 
@@ -61,11 +66,12 @@ class BestCheckpoint:
             return True
         return value > self.value if self.mode == "max" else value < self.value
 
-    def update(self, step: int, results: dict[str, float], method: nn.Module, run_dir: Path,
-               sharded: bool = False) -> bool:
-        """Save ``best.pt``/``best.json`` if ``results[metric]`` improved; returns whether it did.
+    def update(self, step: int, results: dict[str, float], method: nn.Module, run_dir: Path) -> bool:
+        """Save the best checkpoint and ``best.json`` if ``results[metric]`` improved; returns whether it did.
 
-        With FSDP (``sharded``) the full weights are gathered collectively, so every rank must call this.
+        Every rank must call this (with the same ``results``): under FSDP (``is_sharded(method)``) the weights
+        are saved as ``best.dcp/``, a collective in which each rank writes its own shards; otherwise rank 0
+        writes ``best.pt``. Whichever is written replaces the other kind, so a run folder holds one.
         """
         if not self.metric:
             return False
@@ -80,20 +86,40 @@ class BestCheckpoint:
         if not self.better(value):
             return False
         self.value, self.step = value, step
-        if sharded:  # a collective: every rank takes part, rank 0 receives full tensors
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        run_dir = Path(run_dir)
+        meta = {"step": step, "config": self.config, "metric": self.metric, "value": value, "mode": self.mode,
+                "eval": results, "format": "medfoundry-best-v1"}
+        if is_sharded(method):
+            from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-            weights = get_model_state_dict(method, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            name = "best.dcp"  # DTensor shards: nothing is gathered
+            save_sharded_folder(run_dir / name, {"method": get_model_state_dict(method)}, meta, _is_main())
         elif _is_main():
-            weights = method.state_dict()
+            name = "best.pt"
+            record_file(atomic_torch_save({**meta, "method": method.state_dict()}, run_dir / name))
         if not _is_main():
             return True
-        state = {"step": step, "method": weights, "config": self.config, "metric": self.metric, "value": value,
-                 "mode": self.mode, "eval": results, "format": "medfoundry-best-v1"}
-        atomic_torch_save(state, Path(run_dir) / "best.pt")
-        record = {"step": step, "metric": self.metric, "value": value, "mode": self.mode, "checkpoint": "best.pt",
+        record = {"step": step, "metric": self.metric, "value": value, "mode": self.mode, "checkpoint": name,
                   "eval": results}
-        tmp = Path(run_dir) / ".best.json.tmp"
+        tmp = run_dir / ".best.json.tmp"
         tmp.write_text(json.dumps(record, indent=2))
-        tmp.replace(Path(run_dir) / "best.json")
+        tmp.replace(run_dir / "best.json")
+        _remove_other_kind(run_dir, keep=name)
         return True
+
+
+def _remove_other_kind(run_dir: Path, keep: str) -> None:
+    """Delete the best checkpoint of the other kind (a ``best.pt`` left by a DDP run resumed under FSDP ...)."""
+    import shutil
+
+    from medfoundry.checkpoints.integrity import sidecar_path
+
+    for name in BEST_NAMES:
+        other = run_dir / name
+        if name == keep:
+            continue
+        if other.is_dir():
+            shutil.rmtree(other, ignore_errors=True)
+        elif other.is_file():
+            other.unlink(missing_ok=True)
+            sidecar_path(other).unlink(missing_ok=True)

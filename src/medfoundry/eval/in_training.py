@@ -121,7 +121,7 @@ class EvaluationHook:
         assert results is not None
         seconds = time.perf_counter() - t0
         _append_jsonl(run_dir / "eval" / "history.jsonl", {"step": step, **results, "seconds": seconds})
-        self.best.update(step, results, method, run_dir, sharded)
+        self.best.update(step, results, method, run_dir)
         shown = {k: v for k, v in results.items() if not k.endswith(("_ci_low", "_ci_high"))}
         _say(f"eval step {step} ({seconds:.1f}s): " + ", ".join(f"{k}={v:.4g}" for k, v in list(shown.items())[:8]))
         out = {EVAL_PREFIX + k: v for k, v in results.items()}

@@ -416,8 +416,9 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     best_metric = str((best or {}).get("metric", ""))
     best_split = split_word(metric_split(best_metric)) if metric_split(best_metric) else \
         report_clip.clip_split(best_metric, cfg)
+    best_file = html.escape(str((best or {}).get("checkpoint") or "best.pt"))  # best.dcp from an FSDP run
     best_line = "" if not best else (
-        f"<p>Best checkpoint: <code>best.pt</code> at step {best.get('step')} with "
+        f"<p>Best checkpoint: <code>{best_file}</code> at step {best.get('step')} with "
         f"{html.escape(best_metric)} = {fmt(best.get('value'))} "
         f"({html.escape(str(best.get('mode')))}{f'; split {html.escape(best_split)}' if best_split else ''}).</p>")
     if clip_history:

@@ -102,12 +102,13 @@ def format_results(results: dict[str, float], title: str = "") -> str:
 
 def default_feature_cache(checkpoint: Path) -> Path:
     """``RUN/eval/feature_cache`` for a checkpoint inside a run folder, else the global feature cache."""
+    from medfoundry.checkpoints.format import is_best_checkpoint
     from medfoundry.eval.features import default_cache_dir
 
     checkpoint = Path(checkpoint)
     if checkpoint.parent.name == "checkpoints":
         return checkpoint.parent.parent / "eval" / "feature_cache"
-    if checkpoint.name == "best.pt":
+    if is_best_checkpoint(checkpoint):  # RUN/best.pt or RUN/best.dcp
         return checkpoint.parent / "eval" / "feature_cache"
     return default_cache_dir()
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from medfoundry.checkpoints.format import latest_checkpoint, load_checkpoint
+from medfoundry.checkpoints.format import best_checkpoint, is_best_checkpoint, latest_checkpoint, load_checkpoint
 from medfoundry.config.schema import RunConfig
 from medfoundry.eval.loaded import LoadedBackbone
 from medfoundry.methods.registry import get_method_entry
@@ -30,31 +30,31 @@ from medfoundry.models.preprocessing import Preprocessing
 
 
 def resolve_checkpoint(path: str | Path, which: str = "latest") -> Path:
-    """The checkpoint file for ``path``: a file as is; a run folder's newest checkpoint or ``best.pt``.
+    """The checkpoint for ``path``: a file or sharded folder as is; a run folder's newest checkpoint or best one.
 
-    ``which`` is ``latest`` (``RUN/checkpoints/step_*.pt``, falling back to ``RUN/best.pt``) or
-    ``best`` (``RUN/best.pt``, falling back to the latest).
+    ``which`` is ``latest`` (``RUN/checkpoints/step_*.pt|.dcp``, falling back to the best checkpoint) or
+    ``best`` (``RUN/best.pt``, or ``RUN/best.dcp/`` from an FSDP run, falling back to the latest).
     """
     p = Path(path)
     if p.is_file() or _is_sharded_checkpoint(p):
         return p
     if not p.is_dir():
         raise FileNotFoundError(f"checkpoint or run folder '{p}' does not exist")
-    if not (p / "checkpoints").is_dir() and not (p / "best.pt").is_file():
+    best = best_checkpoint(p)
+    if not (p / "checkpoints").is_dir() and best is None:
         from medfoundry.methods.exported_backbone import ACCEPTED
 
         raise FileNotFoundError(f"{p}: not a run folder, checkpoint or medfoundry export; accepted: {ACCEPTED}")
-    best = p / "best.pt"
     latest = latest_checkpoint(p)
     order = [best, latest] if which == "best" else [latest, best]
     for candidate in order:
         if candidate is not None and (Path(candidate).is_file() or _is_sharded_checkpoint(Path(candidate))):
             return Path(candidate)
-    raise FileNotFoundError(f"run folder '{p}' holds no checkpoint (checkpoints/step_*.pt or best.pt)")
+    raise FileNotFoundError(f"run folder '{p}' holds no checkpoint (checkpoints/step_*.pt|.dcp, best.pt or best.dcp)")
 
 
 def _is_sharded_checkpoint(p: Path) -> bool:
-    """A sharded (FSDP, ``torch.distributed.checkpoint``) checkpoint folder: ``step_XXXXXXXX.dcp/``."""
+    """A sharded (FSDP, ``torch.distributed.checkpoint``) checkpoint folder: ``step_XXXXXXXX.dcp/`` or ``best.dcp/``."""
     return p.is_dir() and (p / "meta.pt").is_file()
 
 
@@ -180,11 +180,11 @@ def load_backbone(
 
 
 def run_folder_of(checkpoint: str | Path) -> Path | None:
-    """The run folder a checkpoint lies in (``RUN/checkpoints/step_*.pt|.dcp`` or ``RUN/best.pt``), else None."""
+    """The run folder a checkpoint lies in (``RUN/checkpoints/step_*.pt|.dcp``, ``RUN/best.pt|.dcp``), else None."""
     p = Path(checkpoint)
     if p.parent.name == "checkpoints":
         return p.parent.parent
-    return p.parent if p.name == "best.pt" else None
+    return p.parent if is_best_checkpoint(p) else None
 
 
 def export_provenance(state: dict, source: str | Path, which: str = "auto",

@@ -25,7 +25,8 @@ from medfoundry.models.model_card import Provenance
 from medfoundry.models.preprocessing import Preprocessing, read_preprocessing
 
 #: What ``load_backbone`` accepts, for error messages.
-ACCEPTED = ("a run folder (checkpoints/step_*.pt or best.pt), a checkpoint file (.pt) or sharded .dcp folder, "
+ACCEPTED = ("a run folder (checkpoints/step_*.pt|.dcp, best.pt or best.dcp), a checkpoint file (.pt) or "
+            "sharded .dcp folder, "
             "or a `medfoundry export` folder (--to hf, timm or safetensors: it holds medfoundry_backbone.json)")
 
 

@@ -68,10 +68,9 @@ workspaces), ``headroom`` 10 % for allocator fragmentation.
 
 **Checkpoints.** ``train/loop.py::_save`` takes ``get_state_dict(method, optimizer)`` with the default
 ``full_state_dict=False`` (DTensor shards) and ``dcp.save`` writes every rank's own shards, staging one
-tensor at a time to the host: no rank gathers the full state and no GPU memory is added. ``best.pt``
-(``eval/best.py`` under FSDP) is the exception: ``get_model_state_dict(full_state_dict=True,
-cpu_offload=True)`` gathers one full fp32 tensor at a time on every GPU and the whole method
-(student and teacher) in host memory on rank 0.
+tensor at a time to the host: no rank gathers the full state and no GPU memory is added. The best
+checkpoint of in-training evaluation (``eval/best.py``) is written the same way under FSDP, as the sharded
+``RUN/best.dcp/`` (the method's weights, no optimizer state).
 
 Sources of the defaults: facebookresearch/dinov3 ``dinov3/configs/train/dinov3_vit7b16_pretrain.yaml``
 (2 x 256 px global and 8 x 112 px local crops, 16 images per GPU, heads 262144/8192/512 and
@@ -139,7 +138,6 @@ class PlanInputs:
     local_size: int
     mask_probability: float
     mask_ratio_mean: float
-    largest_tensor: int  # elements of the largest single parameter (best.pt's per-tensor gather)
 
     def tokens(self, side: int) -> int:
         """Tokens of one ``side`` x ``side`` crop: patches plus class and register tokens."""
@@ -259,7 +257,6 @@ def inputs_from_config(overrides: list[str] | None = None) -> PlanInputs:
         local_size=cfg.crops.local_size,
         mask_probability=cfg.dino.mask_probability,
         mask_ratio_mean=(cfg.dino.mask_ratio_min + cfg.dino.mask_ratio_max) / 2,
-        largest_tensor=max(p.numel() for p in method.parameters()),
     )
 
 
@@ -342,14 +339,14 @@ def largest_batch(fixed: float, per_image: float, budget: float) -> int:
 
 
 def checkpoint_bytes(inp: PlanInputs, n_gpus: int, master_bytes: int = 4) -> dict[str, float]:
-    """What saving costs: the periodic sharded checkpoint per rank, and ``best.pt``'s full gather on rank 0."""
+    """What saving costs per rank: the periodic sharded checkpoint and the sharded best checkpoint (``best.dcp``)."""
     per_rank = (master_bytes * (inp.student_params + inp.teacher_params)
                 + 2 * master_bytes * inp.student_trainable) / n_gpus
     return {
         "periodic .dcp: bytes each rank writes": per_rank,
         "periodic .dcp: extra GPU bytes": 0.0,
-        "best.pt: rank 0 host bytes (full fp32 method)": 4.0 * (inp.student_params + inp.teacher_params),
-        "best.pt: extra GPU bytes (1 full fp32 tensor)": 4.0 * inp.largest_tensor,
+        "best.dcp: bytes each rank writes (fp32 method)": 4.0 * (inp.student_params + inp.teacher_params) / n_gpus,
+        "best.dcp: extra GPU bytes": 0.0,
     }
 
 

@@ -25,7 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--img-size", type=int, default=0,
                         help="input side (default: eval.img_size or crops.global_size; larger gives finer maps)")
-    parser.add_argument("--best", action="store_true", help="use RUN/best.pt instead of the newest checkpoint")
+    parser.add_argument("--best", action="store_true", help="use the best checkpoint (RUN/best.pt; "
+                        "RUN/best.dcp from an FSDP run) instead of the newest")
     parser.add_argument("--random-init", action="store_true", help="the backbone at its random initialisation")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",

@@ -5,7 +5,7 @@ backbone (``needs`` features or views) run here through :func:`medfoundry.eval.t
 ``retrieval`` is DINO-X's label-free view-retrieval ratio: it needs no ``--data``, only images
 (``--retrieval-data`` or the run's training data).
 
-CHECKPOINT is a run folder (its newest checkpoint, or ``best.pt`` with ``--best``) or a checkpoint
+CHECKPOINT is a run folder (its newest checkpoint, or ``best.pt``/``best.dcp`` with ``--best``) or a checkpoint
 file. SET is a labelled manifest (CSV/TSV/JSONL/Parquet with ``path`` and a label column, optional
 ``split``/``series``/``patient``) or a folder ``<label>/...`` or ``<split>/<label>/...``; it defaults
 to the run's ``eval.data``. Features are cached per checkpoint, so several tasks in a row extract
@@ -69,7 +69,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", default="test", choices=("test", "val"), help="kNN query split (default test)")
     parser.add_argument("--k", type=int, nargs="+", help="kNN neighbour counts (default: eval.knn_k)")
     parser.add_argument("--n-bootstrap", type=int, help="bootstrap resamples for confidence intervals")
-    parser.add_argument("--best", action="store_true", help="use RUN/best.pt instead of the newest checkpoint")
+    parser.add_argument("--best", action="store_true", help="use the best checkpoint (RUN/best.pt; "
+                        "RUN/best.dcp from an FSDP run) instead of the newest")
     parser.add_argument("--random-init", action="store_true",
                         help="evaluate the backbone at its random initialisation (baseline)")
     parser.add_argument("--compare-random", action="store_true",
@@ -99,7 +100,7 @@ def _checkpoint_method(path: Path) -> str | None:
         cfg_path: Path | None = path / "config.yaml"
     elif path.parent.name == "checkpoints":
         cfg_path = path.parent.parent / "config.yaml"
-    else:  # e.g. RUN/best.pt
+    else:  # e.g. RUN/best.pt or RUN/best.dcp
         cfg_path = path.parent / "config.yaml"
     if cfg_path is not None and cfg_path.is_file():
         import yaml

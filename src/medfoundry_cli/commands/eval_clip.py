@@ -39,23 +39,24 @@ def task_names() -> list[str]:
 
 
 def resolve_checkpoint(path: str | Path, best: bool = False) -> Path:
-    """A checkpoint file: ``path`` itself; in a run folder the newest ``checkpoints/step_*.pt`` (``best``:
-    ``best.pt``), falling back to the other when only one exists."""
-    from medfoundry.checkpoints.format import latest_checkpoint
+    """A checkpoint: ``path`` itself (a file or sharded ``.dcp`` folder); in a run folder the newest
+    ``checkpoints/step_*`` (``best``: ``best.pt``, or ``best.dcp`` from an FSDP run), falling back to the other
+    when only one exists."""
+    from medfoundry.checkpoints.format import best_checkpoint, latest_checkpoint
 
     p = Path(path)
-    if p.is_file():
+    if p.is_file() or (p / "meta.pt").is_file():
         return p
     if p.is_dir():
-        best_path = p / "best.pt"
+        best_path = best_checkpoint(p)
         latest = latest_checkpoint(p)
-        if best and best_path.is_file():
+        if best and best_path is not None:
             return best_path
         if latest is not None:
             return latest
-        if best_path.is_file():
+        if best_path is not None:
             return best_path
-    raise FileNotFoundError(f"no checkpoint at {p} (give a .pt file or a run folder with checkpoints)")
+    raise FileNotFoundError(f"no checkpoint at {p} (give a .pt file, a .dcp folder or a run folder with checkpoints)")
 
 
 def load_clip_checkpoint_method(path: str | Path, overrides: list[str] | tuple[str, ...] = (), device: str = "auto",

@@ -38,11 +38,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_dir(path: Path) -> Path | None:
-    if path.is_dir():
+    """The run folder of ``path`` (a run folder itself, or a checkpoint inside one), else None."""
+    from medfoundry.methods.checkpoint_backbone import run_folder_of
+
+    if path.is_dir() and not (path / "meta.pt").is_file():  # a run folder, not a sharded checkpoint
         return path
-    if path.parent.name == "checkpoints":
-        return path.parent.parent
-    return path.parent if path.name == "best.pt" else None
+    return run_folder_of(path)
 
 
 def run_task(task: str, args: argparse.Namespace) -> int:
