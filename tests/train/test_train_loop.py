@@ -52,6 +52,37 @@ def test_resume_matches_an_uninterrupted_run(tmp_path: Path, png_folder: Path) -
             assert ra[key] == rb[key], (ra["step"], key)
 
 
+def test_log_every_changes_only_which_steps_are_read(tmp_path: Path, png_folder: Path, monkeypatch) -> None:
+    """``train.log_every=2`` reads the device metrics only at steps 2 and 4, with the health monitors on (they
+    observe logged steps); what it logs there equals what a run that reads every step logs, and the trained
+    weights are the same (the skipped reads change nothing)."""
+    from medfoundry.train import step as train_step
+
+    reads: list[int] = []
+    read = train_step.read_metrics
+    monkeypatch.setattr(train_step, "read_metrics", lambda metrics: reads.append(1) or read(metrics))
+    every = _run(tmp_path / "every", png_folder, "train.steps=4", "train.checkpoint_every=4", "train.log_every=1")
+    assert len(reads) == 4
+    reads.clear()
+    sparse = _run(tmp_path / "sparse", png_folder, "train.steps=4", "train.checkpoint_every=4", "train.log_every=2")
+    assert len(reads) == 2  # one host read per logged step, none in between
+    from medfoundry.eval.in_training import MonitorHook
+    from medfoundry.train.hooks import build_hooks
+
+    assert any(isinstance(h, MonitorHook) for h in build_hooks(load_config(sparse / "config.yaml")))
+    a = {r["step"]: r for r in read_metrics(every)}
+    b = {r["step"]: r for r in read_metrics(sparse)}
+    assert sorted(a) == [1, 2, 3, 4] and sorted(b) == [2, 4]
+    for step in (2, 4):
+        assert set(a[step]) == set(b[step])
+        for key, value in a[step].items():
+            if key != "images_per_s":  # wall-clock throughput
+                assert b[step][key] == value, (step, key)
+    wa = torch.load(list_checkpoints(every)[-1], weights_only=False)["method"]
+    wb = torch.load(list_checkpoints(sparse)[-1], weights_only=False)["method"]
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
 def test_resume_after_a_crash_rewrites_metrics_past_the_checkpoint(tmp_path: Path, png_folder: Path) -> None:
     run = _run(tmp_path / "r", png_folder, "train.steps=3", "train.checkpoint_every=2", "train.keep_last=2")
     before = read_metrics(run)

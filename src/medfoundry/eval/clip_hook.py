@@ -309,6 +309,10 @@ class ClipEvalHook:
         """Whether ``step`` (1-based, after the optimizer step) is an evaluation step."""
         return self.main_due(step) or self.val_due(step)
 
+    def wants_step(self, step: int, log_step: bool) -> bool:
+        """Only evaluation steps (:class:`~medfoundry.eval.hooks.Hook`): other steps need no host read."""
+        return self.due(step)
+
     def _evaluate(self, step: int, method: nn.Module) -> dict[str, float]:
         """The results due at ``step``, identical on every rank."""
         results: dict[str, float] = {}

@@ -102,6 +102,10 @@ class EvaluationHook:
         """Whether ``step`` (1-based, after the optimizer step) is an evaluation step."""
         return self.every > 0 and (step % self.every == 0 or step == self.last_step)
 
+    def wants_step(self, step: int, log_step: bool) -> bool:
+        """Only evaluation steps (:class:`~medfoundry.eval.hooks.Hook`): other steps need no host read."""
+        return self.due(step)
+
     def on_step_end(self, step: int, metrics: dict[str, float], method: nn.Module,
                     run_dir: Path) -> dict[str, float] | None:
         if not self.due(step):
@@ -243,6 +247,11 @@ class MonitorHook:
     def active(self) -> bool:
         """Whether any detector is on."""
         return any(d is not None for d in (self.entropy, self.prototypes, self.collapse, self.eval_collapse))
+
+    def wants_step(self, step: int, log_step: bool) -> bool:
+        """The logged steps (:class:`~medfoundry.eval.hooks.Hook`): the detectors count ``patience`` logged
+        values, so with ``train.log_every=1`` (the default) every step, and no host read in between otherwise."""
+        return log_step
 
     def on_step_end(self, step: int, metrics: dict[str, float], method: nn.Module,
                     run_dir: Path) -> dict[str, float] | None:

@@ -31,6 +31,7 @@ from medfoundry.config.schema import RunConfig
 from medfoundry.distributed.parallelize import is_sharded, parallelize, unwrap
 from medfoundry.distributed.setup import DistInfo, init_distributed
 from medfoundry.errors import UserError
+from medfoundry.eval.hooks import wants_step
 from medfoundry.methods import get_method_entry
 from medfoundry.methods.input_paths import check_paths, needed_paths
 from medfoundry.precision import resolve_device, resolve_precision
@@ -154,7 +155,8 @@ def train(cfg: RunConfig, on_signal_stop: Callable[[int], None] | None = None) -
             done = step + 1
             log_step = done % cfg.train.log_every == 0 or done == cfg.train.steps
             loss_value: float | None = None
-            if log_step or hooks:  # one host read of all of the step's values; none on other steps without hooks
+            called = [h for h in hooks if wants_step(h, done, log_step)]  # e.g. evaluation steps only
+            if log_step or called:  # one host read of all of the step's values; none on the other steps
                 metrics = train_step.read_metrics(device_metrics)
                 loss_value = metrics.pop("_local_loss")
                 grad_norm = metrics.pop("grad_norm")
@@ -164,7 +166,7 @@ def train(cfg: RunConfig, on_signal_stop: Callable[[int], None] | None = None) -
                 n_images = acc.images * info.world_size
                 metrics["images_per_s"] = n_images / max(1e-9, time.perf_counter() - t0)
                 evaluated: dict[str, float] = {}
-                for hook in hooks:
+                for hook in called:
                     evaluated.update(hook.on_step_end(done, metrics, method, run_dir) or {})
                 metrics.update(evaluated)
                 if log_step or evaluated:

@@ -6,9 +6,10 @@ Host syncs: the loop's forward/backward reads one pair of flags per micro-batch
 read decides whether the step is skipped and whether every rank checkpoints now, so it stays. Everything else
 of the update stays on the device: the gradient norm (:func:`clip_gradients`), the all-reduced metrics and the
 loss (:func:`update`) are tensors, read with **one** host transfer (:func:`read_metrics`) only where a float is
-needed: at logging steps (``train.log_every``, the last step, an evaluation) and when hooks are configured
-(they observe every step's metrics). Before, the norm, the metrics and the loss were read separately, three
-syncs every step.
+needed: at logging steps (``train.log_every``, the last step) and at the steps a hook asks for
+(:func:`medfoundry.eval.hooks.wants_step`: an in-training evaluation's steps; the health monitors observe the
+logged steps). Before, the norm, the metrics and the loss were read separately, three syncs every step, and
+every step whenever a hook was configured.
 """
 
 from __future__ import annotations

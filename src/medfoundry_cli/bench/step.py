@@ -107,7 +107,7 @@ class TrainStep:
     autocast, ``agree_step``'s finite/stop flags read on the host -- the step's one sync -- then backward) and
     :func:`medfoundry.train.step.update` (``before_optimizer_step``, clipping, the optimizer step, ``zero_grad``,
     ``after_optimizer_step``, the metric all-reduce, all on the device). Like the loop on a step that is not a
-    logging step (and without hooks) it reads no metric back; ``read_metrics=True`` reads them every step (one
+    logging step (nor one a hook asks for) it reads no metric back; ``read_metrics=True`` reads them every step (one
     more sync, the loop's logging step). A non-finite loss skips the update, as the loop does.
 
     Args:
