@@ -233,3 +233,26 @@ def test_student_crop_logits_one_call_equals_per_crop_group() -> None:
     want = torch.cat([head(g_cls).view(2, 3, -1), head(l_cls).view(4, 3, -1)])
     assert got.shape == (6, 3, 32)
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_shipped_mask_index_gives_the_boolean_indexing_result() -> None:
+    """The loaders' ``mask_index`` (computed on the CPU, no device ``nonzero``) changes nothing: the same losses
+    and gradients as a batch without it (where the method finds the masked positions itself)."""
+    from medfoundry.data.views import mask_index
+
+    cfg = load_config(None, [*BASE, "dino.ibot_weight=1"])
+    results = []
+    for ship in (False, True):
+        torch.manual_seed(0)
+        method = DINOMethod(cfg.model, cfg.dino, total_steps=10)
+        batch = _batch()
+        if ship:
+            batch["mask_index"] = mask_index(batch["masks"])
+            patch = torch.randn(6, 16, 3)
+            assert torch.equal(patch.flatten(0, 1)[batch["mask_index"]], patch[batch["masks"].flatten(0, 1)])
+        out = method(batch, step=0)
+        out["loss"].backward()
+        results.append((out, {n: p.grad.clone() for n, p in method.student.named_parameters() if p.grad is not None}))
+    (a, ga), (b, gb) = results
+    assert torch.equal(a["ibot_loss"], b["ibot_loss"]) and torch.equal(a["loss"], b["loss"])
+    assert ga.keys() == gb.keys() and all(torch.equal(ga[k], gb[k]) for k in ga)

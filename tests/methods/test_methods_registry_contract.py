@@ -112,3 +112,16 @@ def test_needed_paths_name_keys_of_the_methods_config(name: str, tmp_path: Path)
     keys = set(all_keys(type(cfg)))
     for key, _value, check in get_method_entry(name).needed_paths(cfg):
         assert key in keys and callable(check)
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_device_side_nonfinite_check_trains_and_resumes_exactly(name: str, tmp_path: Path) -> None:
+    """``train.nonfinite_check=device`` (the GPU default: the skip decided on the device, the method's
+    ``after_optimizer_step(step, applied=...)``) runs every method and resumes exactly."""
+    recipe, over = _tiny(name, tmp_path)
+    path, over = str(resolve_recipe(recipe)), [*over, "train.nonfinite_check=device"]
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    assert main(["train", path, f"output_dir={whole}", "train.steps=2", *over, *COMMON]) == 0
+    assert main(["train", path, f"output_dir={split}", "train.steps=1", *over, *COMMON]) == 0
+    assert main(["train", path, f"output_dir={split}", "train.steps=2", *over, *COMMON]) == 0
+    assert len(_rows(whole)) == 2 and _rows(whole) == _rows(split)

@@ -101,6 +101,7 @@ class TrainConfig:
     checkpoint_every: int = 500  # steps between checkpoints (the last step always saves)
     keep_last: int = 3  # checkpoints kept on disk
     max_nonfinite_steps: int = 5  # stop after this many non-finite losses in a row
+    nonfinite_check: Literal["auto", "host", "device"] = "auto"  # where a NaN step is skipped (train/nonfinite.py)
     progress: bool = True  # progress: a bar in a terminal, else a plain line every train.log_every steps
     tensorboard: bool = True  # write TensorBoard event files
     tracking: list[Literal["wandb", "mlflow"]] = field(default_factory=list)  # experiment trackers (off: [])

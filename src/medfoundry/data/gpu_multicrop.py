@@ -51,7 +51,7 @@ from torch.utils.data import DataLoader
 
 from medfoundry.config.schema import CropsConfig
 from medfoundry.data.multicrop import _RATIO, _per_channel, random_resized_crop_box
-from medfoundry.data.views import sample_seed
+from medfoundry.data.views import mask_index, sample_seed
 
 Backend = Literal["grid_sample", "roi_align"]
 
@@ -363,6 +363,7 @@ class GPUCropLoader:
         out = self.crops(canvas, plans=plans)
         if "masks" in batch:
             out["masks"] = batch["masks"].to(self.device, non_blocking=nb)
+            out["mask_index"] = mask_index(batch["masks"]).to(self.device, non_blocking=nb)  # on the CPU: no sync
         out["bad"] = batch["bad"]
         return out
 

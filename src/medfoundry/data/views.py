@@ -155,8 +155,19 @@ class SeededViews(Dataset):
         return out
 
 
+def mask_index(masks: Tensor) -> Tensor:
+    """Flat positions (int64) of the masked patches of view-major iBOT masks ``(n_global, B, N)``, in the order
+    boolean indexing of ``masks.flatten(0, 1)`` visits them.
+
+    Computed on the CPU by the loader, so the method gathers the masked tokens with ``index_select`` on the
+    device: boolean indexing there is a ``nonzero``, which waits for the device (a host sync every step).
+    DINOv2's collate ships the same indices (``mask_indices_list``)."""
+    return masks.reshape(-1).nonzero().squeeze(1)
+
+
 def collate_views(items: list[dict]) -> dict:
-    """Stack per-sample view lists into view-major tensors: (n_views, B, C, H, W) and masks (n_global, B, N)."""
+    """Stack per-sample view lists into view-major tensors: (n_views, B, C, H, W), masks (n_global, B, N) and
+    their flat masked positions (``mask_index``, :func:`mask_index`)."""
     batch: dict = {
         "global_crops": torch.stack([torch.stack(it["global"]) for it in items], dim=1),
         "bad": [b for it in items for b in it["bad"]],
@@ -165,6 +176,7 @@ def collate_views(items: list[dict]) -> dict:
         batch["local_crops"] = torch.stack([torch.stack(it["local"]) for it in items], dim=1)
     if "masks" in items[0]:
         batch["masks"] = torch.stack([torch.stack(it["masks"]) for it in items], dim=1)
+        batch["mask_index"] = mask_index(batch["masks"])
     return batch
 
 

@@ -12,12 +12,13 @@ __all__ = ["CenteredTeacherLoss"]
 
 
 @torch.no_grad()
-def _ema_update_center(center: Tensor, teacher_logits: Tensor, momentum: float) -> None:
+def _ema_update_center(center: Tensor, teacher_logits: Tensor, momentum: float, applied: Tensor | None = None) -> None:
     """In-place ``center <- m * center + (1 - m) * mean(teacher_logits)`` over the global batch.
 
     The per-prototype sums and the row count are packed into one tensor and all-reduced
     together, so ranks holding different numbers of rows (iBOT masked patches) are weighted
-    correctly. If the global batch is empty the center is left unchanged. No host sync.
+    correctly. If the global batch is empty, or ``applied`` is 0 (a step skipped on the device for a
+    non-finite loss), the center is left unchanged. No host sync.
     """
     x = teacher_logits.detach().reshape(-1, teacher_logits.shape[-1]).float()
     stats = torch.cat([x.sum(dim=0), x.new_full((1,), float(x.shape[0]))])
@@ -25,7 +26,8 @@ def _ema_update_center(center: Tensor, teacher_logits: Tensor, momentum: float) 
     count = stats[-1]
     batch_mean = stats[:-1] / count.clamp_min(1.0)
     updated = center.float() * momentum + batch_mean.unsqueeze(0) * (1.0 - momentum)
-    center.copy_(torch.where(count > 0, updated, center.float()))
+    keep = count > 0 if applied is None else (count > 0) & (applied > 0)
+    center.copy_(torch.where(keep, updated, center.float()))
 
 
 class CenteredTeacherLoss(nn.Module):
@@ -79,7 +81,7 @@ class CenteredTeacherLoss(nn.Module):
         return F.softmax((teacher_logits.detach().float() - self.center) / teacher_temp, dim=-1)
 
     @torch.no_grad()
-    def update_center(self, teacher_logits: Tensor) -> None:
+    def update_center(self, teacher_logits: Tensor, applied: Tensor | None = None) -> None:
         """EMA update ``center = m * center + (1 - m) * mean`` over the global batch of this step.
 
         Per-prototype sums and the row count are all-reduced together, so ranks holding different
@@ -88,5 +90,6 @@ class CenteredTeacherLoss(nn.Module):
 
         Args:
             teacher_logits: ``(N, K)`` (or ``(..., K)``) teacher head outputs of this rank.
+            applied: 0-dim tensor, 0 when the step was skipped on the device (the center is kept); None: update.
         """
-        _ema_update_center(self.center, teacher_logits, self.center_momentum)
+        _ema_update_center(self.center, teacher_logits, self.center_momentum, applied)

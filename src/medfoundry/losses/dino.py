@@ -87,7 +87,7 @@ class DINOLoss(CenteredTeacherLoss):
         if skip_same_view:
             same = torch.arange(min(n_s, n_t), device=student_logits.device)
             pair_mask[same, same] = False
-        n_pairs = int(pair_mask.sum())
+        n_pairs = n_t * n_s - (min(n_s, n_t) if skip_same_view else 0)  # pair_mask.sum(), without a host read
         if n_pairs == 0:
             raise ValueError(
                 f"no (student, teacher) view pairs left with n_s={n_s}, n_t={n_t}, skip_same_view=True; "

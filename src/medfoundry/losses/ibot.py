@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._dist import all_reduce_sum
+from ._dist import all_reduce_sum, world_size
 from .centering import CenteredTeacherLoss
 from .sinkhorn import sinkhorn_knopp
 
@@ -55,10 +55,10 @@ class IBOTPatchLoss(CenteredTeacherLoss):
         Returns:
             ``(M, K)`` float32 targets whose rows sum to 1.
         """
-        count = torch.tensor(
-            float(teacher_patch_logits.shape[0]), dtype=torch.float32, device=teacher_patch_logits.device
-        )
-        n_global = int(round(all_reduce_sum(count).item()))
+        n_local = teacher_patch_logits.shape[0]
+        # over ranks the count stays a device tensor (no host read in the step)
+        n_global = all_reduce_sum(teacher_patch_logits.new_full((), float(n_local), dtype=torch.float32)) \
+            if world_size() > 1 else n_local
         return sinkhorn_knopp(
             teacher_patch_logits, teacher_temp, n_iterations=n_iterations, n_rows_global=n_global
         )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._dist import all_reduce_max, all_reduce_sum
+from ._dist import all_reduce_max, all_reduce_sum, world_size
 
 __all__ = ["sinkhorn_knopp"]
 
@@ -15,7 +15,7 @@ def sinkhorn_knopp(
     logits: Tensor,
     temperature: float,
     n_iterations: int = 3,
-    n_rows_global: int | None = None,
+    n_rows_global: int | Tensor | None = None,
 ) -> Tensor:
     """Turn teacher logits into balanced soft assignments with a few Sinkhorn-Knopp iterations.
 
@@ -47,8 +47,9 @@ def sinkhorn_knopp(
         temperature: teacher temperature (the logits are divided by it before ``exp``).
         n_iterations: number of Sinkhorn-Knopp iterations (DINOv2 uses 3).
         n_rows_global: total number of rows over all ranks. If None it is obtained by
-            all-reducing the local ``B`` (equal to ``B * world_size`` for equal batches). Pass
-            it when already known, e.g. the global number of masked patches for iBOT.
+            all-reducing the local ``B`` (equal to ``B * world_size`` for equal batches), kept as a
+            0-dim device tensor so the step never waits for it on the host. Pass it when already
+            known (an int, or such a tensor), e.g. the global number of masked patches for iBOT.
 
     Returns:
         ``(B, K)`` float32 tensor of soft targets whose rows sum to 1.
@@ -63,15 +64,16 @@ def sinkhorn_knopp(
     scores = logits.detach().float() / temperature
     n_local, n_protos = scores.shape
 
-    if n_rows_global is None:
-        count = torch.tensor(float(n_local), dtype=torch.float32, device=scores.device)
-        n_rows = int(round(all_reduce_sum(count).item()))
+    n_rows: int | Tensor
+    if n_rows_global is None:  # over ranks the count stays a device tensor: no host read in the step
+        n_rows = all_reduce_sum(scores.new_full((), float(n_local))) if world_size() > 1 else n_local
     else:
-        n_rows = int(n_rows_global)
-    if n_rows < n_local:
-        raise ValueError(f"n_rows_global={n_rows} is smaller than the local number of rows {n_local}")
-    if n_rows == 0:
-        return scores.new_zeros((0, n_protos))
+        n_rows = n_rows_global if isinstance(n_rows_global, Tensor) else int(n_rows_global)
+    if isinstance(n_rows, int):
+        if n_rows < n_local:
+            raise ValueError(f"n_rows_global={n_rows} is smaller than the local number of rows {n_local}")
+        if n_rows == 0:
+            return scores.new_zeros((0, n_protos))
 
     if n_local > 0:
         shift = scores.max().clone()

@@ -28,8 +28,13 @@ class Method(nn.Module):
     def before_optimizer_step(self, step: int) -> None:
         """Called after backward and clipping, before ``optimizer.step()`` (e.g. freeze a layer's grads)."""
 
-    def after_optimizer_step(self, step: int) -> None:
-        """Called after ``optimizer.step()`` (e.g. EMA teacher update, center update)."""
+    def after_optimizer_step(self, step: int, applied: Tensor | None = None) -> None:
+        """Called after ``optimizer.step()`` (e.g. EMA teacher update, center update).
+
+        ``applied`` (``train.nonfinite_check=device``): a 0-dim float tensor on the device, 0 when the step was
+        skipped for a non-finite loss (the optimizer did not move), else 1; state updated here must then stay
+        exactly as it was, decided on the device (a lerp weight times ``applied``, a ``torch.where``), never by
+        reading it on the host. None: the step is applied (the host already skipped a non-finite one)."""
 
     def eval_backbone(self) -> Backbone:  # pragma: no cover - abstract
         """The backbone whose features are evaluated and exported (the teacher for DINO)."""

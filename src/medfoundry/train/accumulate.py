@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from medfoundry.precision import autocast
-from medfoundry.train.preemption import agree_step
+from medfoundry.train.preemption import agree_flags, agree_step
 
 
 def scaled_loss(loss: Tensor, n_micro: int) -> Tensor:
@@ -50,12 +50,19 @@ def gradient_sync(model: nn.Module, sync: bool) -> Iterator[None]:
 
 class StepOutputs:
     """The outputs of one optimizer step's micro-batches: whether all were finite, a stop request, the image
-    count, and the mean of each scalar output (``loss`` and the metrics) over the micro-batches."""
+    count, and the mean of each scalar output (``loss`` and the metrics) over the micro-batches.
 
-    def __init__(self, n_micro: int = 1) -> None:
+    With ``defer`` (``train.nonfinite_check=device``) nothing is read on the host: every micro-batch runs its
+    backward, and :attr:`flags` holds the step's ``[non-finite count, stop count]`` on the device for
+    :func:`medfoundry.train.step.update` (``skip``) and :class:`~medfoundry.train.nonfinite.DeferredFlags`;
+    :attr:`finite` and :attr:`stop` then stay True and False."""
+
+    def __init__(self, n_micro: int = 1, defer: bool = False) -> None:
         self.n_micro = n_micro
+        self.defer = defer
         self.finite = True
         self.stop = False
+        self.flags: Tensor | None = None
         self.images = 0
         self._sums: dict[str, Tensor] = {}
         self._counts: dict[str, int] = {}
@@ -64,16 +71,28 @@ class StepOutputs:
                          precision: str, device: torch.device) -> None:
         """One micro-batch: forward under autocast, agree with the other ranks whether its loss is finite and
         whether a stop was requested (:func:`~medfoundry.train.preemption.agree_step`, the micro-batch's one host
-        sync), then backward of the loss scaled by ``1 / n_micro`` (gradients synchronised on the ``last`` one)."""
+        sync; deferred: :func:`~medfoundry.train.preemption.agree_flags`, no host read), then backward of the
+        loss scaled by ``1 / n_micro`` (gradients synchronised on the ``last`` one)."""
         with gradient_sync(model, last):
             with autocast(precision, device):
                 out = model(batch, step)
+            if self.defer:  # a non-finite loss gives non-finite gradients; the update is skipped on the device
+                flags = agree_flags(out["loss"], stop_requested, device)
+                self.flags = flags if self.flags is None else self.flags + flags
+                scaled_loss(out["loss"], self.n_micro).backward()
+                self.add(out)
+                return
             finite, stop = agree_step(out["loss"], stop_requested, device)
             self.stop = self.stop or stop
             self.finite = self.finite and finite
             if finite:
                 scaled_loss(out["loss"], self.n_micro).backward()
                 self.add(out)
+
+    @property
+    def skip(self) -> Tensor | None:
+        """Deferred mode: a 0-dim float tensor on the device, 1 when any micro-batch was non-finite (else None)."""
+        return None if self.flags is None else (self.flags[0] > 0).float()
 
     def add(self, out: dict[str, Tensor]) -> None:
         """Record one finite micro-batch's ``{"loss", metrics}`` (detached; one-element tensors only)."""

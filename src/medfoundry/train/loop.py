@@ -39,6 +39,13 @@ from medfoundry.safe_load import load_torch_file
 from medfoundry.train import step as train_step
 from medfoundry.train.accumulate import StepOutputs
 from medfoundry.train.hooks import build_hooks
+from medfoundry.train.nonfinite import (  # NonFiniteLossError: raised by the guard, imported from here by callers
+    DeferredFlags,
+    NonfiniteGuard,
+    NonFiniteLossError,
+    StepFlags,
+    resolve_check,
+)
 from medfoundry.train.optim import apply_schedules, build_optimizer
 from medfoundry.train.preemption import PREEMPTED_EXIT_CODE, StopFlag
 from medfoundry.train.resume import check_resume_config, flatten, select_checkpoint
@@ -46,9 +53,7 @@ from medfoundry.train.run_logger import RunLogger
 from medfoundry.train.run_summary import ParamCount, RunSummary, parameter_counts, source_counts, write_summary
 from medfoundry.train.tracking import check_available, flat_params, start_trackers
 
-
-class NonFiniteLossError(RuntimeError):
-    """Raised after ``train.max_nonfinite_steps`` non-finite losses in a row."""
+__all__ = ["BadDataError", "NonFiniteLossError", "train"]
 
 
 class BadDataError(UserError, RuntimeError):
@@ -88,7 +93,8 @@ def train(cfg: RunConfig, on_signal_stop: Callable[[int], None] | None = None) -
     counts = parameter_counts(method, method.backbones())  # before wrapping or sharding: whole tensors
     depth = max((b.depth for b in method.backbones().values()), default=None)
     model = parallelize(method, cfg.dist, device, precision)
-    optimizer = build_optimizer(method, cfg.optim, depth)
+    optimizer = build_optimizer(method, cfg.optim, depth, fused=True if cfg.train.nonfinite_check == "device" else None)
+    deferred = resolve_check(cfg.train.nonfinite_check, device, optimizer, is_sharded(method)) == "device"
     horizon = cfg.train.schedule_steps or cfg.train.steps
 
     start_step, nonfinite, bad_files = 0, 0, {}
@@ -111,6 +117,8 @@ def train(cfg: RunConfig, on_signal_stop: Callable[[int], None] | None = None) -
         summary = _summary(cfg, counts, device, precision, info, loader.dataset, start_step, ckpt_path, logger)
         logger.write(write_summary(run_dir, summary))
     stop = StopFlag()
+    guard = NonfiniteGuard(cfg.train.max_nonfinite_steps, nonfinite, logger.write, lambda: latest_checkpoint(run_dir))
+    flags = DeferredFlags(device)  # train.nonfinite_check=device: each step's flags, read a step late
     params = [p for p in method.parameters() if p.requires_grad]
     data_iter = iter(loader)
     step = start_step
@@ -121,7 +129,7 @@ def train(cfg: RunConfig, on_signal_stop: Callable[[int], None] | None = None) -
             t0 = time.perf_counter()
             sched = apply_schedules(optimizer, cfg.optim, step, horizon)
             method.start_step(step)
-            acc = StepOutputs(n_micro)
+            acc = StepOutputs(n_micro, defer=deferred)
             for micro in range(n_micro):
                 batch = _to_device(next(data_iter), device)
                 _track_bad(batch.pop("bad", []), bad_files, cfg, logger, loader)
@@ -131,28 +139,34 @@ def train(cfg: RunConfig, on_signal_stop: Callable[[int], None] | None = None) -
                 if acc.finite:  # a skipped step still reads all its micro-batches: the data position stays step x N
                     acc.forward_backward(model, batch, step, micro == n_micro - 1, stop.requested, precision, device)
                     stop.requested = stop.requested or acc.stop  # a stop agreed from another rank's signal counts too
-            finite, stop_now = acc.finite, acc.stop
+            done = step + 1
+            out = acc.mean()  # the loss and metrics: means over the micro-batches
+            if deferred:  # the update is skipped on the device; the host hears of this step now or a step later
+                device_metrics = train_step.update(method, optimizer, params, out, step, cfg.optim.clip_grad, device,
+                                                   skip=acc.skip)
+                flags.push(done, acc.flags)
+                heard = flags.pop(done - 1)
+                stop_now = any(f.stop for f in heard)
+                if stop_now or _acts_at(done, cfg, hooks):  # the host acts on this step: it waits for its flags
+                    heard += flags.pop(done)
+                    stop_now = any(f.stop for f in heard)
+                for f in heard:
+                    guard.record(f)
+                finite = all(f.finite for f in heard if f.step == done)
+            else:
+                finite, stop_now = acc.finite, acc.stop
+                guard.record(StepFlags(done, finite, stop_now))
+            nonfinite = guard.in_a_row
             if not finite:
                 optimizer.zero_grad(set_to_none=True)
-                nonfinite += 1
-                logger.write(f"warning: non-finite loss at step {step + 1}; step skipped ({nonfinite} in a row)")
                 if stop_now:
-                    _save(run_dir, step + 1, method, optimizer, cfg, info, nonfinite, bad_files)
-                    stopped_at = step + 1
+                    _save(run_dir, done, method, optimizer, cfg, info, nonfinite, bad_files)
+                    stopped_at = done
                     break
-                if nonfinite >= cfg.train.max_nonfinite_steps:
-                    last = latest_checkpoint(run_dir)
-                    raise NonFiniteLossError(
-                        f"{nonfinite} non-finite losses in a row (train.max_nonfinite_steps="
-                        f"{cfg.train.max_nonfinite_steps}); stopping. Last good checkpoint: {last}. "
-                        "Try a lower optim.lr, optim.clip_grad, or train.precision=fp32."
-                    )
                 continue
-            nonfinite = 0
-            out = acc.mean()  # the loss and metrics: means over the micro-batches
-            device_metrics = train_step.update(method, optimizer, params, out, step, cfg.optim.clip_grad, device)
+            if not deferred:
+                device_metrics = train_step.update(method, optimizer, params, out, step, cfg.optim.clip_grad, device)
 
-            done = step + 1
             log_step = done % cfg.train.log_every == 0 or done == cfg.train.steps
             loss_value: float | None = None
             called = [h for h in hooks if wants_step(h, done, log_step)]  # e.g. evaluation steps only
@@ -320,6 +334,15 @@ def _to_device(batch, device: torch.device):
     if isinstance(batch, list) and batch and isinstance(batch[0], torch.Tensor):
         return [_to_device(v, device) for v in batch]
     return batch
+
+
+def _acts_at(done: int, cfg: RunConfig, hooks: list) -> bool:
+    """Whether the host acts after step ``done``: a log line, a hook, a checkpoint or the last step. Deferred
+    non-finite flags (``train.nonfinite_check=device``) are waited for there, so nothing is logged or saved
+    for a step before the host knows whether it was skipped."""
+    log_step = done % cfg.train.log_every == 0 or done == cfg.train.steps
+    return (log_step or done % cfg.train.checkpoint_every == 0
+            or any(wants_step(h, done, log_step) for h in hooks))
 
 
 def _batch_images(batch: dict) -> int:

@@ -73,14 +73,17 @@ def param_groups(model: nn.Module, cfg: OptimConfig, depth: int | None = None) -
     return list(groups.values())
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig, depth: int | None = None) -> torch.optim.Optimizer:
-    """AdamW (fused on CUDA) or, with ``optim.name=sgd``, SGD with momentum over the trainable parameters."""
+def build_optimizer(model: nn.Module, cfg: OptimConfig, depth: int | None = None,
+                    fused: bool | None = None) -> torch.optim.Optimizer:
+    """AdamW (fused on CUDA, or wherever ``fused``: it can then skip a step on a device flag, ``found_inf``) or,
+    with ``optim.name=sgd``, SGD with momentum over the trainable parameters."""
     groups = param_groups(model, cfg, depth)
     if not groups:
         raise ValueError("no trainable parameters: everything is frozen")
     if cfg.name == "sgd":  # weight decay (per group, set by apply_schedules) is SGD's L2 term
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=0.0)
-    fused = all(p.is_cuda for g in groups for p in g["params"])
+    if fused is None:
+        fused = all(p.is_cuda for g in groups for p in g["params"])
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=0.0, fused=fused or None)
 
 

@@ -61,15 +61,20 @@ class StopFlag:
             signal.signal(sig, signal.SIG_IGN if keep_ignoring else handler)
 
 
-def agree_step(loss: torch.Tensor, stop_requested: bool, device: torch.device) -> tuple[bool, bool]:
-    """``(loss finite on every rank, stop requested on any rank)`` with one all-reduce.
+def agree_flags(loss: torch.Tensor, stop_requested: bool, device: torch.device) -> torch.Tensor:
+    """``[non-finite count, stop count]`` over all ranks, as a ``(2,)`` float tensor on ``device``; no host read.
 
-    Without a process group it is the local answer. Both flags are reduced as counts (sum), so a single
-    rank's signal or NaN is seen by all.
+    One all-reduce (sum) of this rank's two flags, so a single rank's signal or NaN is seen by all.
+    Without a process group it is the local answer.
     """
     flags = torch.stack([(~torch.isfinite(loss.detach())).any().float(),
-                         torch.tensor(float(stop_requested), device=loss.device)]).to(device)
+                         torch.full((), float(stop_requested), device=loss.device)]).to(device)
     if torch.distributed.is_initialized():
         torch.distributed.all_reduce(flags)
-    bad, stop = flags.tolist()
+    return flags
+
+
+def agree_step(loss: torch.Tensor, stop_requested: bool, device: torch.device) -> tuple[bool, bool]:
+    """``(loss finite on every rank, stop requested on any rank)``: :func:`agree_flags` read on the host."""
+    bad, stop = agree_flags(loss, stop_requested, device).tolist()
     return bad == 0, stop > 0

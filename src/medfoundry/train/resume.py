@@ -30,6 +30,7 @@ RESUME_MUTABLE: tuple[str, ...] = (
     "train.checkpoint_every",
     "train.keep_last",
     "train.max_nonfinite_steps",
+    "train.nonfinite_check",
     "train.progress",
     "train.tensorboard",
     "train.tracking",

@@ -1,10 +1,12 @@
 """The optimizer-update half of a training step, shared by :func:`medfoundry.train.loop.train` and the step
 benchmark (:mod:`medfoundry_cli.bench.step`), so the benchmark times the loop's own code and not a copy.
 
-Host syncs: the loop's forward/backward reads one pair of flags per micro-batch
-(:func:`~medfoundry.train.preemption.agree_step`: every rank's loss finite, a stop requested on any rank); that
-read decides whether the step is skipped and whether every rank checkpoints now, so it stays. Everything else
-of the update stays on the device: the gradient norm (:func:`clip_gradients`), the all-reduced metrics and the
+Host syncs: with ``train.nonfinite_check=host`` the loop's forward/backward reads one pair of flags per
+micro-batch (:func:`~medfoundry.train.preemption.agree_step`: every rank's loss finite, a stop requested on any
+rank) and skips a non-finite step on the host; with ``device`` (the default on a GPU) the flags stay on the
+device and :func:`update` skips the step there (``skip``), so the step reads nothing
+(:mod:`medfoundry.train.nonfinite`). Everything else of the update stays on the device: the gradient norm
+(:func:`clip_gradients`), the all-reduced metrics and the
 loss (:func:`update`) are tensors, read with **one** host transfer (:func:`read_metrics`) only where a float is
 needed: at logging steps (``train.log_every``, the last step) and at the steps a hook asks for
 (:func:`medfoundry.eval.hooks.wants_step`: an in-training evaluation's steps; the health monitors observe the
@@ -60,16 +62,31 @@ def read_metrics(metrics: dict[str, Tensor | float]) -> dict[str, float]:
 
 
 def update(method: nn.Module, optimizer: torch.optim.Optimizer, params: list[Tensor], out: dict[str, Tensor],
-           step: int, clip_grad: float, device: torch.device) -> dict[str, Tensor]:
-    """The optimizer update of a finite step whose gradients are accumulated: ``before_optimizer_step``, clipping,
+           step: int, clip_grad: float, device: torch.device, skip: Tensor | None = None) -> dict[str, Tensor]:
+    """The optimizer update of a step whose gradients are accumulated: ``before_optimizer_step``, clipping,
     ``optimizer.step()``, ``zero_grad``, ``after_optimizer_step``; returns the step's device metrics: ``out``'s
     scalars all-reduced (:func:`reduce_metrics`), ``grad_norm`` and ``_local_loss`` (this rank's loss, for the
-    progress bar; not logged). No host sync."""
+    progress bar; not logged). No host sync.
+
+    ``skip`` (``train.nonfinite_check=device``): a 0-dim float tensor on the device, 1 when the step's loss was
+    not finite. The update then changes nothing, decided on the device: the fused AdamW skips its step on
+    ``found_inf`` (its step count and moments untouched, as under ``torch.amp.GradScaler``) and the method's
+    ``after_optimizer_step(step, applied=1 - skip)`` gates its EMA teacher and centres by ``applied``."""
     method.before_optimizer_step(step)  # frozen-for-now grads are dropped before the norm is taken
     grad_norm = clip_gradients(params, clip_grad)
-    optimizer.step()
+    if skip is None:
+        optimizer.step()
+    else:
+        optimizer.found_inf, optimizer.grad_scale = skip, None  # read by the fused kernels (torch.optim.adam)
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.found_inf, optimizer.grad_scale
     optimizer.zero_grad(set_to_none=True)
-    method.after_optimizer_step(step)
+    if skip is None:
+        method.after_optimizer_step(step)
+    else:
+        method.after_optimizer_step(step, applied=1.0 - skip)
     metrics = reduce_metrics(out, device)
     metrics["grad_norm"] = grad_norm.detach().float().reshape(()).to(device)
     metrics["_local_loss"] = out["loss"].detach().float().reshape(()).to(device)

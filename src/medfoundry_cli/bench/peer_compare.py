@@ -238,8 +238,9 @@ def compare_with_dinov2(spec: StepSpec, peer_path: str | None = None, fetch: boo
         "patches (medfoundry's block masks, in dinov2's collate layout, head buffer = masked count)",
         f"timing: {warmup} untimed step(s) per side, then {repeats} alternating blocks of {steps} step(s) per side; "
         "CPU time = time.process_time() (all threads of this process); medians over the blocks",
-        "medfoundry side: the training loop's body (TrainStep: StepOutputs.forward_backward with agree_step, the "
-        "loop's train.step.update; one host sync (agree_step), no metric read, as a non-logging step) around "
+        "medfoundry side: the training loop's body (TrainStep: StepOutputs.forward_backward, the loop's "
+        "train.step.update; finite/stop flags as train.nonfinite_check=auto: read on the host on a CPU, kept on "
+        "the device on a GPU; no metric read, as a non-logging step) around "
         "DINOMethod; dinov2 side: do_train's body around "
         "SSLMetaArch.forward_backward's code (loss .item()s + NaN check)",
         "dinov2 without xFormers: MemEffAttention falls back to its plain Attention (torch SDPA); the nested "

@@ -104,9 +104,12 @@ class TrainStep:
 
     It runs the loop body's sequence for one micro-batch with the loop's own pieces: ``apply_schedules``,
     ``Method.start_step``, :meth:`medfoundry.train.accumulate.StepOutputs.forward_backward` (forward under
-    autocast, ``agree_step``'s finite/stop flags read on the host -- the step's one sync -- then backward) and
-    :func:`medfoundry.train.step.update` (``before_optimizer_step``, clipping, the optimizer step, ``zero_grad``,
-    ``after_optimizer_step``, the metric all-reduce, all on the device). Like the loop on a step that is not a
+    autocast, the finite/stop flags, then backward) and :func:`medfoundry.train.step.update`
+    (``before_optimizer_step``, clipping, the optimizer step, ``zero_grad``, ``after_optimizer_step``, the metric
+    all-reduce, all on the device). The flags are checked as the loop's ``train.nonfinite_check=auto`` does
+    (:func:`medfoundry.train.nonfinite.resolve_check`): on a CUDA device with the fused AdamW they stay on the
+    device and the update is skipped there (no host sync in the step; the loop reads them a step late, without
+    waiting), elsewhere ``agree_step`` reads them on the host (one sync). Like the loop on a step that is not a
     logging step (nor one a hook asks for) it reads no metric back; ``read_metrics=True`` reads them every step (one
     more sync, the loop's logging step). A non-finite loss skips the update, as the loop does.
 
@@ -129,6 +132,10 @@ class TrainStep:
         self.params = [p for p in method.parameters() if p.requires_grad]
         self.horizon = cfg.train.schedule_steps or cfg.train.steps
         self.read_metrics = read_metrics
+        from medfoundry.distributed.parallelize import is_sharded
+        from medfoundry.train.nonfinite import resolve_check
+
+        self.deferred = resolve_check("auto", device, self.optimizer, is_sharded(method)) == "device"
         self.last_metrics: dict[str, float] = {}
         self.last_device_metrics: dict[str, Tensor] = {}
 
@@ -146,7 +153,7 @@ class TrainStep:
 
         sched = apply_schedules(self.optimizer, self.cfg.optim, step, self.horizon)
         self.method.start_step(step)
-        acc = StepOutputs(1)
+        acc = StepOutputs(1, defer=self.deferred)
         acc.forward_backward(self.model, batch, step, True, False, self.precision, self.device)
         if not acc.finite:
             self.optimizer.zero_grad(set_to_none=True)
@@ -156,7 +163,7 @@ class TrainStep:
 
         out = acc.mean()
         metrics = train_step.update(self.method, self.optimizer, self.params, out, step, self.cfg.optim.clip_grad,
-                                    self.device)
+                                    self.device, skip=acc.skip)
         self.last_device_metrics = metrics
         if self.read_metrics:
             host = train_step.read_metrics(metrics)
@@ -170,6 +177,7 @@ class TrainStep:
 def synthetic_dino_batch(cfg: RunConfig, batch: int, patch_size: int, device: torch.device, seed: int = 0) -> dict:
     """Random view-major crops (and iBOT masks when the iBOT term is on) as the loader would deliver them."""
     from medfoundry.data.masking import MaskSampler
+    from medfoundry.data.views import mask_index
 
     c = cfg.crops
     g = torch.Generator().manual_seed(seed)
@@ -183,6 +191,7 @@ def synthetic_dino_batch(cfg: RunConfig, batch: int, patch_size: int, device: to
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             out["masks"] = torch.stack([torch.stack([sampler(grid) for _ in range(batch)]) for _ in range(c.n_global)])
+        out["mask_index"] = mask_index(out["masks"])  # as the loader's collate: computed on the CPU
     return {k: v.to(device) for k, v in out.items()}
 
 

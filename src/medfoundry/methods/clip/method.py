@@ -243,6 +243,7 @@ class ClipMethod(Method):
         return out
 
     @torch.no_grad()
-    def after_optimizer_step(self, step: int) -> None:
-        """Clamp ``exp(logit_scale)`` to at most ``clip.loss.max_logit_scale`` (CLIP's 100)."""
+    def after_optimizer_step(self, step: int, applied: Tensor | None = None) -> None:
+        """Clamp ``exp(logit_scale)`` to at most ``clip.loss.max_logit_scale`` (CLIP's 100); a skipped step's
+        unchanged scale is already within it, so ``applied`` changes nothing here."""
         self.logit_scale.clamp_(max=self.max_log_scale)

@@ -151,13 +151,14 @@ class DINOMethod(StudentTeacherMethod):
         local: Tensor | None = batch.get("local_crops")
         use_ibot = c.ibot_weight > 0 and "masks" in batch
         masks = batch["masks"].flatten(0, 1) if use_ibot else None
+        masked = masked_positions(batch) if use_ibot else None  # flat (image x patch) index of the masked tokens
         use_gram = c.gram_weight > 0 and step >= c.gram_start_step
         temp = self.teacher_temperature(step)
 
         with torch.no_grad():
             t_out = self.teacher["backbone"].forward_features(glob)
             t_logits, t_patch_logits = self.head_logits(self.teacher, t_out.cls,
-                                                        t_out.patch[masks] if use_ibot else None)
+                                                        gather_tokens(t_out.patch, masked) if use_ibot else None)
             t_probs = self._targets(self.dino_loss, t_logits.float(), temp)
             pending = {"dino": t_logits.detach()}
             if use_ibot:
@@ -173,14 +174,15 @@ class DINOMethod(StudentTeacherMethod):
         # one head call per tower: global + local class tokens (+ masked patch tokens with a shared iBOT head)
         s_local_cls = self.student_local_cls(local)
         s_cls = s_out.cls if s_local_cls is None else torch.cat([s_out.cls, s_local_cls])
-        s_logits, s_patch_logits = self.head_logits(self.student, s_cls, s_out.patch[masks] if use_ibot else None)
+        s_logits, s_patch_logits = self.head_logits(self.student, s_cls,
+                                                    gather_tokens(s_out.patch, masked) if use_ibot else None)
         student_logits = s_logits.view(-1, b, s_logits.shape[-1]).float()
         teacher_probs = t_probs.view(n_g, b, -1)
 
         terms: dict[str, Tensor] = {}
         terms["dino_loss"] = self.dino_loss(student_logits, teacher_probs, skip_same_view=n_g > 1)
         if use_ibot:
-            image_index = torch.arange(n_g * b, device=glob.device)[:, None].expand_as(masks)[masks]
+            image_index = masked // masks.shape[1]
             terms["ibot_loss"] = self.ibot_loss(s_patch_logits.float(), t_patch_probs, image_index, n_g * b)
         # KoLeo and KDE per global crop, summed over the crops as DINOv2 (ssl_meta_arch.py, KoLeo over
         # chunk(2)), DINOv3 and OpenMidnight do, so a published weight means the same here
@@ -228,25 +230,46 @@ class DINOMethod(StudentTeacherMethod):
         self._pending = {}
 
     @torch.no_grad()
-    def after_optimizer_step(self, step: int) -> None:
+    def after_optimizer_step(self, step: int, applied: Tensor | None = None) -> None:
         """EMA update of the teacher, then the centers from this step's teacher outputs (of all its micro-batches,
-        so an accumulated step updates them as the big batch would)."""
+        so an accumulated step updates them as the big batch would). ``applied`` = 0 (a skipped step, decided on
+        the device) leaves both exactly as they were: the lerp weight is ``(1 - m) * applied``."""
         m = self.teacher_momentum(step)
         # only trainable student params move; frozen ones (LoRA base weights, frozen blocks) stay bit-identical
         pairs = [(s, t) for s, t in zip(self.student.parameters(), self.teacher.parameters()) if s.requires_grad]
         s_params = [s for s, _ in pairs]
         t_params = [t for _, t in pairs]
-        torch._foreach_lerp_(t_params, s_params, 1.0 - m)
+        if applied is None:
+            torch._foreach_lerp_(t_params, s_params, 1.0 - m)
+        elif t_params:  # t + 0 * (s - t) = t exactly: the student did not move, so s - t is finite
+            weight = torch.full((), 1.0 - m, device=applied.device) * applied
+            torch._foreach_lerp_(t_params, s_params, [weight.to(t.dtype) for t in t_params])
         if self.cfg.centering == "center":
             if "dino" in self._pending:
-                self.dino_loss.update_center(torch.cat(self._pending["dino"]).float())
+                self.dino_loss.update_center(torch.cat(self._pending["dino"]).float(), applied)
             if "ibot" in self._pending:
-                self.ibot_loss.update_center(torch.cat(self._pending["ibot"]).float())
+                self.ibot_loss.update_center(torch.cat(self._pending["ibot"]).float(), applied)
         self._pending = {}
 
     def metrics_after_step(self, step: int) -> dict[str, float]:
         """Schedule values worth logging at ``step``."""
         return {"teacher_momentum": self.teacher_momentum(step)}
+
+
+def masked_positions(batch: dict) -> Tensor:
+    """The flat positions of the iBOT-masked patches of ``batch["masks"]`` (view-major ``(n_global, B, N)``).
+
+    The loaders ship them (``batch["mask_index"]``, :func:`medfoundry.data.views.mask_index`, computed on the
+    CPU); a batch without them (built by hand) gets them here, at the cost of one ``nonzero``: on a GPU a host
+    sync, which the shipped indices avoid."""
+    index = batch.get("mask_index")
+    return batch["masks"].reshape(-1).nonzero().squeeze(1) if index is None else index
+
+
+def gather_tokens(patch: Tensor, positions: Tensor) -> Tensor:
+    """``patch[masks]`` for patch tokens ``(B', N, D)``: the rows at flat ``positions`` of ``patch.flatten(0, 1)``
+    (``index_select``: the same values, order and gradients as boolean indexing, without its ``nonzero``)."""
+    return patch.flatten(0, 1).index_select(0, positions)
 
 
 @torch.no_grad()

@@ -188,10 +188,11 @@ class DistillMethod(StudentTeacherMethod):
         self._pending = []
 
     @torch.no_grad()
-    def after_optimizer_step(self, step: int) -> None:
-        """Update the DINO center from this step's teacher logits, of all its micro-batches (centering only)."""
+    def after_optimizer_step(self, step: int, applied: Tensor | None = None) -> None:
+        """Update the DINO center from this step's teacher logits, of all its micro-batches (centering only);
+        ``applied`` = 0 (a skipped step, on the device) keeps it as it was."""
         if self._pending and self.dino_cfg.centering == "center":
-            self.dino_loss.update_center(torch.cat(self._pending))
+            self.dino_loss.update_center(torch.cat(self._pending), applied)
         self._pending = []
 
 
