@@ -28,7 +28,8 @@ def mask_sampler(dino: DinoConfig) -> MaskSampler | None:
 
 
 def build_dino_loader(cfg: DinoRunConfig, patch_size: int, start_step: int, rank: int, world_size: int) -> DataLoader:
-    """Infinite loader of view-major multi-crop batches for this rank, positioned at ``start_step``."""
+    """Infinite loader of view-major multi-crop batches for this rank, positioned at ``start_step``; in pinned
+    memory when training on a GPU, so the loop's ``non_blocking`` copy overlaps the running step."""
     check_crop_sizes(cfg.crops, patch_size)
     intensity = build_intensity(cfg.data)
     per_view = per_view_intensity(cfg.data)
@@ -40,7 +41,7 @@ def build_dino_loader(cfg: DinoRunConfig, patch_size: int, start_step: int, rank
         spec=ViewsSpec(mask_sampler(cfg.dino), patch_size, cfg.crops.global_size),
     )
     return step_loader(dataset, cfg.train.batch_size, cfg.data.num_workers, start_step, rank, world_size,
-                       collate_views)
+                       collate_views, resolve_device(cfg.train.device).type == "cuda")
 
 
 def build_gpu_dino_loader(
