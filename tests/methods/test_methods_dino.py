@@ -40,6 +40,21 @@ def test_active_terms_and_total(extra: list[str], terms: set[str]) -> None:
     assert all(p.grad is None for p in method.teacher.parameters())
 
 
+@pytest.mark.parametrize("centering", ["center", "sinkhorn"])
+def test_teacher_logits_kept_for_the_centres_only(centering: str) -> None:
+    """The step's teacher logits are kept until ``after_optimizer_step`` only where the EMA centres need them:
+    with Sinkhorn-Knopp targets nothing is kept (the (rows, K) logits are freed once the targets exist)."""
+    cfg = load_config(None, [*BASE, "dino.ibot_weight=1", f"dino.centering={centering}"])
+    method = DINOMethod(cfg.model, cfg.dino, total_steps=10)
+    method.start_step(0)
+    method(_batch(), step=0)
+    assert set(method._pending) == ({"dino", "ibot"} if centering == "center" else set())
+    center = method.dino_loss.center.clone()
+    method.after_optimizer_step(0)
+    assert method._pending == {}
+    assert torch.equal(method.dino_loss.center, center) == (centering == "sinkhorn")
+
+
 def test_gram_waits_for_its_start_step() -> None:
     cfg = load_config(None, [*BASE, "dino.gram_weight=1", "dino.gram_start_step=5"])
     method = DINOMethod(cfg.model, cfg.dino, total_steps=10)

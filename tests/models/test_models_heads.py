@@ -47,3 +47,23 @@ def test_dinox_recipe_totals_match_the_seed(recipe: str, expected_m: float) -> N
     print(f"{recipe}: backbone {sum(p.numel() for p in backbone.parameters()) / 1e6:.2f}M + head "
           f"{sum(p.numel() for p in head.parameters()) / 1e6:.2f}M = {total / 1e6:.2f}M (seed: {expected_m}M)")
     assert total / 1e6 == pytest.approx(expected_m, rel=0.01)
+
+
+@pytest.mark.parametrize("grad", [True, False])
+def test_dino_head_without_autograd_equals_the_parametrised_layer(grad: bool) -> None:
+    """Under no_grad (the EMA teacher) the weight-normed prototypes run as ``linear(x, v) * (g / ||v||)``, never
+    materialising the normalised weight: the scores equal the parametrised layer's to float rounding, also with
+    gains other than 1 and rows of ``v`` of very different norms."""
+    torch.manual_seed(0)
+    head = DINOHead(24, HeadConfig(out_dim=300, hidden_dim=16, bottleneck_dim=8, nlayers=3))
+    wn = head.last_layer.parametrizations.weight
+    with torch.no_grad():
+        wn.original1.mul_(torch.rand(300, 1) * 10 + 0.01)
+        wn.original0.copy_(torch.rand(300, 1) + 0.5)
+    x = torch.randn(7, 24)
+    with torch.no_grad():
+        want = head.last_layer(nn.functional.normalize(head.mlp(x), dim=-1))
+    with torch.set_grad_enabled(grad):
+        got = head(x)
+    assert got.requires_grad == grad
+    torch.testing.assert_close(got.detach(), want, rtol=1e-5, atol=1e-6)

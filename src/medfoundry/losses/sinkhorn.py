@@ -82,7 +82,7 @@ def sinkhorn_knopp(
     shift = all_reduce_max(shift)
 
     tiny = torch.finfo(torch.float32).tiny
-    q = torch.exp(scores - shift)
+    q = scores.sub_(shift).exp_()  # in place: ``scores`` is this function's own tensor (the division made it)
     q /= all_reduce_sum(q.sum()).clamp_min(tiny)
     for _ in range(n_iterations):
         per_prototype = all_reduce_sum(q.sum(dim=0, keepdim=True))

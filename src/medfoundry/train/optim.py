@@ -75,8 +75,13 @@ def param_groups(model: nn.Module, cfg: OptimConfig, depth: int | None = None) -
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, depth: int | None = None,
                     fused: bool | None = None) -> torch.optim.Optimizer:
-    """AdamW (fused on CUDA, or wherever ``fused``: it can then skip a step on a device flag, ``found_inf``) or,
-    with ``optim.name=sgd``, SGD with momentum over the trainable parameters."""
+    """AdamW (fused on CUDA, or wherever ``fused``: it can then skip a step on a device flag, ``found_inf``;
+    ``foreach`` otherwise) or, with ``optim.name=sgd``, SGD with momentum over the trainable parameters.
+
+    On CPU torch's default AdamW is the per-parameter loop, whose ``exp_avg_sq.sqrt() / bias_correction`` makes two
+    parameter-sized temporaries per parameter and step (two 64 MB ones for DINOv2's prototypes); ``foreach=True``
+    (as dinov2's ``ssl_meta_arch.py`` sets on its groups) makes one and divides it in place, with bit-identical
+    results."""
     groups = param_groups(model, cfg, depth)
     if not groups:
         raise ValueError("no trainable parameters: everything is frozen")
@@ -84,7 +89,8 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, depth: int | None = None
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=0.0)
     if fused is None:
         fused = all(p.is_cuda for g in groups for p in g["params"])
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=0.0, fused=fused or None)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=0.0, fused=fused or None,
+                             foreach=None if fused else True)
 
 
 def apply_schedules(optimizer: torch.optim.Optimizer, cfg: OptimConfig, step: int, total_steps: int) -> dict:

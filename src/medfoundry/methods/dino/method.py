@@ -160,10 +160,15 @@ class DINOMethod(StudentTeacherMethod):
             t_logits, t_patch_logits = self.head_logits(self.teacher, t_out.cls,
                                                         gather_tokens(t_out.patch, masked) if use_ibot else None)
             t_probs = self._targets(self.dino_loss, t_logits.float(), temp)
-            pending = {"dino": t_logits.detach()}
             if use_ibot:
                 t_patch_probs = self._targets(self.ibot_loss, t_patch_logits.float(), temp)
-                pending["ibot"] = t_patch_logits.detach()
+            pending: dict[str, Tensor] = {}
+            if c.centering == "center":  # the centres move after the optimizer step, from these logits
+                pending["dino"] = t_logits.detach()
+                if use_ibot:
+                    pending["ibot"] = t_patch_logits.detach()
+            # the (rows, K) teacher logits are not needed past the targets (Sinkhorn): freed before the student runs
+            del t_logits, t_patch_logits
             gram_target = None
             if use_gram:
                 gram_target = (
