@@ -147,3 +147,27 @@ def test_collapse_detector():
     fatal = CollapseDetector(after_steps=0, patience=1, fatal=True)
     with pytest.raises(RepresentationHealthError, match="koleo"):
         fatal.update(0, 0.0)
+
+
+def test_patience_counts_steps_when_only_logged_steps_are_observed():
+    """The loop feeds the monitors its logged steps only (``train.log_every``): with ``stride = 10`` the
+    detector fires on the same step as one fed every step would, to within the logging interval."""
+    every = EntropyWallDetector(num_prototypes=K, after_steps=200, patience=50)
+    logged = EntropyWallDetector(num_prototypes=K, after_steps=200, patience=50)
+    logged.stride = 10
+    fired_every = [s for s, f in _wall_stream(400) if every.update(s, f) is not None]
+    fired_logged = [s for s, f in _wall_stream(400) if s % 10 == 9 and logged.update(s, f) is not None]
+    assert fired_every == [249]
+    assert fired_logged == [249] and logged.consecutive == 5  # 5 observations x 10 steps = patience 50
+
+
+def test_monitor_hook_sets_the_stride_from_log_every():
+    from medfoundry.config import load_config
+    from medfoundry.eval.in_training import MonitorHook, PrototypeTargets
+    from medfoundry.eval.sections import FrozenEvalSections
+
+    cfg = load_config(None, ["train.log_every=10"])
+    sections = FrozenEvalSections(cfg.data, cfg.crops, cfg.eval)
+    hook = MonitorHook(sections, 1e-3, PrototypeTargets(256, 0.9, "center", 0.04), cfg.train.log_every)
+    assert hook.entropy.stride == hook.prototypes.stride == hook.collapse.stride == 10
+    assert hook.eval_collapse.stride == 1  # fed every evaluation, its eval_patience counts evaluations

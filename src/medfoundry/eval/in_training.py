@@ -213,9 +213,12 @@ class MonitorHook:
     """Feeds the training-metric stream (and evaluated health) to the entropy-wall, prototype-collapse and
     collapse detectors."""
 
-    def __init__(self, sections: FrozenEvalSections, lr: float, prototypes: PrototypeTargets | None = None) -> None:
+    def __init__(self, sections: FrozenEvalSections, lr: float, prototypes: PrototypeTargets | None = None,
+                 log_every: int = 1) -> None:
         """``sections``: the run's ``eval`` (monitor settings) and ``data`` (HU-like data changes the advice);
-        ``lr``: the base learning rate ``optim.lr``, quoted in the entropy-wall advice."""
+        ``lr``: the base learning rate ``optim.lr``, quoted in the entropy-wall advice; ``log_every``: the run's
+        ``train.log_every``, the steps between the observations of the training-stream detectors (their
+        ``patience`` counts steps)."""
         ew, pc, co = sections.eval.entropy_wall, sections.eval.prototype_collapse, sections.eval.collapse
         self.entropy: EntropyWallDetector | None = None
         self.prototypes: PrototypeCollapseDetector | None = None
@@ -241,6 +244,9 @@ class MonitorHook:
                                                   co.eval_patience, co.fatal,
                                                   std_key=EVAL_PREFIX + "health_feature_std",
                                                   active_key=EVAL_PREFIX + "health_active_dims_frac")
+        for detector in (self.entropy, self.prototypes, self.collapse):
+            if detector is not None:
+                detector.stride = max(1, int(log_every))
         self.warnings: list[tuple[int, str, str]] = []  # (step, monitor, message)
 
     @property
@@ -249,8 +255,8 @@ class MonitorHook:
         return any(d is not None for d in (self.entropy, self.prototypes, self.collapse, self.eval_collapse))
 
     def wants_step(self, step: int, log_step: bool) -> bool:
-        """The logged steps (:class:`~medfoundry.eval.hooks.Hook`): the detectors count ``patience`` logged
-        values, so with ``train.log_every=1`` (the default) every step, and no host read in between otherwise."""
+        """The logged steps (:class:`~medfoundry.eval.hooks.Hook`): no host read in between; each observation
+        stands for ``train.log_every`` steps of the detectors' ``patience``."""
         return log_step
 
     def on_step_end(self, step: int, metrics: dict[str, float], method: nn.Module,
@@ -288,15 +294,16 @@ class MonitorHook:
 
 
 def build(sections: FrozenEvalSections, *, steps: int, lr: float, run_config: dict,
-          prototypes: PrototypeTargets | None = None) -> list[Hook]:
+          prototypes: PrototypeTargets | None = None, log_every: int = 1) -> list[Hook]:
     """The evaluation hook (if ``eval.every_steps`` and ``eval.data`` are set) and the monitor hook.
 
     ``sections`` are the run's ``data``, ``crops`` and ``eval`` (a DINO-family method's pipeline hands them
     over); ``steps`` is the run's last step, ``lr`` its ``optim.lr``, ``run_config`` its resolved config as a
-    dict (for ``best.pt``); ``prototypes`` turns on the entropy-wall and prototype-collapse detectors.
+    dict (for ``best.pt``); ``prototypes`` turns on the entropy-wall and prototype-collapse detectors;
+    ``log_every`` is ``train.log_every`` (the monitors observe the logged steps).
     """
     hooks: list[Hook] = []
-    monitor = MonitorHook(sections, lr, prototypes)
+    monitor = MonitorHook(sections, lr, prototypes, log_every)
     ec = sections.eval
     if ec.every_steps > 0:
         if ec.data or _label_free(ec):

@@ -34,13 +34,19 @@ class RepresentationHealthError(RuntimeError):
 
 
 class _PatienceDetector:
-    """Counts consecutive unhealthy logged steps after a warm-up and fires once."""
+    """Counts consecutive unhealthy observations after a warm-up and fires once.
+
+    ``stride`` is the number of steps one observation stands for (the training loop feeds the logged steps, so
+    ``train.log_every``; 1 for a detector fed every evaluation): the detector fires once ``consecutive x stride
+    >= patience``, so ``patience`` counts training steps whatever ``train.log_every`` is (with ``log_every=1``
+    exactly the consecutive observations)."""
 
     def __init__(self, after_steps: int, patience: int, fatal: bool) -> None:
         if patience < 1:
             raise ValueError("patience must be >= 1")
         self.after_steps = int(after_steps)
         self.patience = int(patience)
+        self.stride = 1
         self.fatal = bool(fatal)
         self.fired = False
         self.consecutive = 0
@@ -63,7 +69,7 @@ class _PatienceDetector:
         if self.consecutive == 0:
             self.first_bad_step = step
         self.consecutive += 1
-        return self.consecutive >= self.patience
+        return self.consecutive * self.stride >= self.patience
 
     def _fire(self, message: str) -> str:
         self.fired = True

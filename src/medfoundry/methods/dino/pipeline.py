@@ -29,7 +29,7 @@ def build(cfg: DinoRunConfig) -> DINOMethod:
 def eval_hooks(cfg: DinoRunConfig, prototypes: in_training.PrototypeTargets | None = None) -> list[Hook]:
     """Frozen-feature evaluation (``eval``) and the monitors of a DINO-family run, each handed its sections."""
     return in_training.build(frozen_eval_sections(cfg), steps=cfg.train.steps, lr=cfg.optim.lr,
-                             run_config=to_dict(cfg), prototypes=prototypes)
+                             run_config=to_dict(cfg), prototypes=prototypes, log_every=cfg.train.log_every)
 
 
 def build_hooks(cfg: DinoRunConfig) -> list[Hook]:
