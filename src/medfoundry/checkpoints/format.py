@@ -47,6 +47,13 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 BEST_NAMES = ("best.pt", "best.dcp")  # the best checkpoint: one file, or a sharded folder written under FSDP
 
 
+def is_sharded_checkpoint(path: str | Path) -> bool:
+    """Whether ``path`` is a complete sharded (FSDP, ``torch.distributed.checkpoint``) checkpoint folder
+    (``step_XXXXXXXX.dcp/`` or ``best.dcp/``): the main rank writes its ``meta.pt`` last, before the rename."""
+    path = Path(path)
+    return path.is_dir() and (path / "meta.pt").is_file()
+
+
 def best_checkpoint(run_dir: str | Path) -> Path | None:
     """A run's best checkpoint (``RUN/best.pt``, or the sharded ``RUN/best.dcp/`` an FSDP run writes), or None.
 
@@ -54,7 +61,7 @@ def best_checkpoint(run_dir: str | Path) -> Path | None:
     ``checkpoint`` field names the current one.
     """
     run_dir = Path(run_dir)
-    found = [run_dir / n for n in BEST_NAMES if (run_dir / n).is_file() or (run_dir / n / "meta.pt").is_file()]
+    found = [run_dir / n for n in BEST_NAMES if (run_dir / n).is_file() or is_sharded_checkpoint(run_dir / n)]
     if len(found) > 1:
         import json
 
@@ -110,11 +117,17 @@ def prune_checkpoints(run_dir: str | Path, keep_last: int) -> None:
     """Delete all but the newest ``keep_last`` checkpoints (files or sharded folders)."""
     existing = list_checkpoints(run_dir)
     for old in existing[: max(0, len(existing) - max(1, keep_last))]:
-        if old.is_dir():
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            old.unlink(missing_ok=True)
-            sidecar_path(old).unlink(missing_ok=True)
+        remove_checkpoint(old)
+
+
+def remove_checkpoint(path: str | Path) -> None:
+    """Delete a checkpoint: a sharded folder, or a file with its checksum sidecar (nothing if absent)."""
+    path = Path(path)
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+        sidecar_path(path).unlink(missing_ok=True)
 
 
 def save_sharded_checkpoint(run_dir: str | Path, step: int, tensors: dict, meta: dict, keep_last: int,

@@ -16,7 +16,7 @@ from typing import Literal
 
 from torch import nn
 
-from medfoundry.checkpoints.format import BEST_NAMES, atomic_torch_save, save_sharded_folder
+from medfoundry.checkpoints.format import BEST_NAMES, atomic_torch_save, remove_checkpoint, save_sharded_folder
 from medfoundry.checkpoints.integrity import record_file
 from medfoundry.distributed.parallelize import is_sharded
 from medfoundry.distributed.setup import is_main_process as _is_main
@@ -110,16 +110,6 @@ class BestCheckpoint:
 
 def _remove_other_kind(run_dir: Path, keep: str) -> None:
     """Delete the best checkpoint of the other kind (a ``best.pt`` left by a DDP run resumed under FSDP ...)."""
-    import shutil
-
-    from medfoundry.checkpoints.integrity import sidecar_path
-
     for name in BEST_NAMES:
-        other = run_dir / name
-        if name == keep:
-            continue
-        if other.is_dir():
-            shutil.rmtree(other, ignore_errors=True)
-        elif other.is_file():
-            other.unlink(missing_ok=True)
-            sidecar_path(other).unlink(missing_ok=True)
+        if name != keep:
+            remove_checkpoint(run_dir / name)

@@ -20,7 +20,13 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from medfoundry.checkpoints.format import best_checkpoint, is_best_checkpoint, latest_checkpoint, load_checkpoint
+from medfoundry.checkpoints.format import (
+    best_checkpoint,
+    is_best_checkpoint,
+    is_sharded_checkpoint,
+    latest_checkpoint,
+    load_checkpoint,
+)
 from medfoundry.config.schema import RunConfig
 from medfoundry.eval.loaded import LoadedBackbone
 from medfoundry.methods.registry import get_method_entry
@@ -36,7 +42,7 @@ def resolve_checkpoint(path: str | Path, which: str = "latest") -> Path:
     ``best`` (``RUN/best.pt``, or ``RUN/best.dcp/`` from an FSDP run, falling back to the latest).
     """
     p = Path(path)
-    if p.is_file() or _is_sharded_checkpoint(p):
+    if p.is_file() or is_sharded_checkpoint(p):
         return p
     if not p.is_dir():
         raise FileNotFoundError(f"checkpoint or run folder '{p}' does not exist")
@@ -48,14 +54,9 @@ def resolve_checkpoint(path: str | Path, which: str = "latest") -> Path:
     latest = latest_checkpoint(p)
     order = [best, latest] if which == "best" else [latest, best]
     for candidate in order:
-        if candidate is not None and (Path(candidate).is_file() or _is_sharded_checkpoint(Path(candidate))):
+        if candidate is not None and (Path(candidate).is_file() or is_sharded_checkpoint(Path(candidate))):
             return Path(candidate)
     raise FileNotFoundError(f"run folder '{p}' holds no checkpoint (checkpoints/step_*.pt|.dcp, best.pt or best.dcp)")
-
-
-def _is_sharded_checkpoint(p: Path) -> bool:
-    """A sharded (FSDP, ``torch.distributed.checkpoint``) checkpoint folder: ``step_XXXXXXXX.dcp/`` or ``best.dcp/``."""
-    return p.is_dir() and (p / "meta.pt").is_file()
 
 
 def checkpoint_identity(path: str | Path) -> str:

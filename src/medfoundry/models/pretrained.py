@@ -95,9 +95,10 @@ def resolve_source(path: str | Path) -> Path:
     if not p.exists():
         raise PretrainedLoadError(f"pretrained weights not found: {p} (only local files/folders; no hub downloads)")
     if p.is_dir():
+        from medfoundry.checkpoints.format import is_sharded_checkpoint
         from medfoundry.models.convert.hf import is_hf_folder
 
-        if is_hf_folder(p) or (p / "meta.pt").is_file():  # HF folder or sharded (FSDP) checkpoint
+        if is_hf_folder(p) or is_sharded_checkpoint(p):  # HF folder or sharded (FSDP) checkpoint
             return p
         if (p / "checkpoints").is_dir():
             from medfoundry.checkpoints.format import latest_checkpoint
@@ -126,11 +127,10 @@ def read_weights(path: Path, fmt: str = "auto", what: str = "pretrained weights"
         CorruptFileError: the file is truncated or not a torch file.
         PretrainedLoadError: the file holds something other than a dict.
     """
+    from medfoundry.checkpoints.format import is_sharded_checkpoint, load_checkpoint
     from medfoundry.safe_load import load_torch_file
 
-    if path.is_dir() and (path / "meta.pt").is_file():
-        from medfoundry.checkpoints.format import load_checkpoint
-
+    if is_sharded_checkpoint(path):
         return load_checkpoint(path), None, ["consolidated a sharded (FSDP) checkpoint"]
     if path.is_dir():
         from medfoundry.models.convert.hf import read_folder
@@ -386,7 +386,9 @@ def backbone_from_weights(
 
     source = resolve_source(path)
     if model is None:
-        if (source.is_dir() and not (source / "meta.pt").is_file()) or source.suffix == ".safetensors":
+        from medfoundry.checkpoints.format import is_sharded_checkpoint
+
+        if (source.is_dir() and not is_sharded_checkpoint(source)) or source.suffix == ".safetensors":
             model = _model_from_export(source)
         else:
             if preloaded is None:

@@ -38,36 +38,16 @@ def task_names() -> list[str]:
     return list(dict.fromkeys(n for t in registry.all_tasks() if t.needs == "clip" for n in (t.name, *t.aliases)))
 
 
-def resolve_checkpoint(path: str | Path, best: bool = False) -> Path:
-    """A checkpoint: ``path`` itself (a file or sharded ``.dcp`` folder); in a run folder the newest
-    ``checkpoints/step_*`` (``best``: ``best.pt``, or ``best.dcp`` from an FSDP run), falling back to the other
-    when only one exists."""
-    from medfoundry.checkpoints.format import best_checkpoint, latest_checkpoint
-
-    p = Path(path)
-    if p.is_file() or (p / "meta.pt").is_file():
-        return p
-    if p.is_dir():
-        best_path = best_checkpoint(p)
-        latest = latest_checkpoint(p)
-        if best and best_path is not None:
-            return best_path
-        if latest is not None:
-            return latest
-        if best_path is not None:
-            return best_path
-    raise FileNotFoundError(f"no checkpoint at {p} (give a .pt file, a .dcp folder or a run folder with checkpoints)")
-
-
 def load_clip_checkpoint_method(path: str | Path, overrides: list[str] | tuple[str, ...] = (), device: str = "auto",
                                 best: bool = False):
     """``(method, cfg, checkpoint_path, step)`` rebuilt from a medfoundry checkpoint of a ``method: clip`` run."""
     from medfoundry.checkpoints.format import load_checkpoint
     from medfoundry.config.loader import apply_overrides, from_dict, validate
+    from medfoundry.methods.checkpoint_backbone import resolve_checkpoint
     from medfoundry.methods.clip.method import ClipMethod
     from medfoundry.precision import resolve_device
 
-    ckpt = resolve_checkpoint(path, best)
+    ckpt = resolve_checkpoint(path, "best" if best else "latest")
     state = load_checkpoint(ckpt)
     if "config" not in state or "method" not in state:
         raise ValueError(f"{ckpt} is not a medfoundry training or best checkpoint (no 'config'/'method')")

@@ -39,9 +39,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _run_dir(path: Path) -> Path | None:
     """The run folder of ``path`` (a run folder itself, or a checkpoint inside one), else None."""
+    from medfoundry.checkpoints.format import is_sharded_checkpoint
     from medfoundry.methods.checkpoint_backbone import run_folder_of
 
-    if path.is_dir() and not (path / "meta.pt").is_file():  # a run folder, not a sharded checkpoint
+    if path.is_dir() and not is_sharded_checkpoint(path):  # a run folder
         return path
     return run_folder_of(path)
 

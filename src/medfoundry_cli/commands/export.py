@@ -32,6 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from medfoundry.checkpoints.format import is_sharded_checkpoint
     from medfoundry.config.schema import ModelConfig
     from medfoundry.methods.checkpoint_backbone import export_provenance
     from medfoundry.methods.exported_backbone import export_folder, export_record
@@ -47,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
         if fmt == "auto" and args.which != "auto":
             fmt = f"medfoundry:{args.which}"
         loaded = None
-        if (source.is_file() and source.suffix != ".safetensors") or (source / "meta.pt").is_file():
+        if (source.is_file() and source.suffix != ".safetensors") or is_sharded_checkpoint(source):
             loaded = read_weights(source, fmt if fmt != "auto" else "medfoundry", "weights to export")
         backbone, _ = backbone_from_weights(source, which=args.which, fmt=fmt, model=model, preloaded=loaded,
                                             what="weights to export")
