@@ -6,7 +6,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._dist import all_reduce_sum, world_size
 from .centering import CenteredTeacherLoss
 from .sinkhorn import sinkhorn_knopp
 
@@ -55,13 +54,8 @@ class IBOTPatchLoss(CenteredTeacherLoss):
         Returns:
             ``(M, K)`` float32 targets whose rows sum to 1.
         """
-        n_local = teacher_patch_logits.shape[0]
-        # over ranks the count stays a device tensor (no host read in the step)
-        n_global = all_reduce_sum(teacher_patch_logits.new_full((), float(n_local), dtype=torch.float32)) \
-            if world_size() > 1 else n_local
-        return sinkhorn_knopp(
-            teacher_patch_logits, teacher_temp, n_iterations=n_iterations, n_rows_global=n_global
-        )
+        # n_rows_global=None: sinkhorn_knopp all-reduces the row count itself (a device tensor, no host read)
+        return sinkhorn_knopp(teacher_patch_logits, teacher_temp, n_iterations=n_iterations)
 
     def forward(
         self,

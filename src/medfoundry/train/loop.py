@@ -140,6 +140,9 @@ def train(cfg: RunConfig, on_signal_stop: Callable[[int], None] | None = None) -
                     acc.forward_backward(model, batch, step, micro == n_micro - 1, stop.requested, precision, device)
                     stop.requested = stop.requested or acc.stop  # a stop agreed from another rank's signal counts too
             done = step + 1
+            log_step = done % cfg.train.log_every == 0 or done == cfg.train.steps
+            called = [h for h in hooks if wants_step(h, done, log_step)]  # e.g. evaluation steps only
+            save_step = done % cfg.train.checkpoint_every == 0 or done == cfg.train.steps
             out = acc.mean()  # the loss and metrics: means over the micro-batches
             if deferred:  # the update is skipped on the device; the host hears of this step now or a step later
                 device_metrics = train_step.update(method, optimizer, params, out, step, cfg.optim.clip_grad, device,
@@ -147,7 +150,7 @@ def train(cfg: RunConfig, on_signal_stop: Callable[[int], None] | None = None) -
                 flags.push(done, acc.flags)
                 heard = flags.pop(done - 1)
                 stop_now = any(f.stop for f in heard)
-                if stop_now or _acts_at(done, cfg, hooks):  # the host acts on this step: it waits for its flags
+                if stop_now or log_step or called or save_step:  # the host acts on this step: it waits for its flags
                     heard += flags.pop(done)
                     stop_now = any(f.stop for f in heard)
                 for f in heard:
@@ -167,9 +170,7 @@ def train(cfg: RunConfig, on_signal_stop: Callable[[int], None] | None = None) -
             if not deferred:
                 device_metrics = train_step.update(method, optimizer, params, out, step, cfg.optim.clip_grad, device)
 
-            log_step = done % cfg.train.log_every == 0 or done == cfg.train.steps
             loss_value: float | None = None
-            called = [h for h in hooks if wants_step(h, done, log_step)]  # e.g. evaluation steps only
             if log_step or called:  # one host read of all of the step's values; none on the other steps
                 metrics = train_step.read_metrics(device_metrics)
                 loss_value = metrics.pop("_local_loss")
@@ -186,7 +187,7 @@ def train(cfg: RunConfig, on_signal_stop: Callable[[int], None] | None = None) -
                 if log_step or evaluated:
                     logger.log(done, metrics)
             logger.advance(1, loss_value, sched.get("lr"))
-            if done % cfg.train.checkpoint_every == 0 or done == cfg.train.steps or stop_now:
+            if save_step or stop_now:
                 _save(run_dir, done, method, optimizer, cfg, info, nonfinite, bad_files)
             if stop_now:
                 stopped_at = done
@@ -334,15 +335,6 @@ def _to_device(batch, device: torch.device):
     if isinstance(batch, list) and batch and isinstance(batch[0], torch.Tensor):
         return [_to_device(v, device) for v in batch]
     return batch
-
-
-def _acts_at(done: int, cfg: RunConfig, hooks: list) -> bool:
-    """Whether the host acts after step ``done``: a log line, a hook, a checkpoint or the last step. Deferred
-    non-finite flags (``train.nonfinite_check=device``) are waited for there, so nothing is logged or saved
-    for a step before the host knows whether it was skipped."""
-    log_step = done % cfg.train.log_every == 0 or done == cfg.train.steps
-    return (log_step or done % cfg.train.checkpoint_every == 0
-            or any(wants_step(h, done, log_step) for h in hooks))
 
 
 def _batch_images(batch: dict) -> int:

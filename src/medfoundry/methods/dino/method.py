@@ -267,8 +267,10 @@ def masked_positions(batch: dict) -> Tensor:
     The loaders ship them (``batch["mask_index"]``, :func:`medfoundry.data.views.mask_index`, computed on the
     CPU); a batch without them (built by hand) gets them here, at the cost of one ``nonzero``: on a GPU a host
     sync, which the shipped indices avoid."""
+    from medfoundry.data.views import mask_index
+
     index = batch.get("mask_index")
-    return batch["masks"].reshape(-1).nonzero().squeeze(1) if index is None else index
+    return mask_index(batch["masks"]) if index is None else index
 
 
 def gather_tokens(patch: Tensor, positions: Tensor) -> Tensor:
