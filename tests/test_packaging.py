@@ -21,7 +21,7 @@ SOURCES = [ROOT / "src" / "medfoundry", ROOT / "src" / "medfoundry_cli"]
 #: declared although no module imports them by name: another package loads them
 LOADED_INDIRECTLY = {"tensorboard": "torch.utils.tensorboard", "imagecodecs": "tifffile's slide decoders"}
 # Code the benchmarks compare against, located at run time in a cache folder (never installed, never a dependency)
-# (facebookresearch/dinov2 under .cache/peers/, put on sys.path by bench/peer_dinov2.py): only the benchmarks use it
+# (facebookresearch/dinov2 under .cache/peers/, put on sys.path by bench/peer_code.py): only the benchmarks use it
 PEER_CODE = {"dinov2": "src/medfoundry_cli/bench/"}
 
 

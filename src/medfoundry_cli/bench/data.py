@@ -320,7 +320,7 @@ def compare_augmentation_with_dinov2(frames: list[tuple[str, torch.Tensor]] | No
     from PIL import Image
 
     from medfoundry.data.multicrop import MultiCropTransform
-    from medfoundry_cli.bench.peer_dinov2 import locate_dinov2
+    from medfoundry_cli.bench.peer_code import locate_dinov2
 
     code = locate_dinov2(peer_path, fetch=fetch)
     if str(code.root) not in sys.path:

@@ -336,8 +336,8 @@ class Protocol:
     def peer_part(self) -> list[PartResult]:
         """Part ``peer``: the reference model as medfoundry's step and as dinov2's modules' step, alternating."""
         from medfoundry_cli.bench.flops import peak_flops
+        from medfoundry_cli.bench.peer_code import locate_dinov2
         from medfoundry_cli.bench.peer_compare import compare_with_dinov2
-        from medfoundry_cli.bench.peer_dinov2 import locate_dinov2
 
         cfg = self.cfg
         locate_dinov2(cfg.peer_path, fetch=cfg.fetch_peer)  # a missing peer fails here, before building

@@ -201,7 +201,8 @@ def dino_loss_einsum_flops(n_teacher: int, n_student: int, batch: int, prototype
 def compare_with_dinov2(spec: StepSpec, peer_path: str | None = None, fetch: bool = True, repeats: int = 4,
                         steps: int = 1, warmup: int = 1) -> PeerComparison:
     """Build medfoundry's step and dinov2's for ``spec`` and measure both (see the module docstring)."""
-    from medfoundry_cli.bench.peer_dinov2 import Dinov2PeerStep, dinov2_batch, import_dinov2, locate_dinov2
+    from medfoundry_cli.bench.peer_code import import_dinov2, locate_dinov2
+    from medfoundry_cli.bench.peer_dinov2 import Dinov2PeerStep, dinov2_batch
 
     code = locate_dinov2(peer_path, fetch=fetch)  # first: an offline machine fails before building anything
     mods = import_dinov2(code)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from medfoundry_cli.bench.data import DINOV2_PHOTOMETRIC, compare_augmentation_with_dinov2, real_ct_frames
-from medfoundry_cli.bench.peer_dinov2 import has_code
+from medfoundry_cli.bench.peer_code import has_code
 
 ROOT = Path(__file__).resolve().parents[3]
 CACHE = ROOT / ".cache" / "peers" / "dinov2"

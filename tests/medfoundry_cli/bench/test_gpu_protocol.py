@@ -20,7 +20,7 @@ from medfoundry_cli.bench.gpu_protocol import (
     document,
     markdown_table,
 )
-from medfoundry_cli.bench.peer_dinov2 import has_code
+from medfoundry_cli.bench.peer_code import has_code
 from medfoundry_cli.bench.results import BenchResult
 
 ROOT = Path(__file__).resolve().parents[3]

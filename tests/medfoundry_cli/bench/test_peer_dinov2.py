@@ -13,18 +13,17 @@ import pytest
 import torch
 
 from medfoundry.methods.dino.method import DINOMethod
-from medfoundry_cli.bench import peer_dinov2
-from medfoundry_cli.bench.peer_compare import compare_with_dinov2, dino_loss_einsum_flops
-from medfoundry_cli.bench.peer_dinov2 import (
+from medfoundry_cli.bench import peer_code
+from medfoundry_cli.bench.peer_code import (
     ENV_VAR,
-    Dinov2PeerStep,
     PeerUnavailableError,
     default_cache,
-    dinov2_batch,
     has_code,
     import_dinov2,
     locate_dinov2,
 )
+from medfoundry_cli.bench.peer_compare import compare_with_dinov2, dino_loss_einsum_flops
+from medfoundry_cli.bench.peer_dinov2 import Dinov2PeerStep, dinov2_batch
 from medfoundry_cli.bench.step import StepSpec, TrainStep, dino_run_config, synthetic_dino_batch
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -41,7 +40,7 @@ def _fake_code(root: Path, commit: str = "0123abc") -> Path:
 
 def test_cached_code_is_used_without_fetching(tmp_path, monkeypatch) -> None:
     root = _fake_code(tmp_path / "peer")
-    monkeypatch.setattr(peer_dinov2, "_clone", lambda root: pytest.fail("cloned although the code is cached"))
+    monkeypatch.setattr(peer_code, "_clone", lambda root: pytest.fail("cloned although the code is cached"))
     code = locate_dinov2(root)
     assert code.root == root.resolve() and code.commit == "0123abc" and not code.fetched
     assert "nothing fetched" in code.describe() and "0123abc" in code.describe()
@@ -56,7 +55,7 @@ def test_missing_code_fails_in_one_line_naming_the_folder(tmp_path, monkeypatch)
     message = str(err.value)
     assert "\n" not in message and str(root) in message and "--peer-path" in message and ENV_VAR in message
     # an offline machine: the clone fails, the error says so and how to place the code
-    monkeypatch.setattr(peer_dinov2, "PEER_URL", str(tmp_path / "no-such-repository"))
+    monkeypatch.setattr(peer_code, "PEER_URL", str(tmp_path / "no-such-repository"))
     with pytest.raises(PeerUnavailableError) as err:
         locate_dinov2(root)
     message = str(err.value)
