@@ -4,7 +4,8 @@ Every case goes through the entry point a user would use: the real CLI (``medfou
 captured) or, for the data loader, the function the training dataset calls. A refused command exits with
 code 2 and prints one ``medfoundry <command>: error: ...`` line (no traceback); ``medfoundry prepare``
 instead lists a bad file among its skipped items (or notes) in ``report.json``. Commands that fail must
-not touch what earlier runs wrote.
+not touch what earlier runs wrote. ``medfoundry prepare``'s cases are in
+``test_reliability_bad_input_prepare.py``; the helpers both use in ``bad_input_testutil.py``.
 
 Case table (id -> what it checks):
 
@@ -56,34 +57,23 @@ path_eval_data_missing             ``eval.data`` that does not exist while evalu
 load_pretrained_truncated          a truncated real ``.pt`` passes the path check, fails to load: exit 2
 load_all_images_truncated          every image truncated: exit 2 listing the file and the reason
 load_nifti_nan_training            a NIfTI with NaN voxels in training: exit 2 naming the file and "NaN"
-prepare_png_truncated              ``prepare`` skips a truncated PNG with the reason
-prepare_dicom_without_pixels       ``prepare`` skips a DICOM file that holds no pixel data
-prepare_nifti_nan                  ``prepare`` skips a NIfTI with NaN/inf voxels, counting them
-prepare_nifti_4d                   ``prepare`` converts a 4-D NIfTI and notes frame 0 kept, 2 dropped
-prepare_nifti_truncated            ``prepare`` skips a truncated ``.nii.gz``
-prepare_source_missing             ``prepare`` of a missing source: exit 2
-prepare_manifest_missing_column    ``prepare`` of a CSV manifest without a ``path`` column: exit 2
 substitutes_distinct_files         the loader's "unreadable samples" error names each file once, with reasons
 worker_message_unwrapped           a DataLoader worker's wrapped error prints as the original message
 prior_run_kept                     failing ``train`` commands into a finished run folder change none of its files
-prior_prepare_kept                 a failing ``prepare`` into a finished output folder changes none of its files
 trust_pickle_flag                  ``--trust-pickle`` (before or after the command) sets the opt-in for the command
 =================================  ===================================================================
 """
 
 from __future__ import annotations
 
-import hashlib
 import importlib
-import json
 import os
-import sys
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from bad_input_testutil import assert_user_error, cli, digests, nifti_volume
 from PIL import Image
 
 from medfoundry.data.views import load_with_substitutes
@@ -111,22 +101,6 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for i in range(4):
         Image.fromarray((rng.random((40, 40)) * 255).astype(np.uint8)).save(root / f"img_{i}.png")
     return root
-
-
-def cli(argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str]:
-    """Exit code and stderr of ``medfoundry ARGV``."""
-    capsys.readouterr()
-    rc = main(argv)
-    return rc, capsys.readouterr().err
-
-
-def assert_user_error(rc: int, err: str, command: str, *needles: str) -> None:
-    """Exit 2, the one-line ``medfoundry CMD: error:`` form, no traceback, every needle in the message."""
-    assert rc == 2, f"exit code {rc}; stderr: {err}"
-    assert err.startswith(f"medfoundry {command}: error: "), err
-    assert "Traceback" not in err, err
-    for needle in needles:
-        assert needle in err, f"{needle!r} not in: {err}"
 
 
 # ---------------------------------------------------------------- config values
@@ -314,103 +288,10 @@ def test_all_images_truncated_names_the_files_and_reasons(tmp_path: Path, images
 def test_nifti_with_nan_in_training_names_the_file(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """load_nifti_nan_training"""
     (tmp_path / "vols").mkdir()
-    _nifti(tmp_path / "vols" / "nan.nii.gz", nan=True)
+    nifti_volume(tmp_path / "vols" / "nan.nii.gz", nan=True)
     rc, err = cli(["train", "tiny_dino_cpu", f"output_dir={tmp_path / 'run'}", f"data.root={tmp_path / 'vols'}",
                    "data.kind=nifti", "data.intensity=range", "data.value_range=[0, 100]", *FAST], capsys)
     assert_user_error(rc, err, "train", "nan.nii.gz", "NaN", "4 samples")
-
-
-# ---------------------------------------------------------------- medfoundry prepare
-
-
-def _nifti(path: Path, nan: bool = False, frames: int = 0) -> Path:
-    """A small real NIfTI volume (x, y, z) = (24, 20, 4), optionally with NaN/inf voxels or extra frames."""
-    vol = np.random.default_rng(0).random((24, 20, 4)).astype(np.float32) * 100
-    if nan:
-        vol[3, 4, 1], vol[5, 6, 2], vol[0, 0, 0] = np.nan, np.nan, np.inf
-    data = np.stack([vol + k for k in range(frames)], axis=-1) if frames else vol
-    nib.save(nib.Nifti1Image(data, np.diag([-1.0, -1.0, 2.0, 1.0])), path)
-    return path
-
-
-def _dicom_without_pixels(folder: Path) -> Path:
-    """A real two-slice CT series whose first file has its pixel data removed."""
-    import pydicom
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "data"))
-    medical = importlib.import_module("medical_testdata")
-    medical.write_ct_series(folder, stored=medical.ct_phantom(depth=2))
-    first = sorted(folder.glob("*.dcm"))[0]
-    ds = pydicom.dcmread(first)
-    del ds.PixelData
-    ds.save_as(first, enforce_file_format=True)
-    return first
-
-
-def _prepare_input(src: Path, case: str) -> str:
-    """Write the bad file of a prepare case into ``src``; returns its name as the report gives it."""
-    src.mkdir(parents=True, exist_ok=True)
-    if case == "prepare_png_truncated":
-        buf = src / "cut.png"
-        Image.fromarray((np.random.default_rng(1).random((64, 64)) * 255).astype(np.uint8)).save(buf)
-        buf.write_bytes(buf.read_bytes()[:200])
-        return "cut.png"
-    if case == "prepare_dicom_without_pixels":
-        _dicom_without_pixels(src / "ct")
-        return "ct (series"
-    if case == "prepare_nifti_nan":
-        _nifti(src / "nan.nii.gz", nan=True)
-        return "nan.nii.gz"
-    if case == "prepare_nifti_4d":
-        _nifti(src / "fmri.nii.gz", frames=3)
-        return "fmri.nii.gz"
-    if case == "prepare_nifti_truncated":
-        whole = _nifti(src / "whole.nii.gz").read_bytes()
-        (src / "whole.nii.gz").unlink()
-        (src / "cut.nii.gz").write_bytes(whole[: len(whole) // 2])
-        return "cut.nii.gz"
-    raise AssertionError(case)
-
-
-PREPARE_CASES = [
-    ("prepare_png_truncated", "failed", ["truncated"]),
-    ("prepare_dicom_without_pixels", "failed", ["no pixel data"]),
-    ("prepare_nifti_nan", "failed", ["2 NaN and 1 infinite", "nan_to_num"]),
-    ("prepare_nifti_4d", "notes", ["3 frames", "kept frame 0", "dropped the other 2"]),
-    ("prepare_nifti_truncated", "failed", ["cut.nii.gz"]),
-]
-
-
-@pytest.mark.parametrize("case,section,needles", [pytest.param(c, s, n, id=c) for c, s, n in PREPARE_CASES])
-def test_prepare_reports_a_bad_file(case: str, section: str, needles: list[str], tmp_path: Path,
-                                    capsys: pytest.CaptureFixture) -> None:
-    name = _prepare_input(tmp_path / "raw", case)
-    good = tmp_path / "raw" / "good.nii.gz"
-    _nifti(good)
-    rc = main(["prepare", str(tmp_path / "raw"), "--out", str(tmp_path / "out"), "--no-progress"])
-    assert rc == 0, capsys.readouterr().err
-    report = json.loads((tmp_path / "out" / "report.json").read_text())
-    key = "reason" if section == "failed" else "note"
-    entries = [e for e in report[section] if e["path"].startswith(name)]
-    assert len(entries) == 1, report
-    for needle in needles:
-        assert needle in entries[0][key], entries[0]
-    assert "good.nii.gz" in report["written"], "a bad file must not stop the good ones"
-    listed = "skipped" if section == "failed" else "note"
-    assert f"{listed} {entries[0]['path']}" in capsys.readouterr().out
-
-
-def test_prepare_missing_source(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    """prepare_source_missing"""
-    rc, err = cli(["prepare", str(tmp_path / "raw_missing"), "--out", str(tmp_path / "out"), "--no-progress"], capsys)
-    assert_user_error(rc, err, "prepare", "raw_missing", "does not exist")
-
-
-def test_prepare_manifest_missing_column(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    """prepare_manifest_missing_column"""
-    (tmp_path / "list.csv").write_text("file,patient_id\nvol.nii.gz,A\n")
-    rc, err = cli(["prepare", str(tmp_path / "list.csv"), "--out", str(tmp_path / "out"), "--no-progress"], capsys)
-    assert_user_error(rc, err, "prepare", "list.csv", "'path'")
 
 
 # ---------------------------------------------------------------- the loader's message, the CLI's unwrapping
@@ -450,40 +331,19 @@ def test_worker_wrapped_message_is_unwrapped() -> None:
 # ---------------------------------------------------------------- what was written before stays
 
 
-def _digests(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
 def test_failing_commands_leave_a_finished_run_unchanged(tmp_path: Path, images: Path,
                                                           capsys: pytest.CaptureFixture) -> None:
     """prior_run_kept"""
     run = tmp_path / "run"
     base = ["train", "tiny_dino_cpu", f"output_dir={run}", f"data.root={images}", *FAST]
     assert main(base) == 0
-    before = _digests(run)
+    before = digests(run)
     assert any(k.startswith("checkpoints/") for k in before) and "config.yaml" in before
     for extra in (["optim.lr=nan"], ["train.checkpoint_every=0"], [f"model.pretrained={tmp_path / 'gone.pt'}"],
                   [f"data.root={tmp_path / 'gone'}"]):
         rc, err = cli([*base, *extra], capsys)
         assert_user_error(rc, err, "train")
-        assert _digests(run) == before, f"{extra} changed the finished run"
-
-
-def test_failing_prepare_leaves_a_finished_output_unchanged(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    """prior_prepare_kept"""
-    (tmp_path / "raw").mkdir()
-    _nifti(tmp_path / "raw" / "vol.nii.gz")
-    out = tmp_path / "out"
-    assert main(["prepare", str(tmp_path / "raw"), "--out", str(out), "--no-progress"]) == 0
-    before = _digests(out)
-    (tmp_path / "list.csv").write_text("file\nvol.nii.gz\n")
-    for src in (tmp_path / "list.csv", tmp_path / "missing"):
-        rc, err = cli(["prepare", str(src), "--out", str(out), "--no-progress"], capsys)
-        assert_user_error(rc, err, "prepare", str(src.name), f"[traceback: {out / 'error.log'}]")
-        after = _digests(out)
-        after.pop("error.log")
-        assert after == before, f"prepare {src} changed the finished output"
+        assert digests(run) == before, f"{extra} changed the finished run"
 
 
 # ---------------------------------------------------------------- --trust-pickle
@@ -506,10 +366,8 @@ def test_docstring_table_lists_every_case() -> None:
     rules = [i for i, line in enumerate(lines) if line.startswith("====")]
     table = {line.split()[0] for line in lines[rules[0] + 1:rules[-1]] if line.strip()}
     ids = {i for i, *_ in CONFIG_CASES} | {i for i, *_ in RECIPE_CASES} | {c for c, *_ in PATH_CASES}
-    ids |= {c for c, *_ in PREPARE_CASES}
     named_tests = {"config_missing_recipe_file", "load_pretrained_truncated", "load_all_images_truncated",
-                   "load_nifti_nan_training", "prepare_source_missing", "prepare_manifest_missing_column",
-                   "substitutes_distinct_files", "worker_message_unwrapped", "prior_run_kept",
-                   "prior_prepare_kept", "trust_pickle_flag"}
+                   "load_nifti_nan_training", "substitutes_distinct_files", "worker_message_unwrapped",
+                   "prior_run_kept", "trust_pickle_flag"}
     assert table == ids | named_tests
     assert len(table) >= 30
