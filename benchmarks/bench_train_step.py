@@ -13,7 +13,7 @@ Presets (the library does the work: :mod:`medfoundry_cli.bench`):
   (``--peer-path`` / ``MEDFOUNDRY_PEER_DINOV2``) and cloned there only when absent.
 
 Usage: ``python benchmarks/bench_train_step.py --quick``, ``--full [--models vit_base_patch16] [--json OUT]`` or
-``--peer dinov2 [--model vit_small_patch16] [--threads 1] [--repeats 4] [--json OUT]``.
+``--peer dinov2 [--model vit_small_patch16] [--threads 1] [--repeats 4] [--isolate] [--json OUT]``.
 Targets (one H100 SXM, ViT-B/16, bf16): >= 40 % MFU (about 890 images/s), data wait < 5 % end to end;
 ``--peer dinov2`` on CPU: CPU time medfoundry / dinov2 <= 1.00 with the FLOPs equal.
 """
@@ -53,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     peer.add_argument("--device", default="cpu", help="--peer: cpu | cuda")
     peer.add_argument("--repeats", type=int, default=4, help="--peer: alternating A/B timed blocks")
     peer.add_argument("--warmup", type=int, default=1, help="--peer: untimed steps per side before timing")
+    peer.add_argument("--isolate", action="store_true", help="--peer: run each timed block in a fresh process holding "
+                      "one side only (no allocator heap shared between the sides; the CPU figure)")
     args = parser.parse_args(argv)
     if args.peer:
         return _peer(args)
@@ -120,7 +122,7 @@ def _peer(args: argparse.Namespace) -> int:
                     n_local=args.n_local, head_dim=args.prototypes, device=args.device)
     try:
         result = compare_with_dinov2(spec, args.peer_path, fetch=not args.no_fetch, repeats=args.repeats,
-                                     steps=args.steps or 1, warmup=args.warmup)
+                                     steps=args.steps or 1, warmup=args.warmup, isolate=args.isolate)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

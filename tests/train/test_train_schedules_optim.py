@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -101,3 +103,31 @@ def test_patch_embed_lr_mult_must_not_be_negative() -> None:
 
     with pytest.raises(ConfigError, match=r"'optim.patch_embed_lr_mult' = -0.2 must be >= 0"):
         load_config(None, ["optim.patch_embed_lr_mult=-0.2"])
+
+def test_adamw_is_fused_on_cpu_and_matches_foreach() -> None:
+    """On CPU the default AdamW is torch's fused kernel; fed the same gradients over scheduled steps (warm-up, weight
+    decay, layer decay, a no-decay group) it moves the parameters as the ``foreach`` AdamW does, to float rounding."""
+    torch.manual_seed(0)
+    base = torch.nn.ModuleDict({"backbone": create_backbone(ModelConfig(name="vit_tiny_patch8", img_size=32)),
+                                "head": torch.nn.Linear(64, 16)})
+    cfg = OptimConfig(lr=1e-2, min_lr=1e-3, weight_decay=0.04, weight_decay_end=0.4, layer_decay=0.7,
+                      warmup_steps=1)
+    models = {kind: copy.deepcopy(base) for kind in ("fused", "foreach")}
+    opts = {"fused": build_optimizer(models["fused"], cfg, depth=4),
+            "foreach": build_optimizer(models["foreach"], cfg, depth=4, fused=False)}
+    assert opts["fused"].defaults["fused"] and not opts["fused"].defaults["foreach"]
+    assert opts["foreach"].defaults["foreach"] and not opts["foreach"].defaults["fused"]
+    for step in range(5):
+        grads = [torch.randn_like(p) for p in base.parameters()]
+        for kind, model in models.items():
+            apply_schedules(opts[kind], cfg, step, total_steps=5)
+            for p, g in zip(model.parameters(), grads):
+                p.grad = g.clone()
+            opts[kind].step()
+    for (name, start), p, q in zip(base.named_parameters(), models["fused"].parameters(),
+                                   models["foreach"].parameters()):
+        assert (p - start).abs().max() > 1e-3, name  # every parameter moved
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-6, msg=name)
+    for p, q in zip(models["fused"].parameters(), models["foreach"].parameters()):
+        for key in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(opts["fused"].state[p][key], opts["foreach"].state[q][key], rtol=1e-6, atol=1e-7)

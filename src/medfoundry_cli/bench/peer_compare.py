@@ -20,15 +20,17 @@ syncs) around the real :class:`~medfoundry.methods.dino.method.DINOMethod`; the 
 
 from __future__ import annotations
 
+import resource
 import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
 
 from medfoundry_cli.bench.results import peak_memory, reset_peak_memory, synchronize
-from medfoundry_cli.bench.step import StepSpec, build_dino_step
+from medfoundry_cli.bench.step import DinoStepSetup, StepSpec, build_dino_step
 
 FLOPS_TOLERANCE = 1e-3  # "equal": within 0.1 %
 
@@ -40,6 +42,9 @@ class Side:
     name: str
     cpu_s: list[float] = field(default_factory=list)  # CPU seconds per step, one value per timed block
     wall_s: list[float] = field(default_factory=list)  # wall seconds per step, one value per timed block
+    user_s: list[float] = field(default_factory=list)  # user CPU seconds per step (getrusage), per block
+    sys_s: list[float] = field(default_factory=list)  # system (kernel) CPU seconds per step (getrusage), per block
+    minflt: list[float] = field(default_factory=list)  # minor page faults per step (getrusage), per block
     flops: int = 0  # FlopCounterMode count of one step
     flops_by_op: dict[str, int] = field(default_factory=dict)
     params: int = 0  # trainable (student) parameters
@@ -55,6 +60,16 @@ class Side:
     def wall_median(self) -> float:
         """Median wall seconds per step over the timed blocks."""
         return statistics.median(self.wall_s) if self.wall_s else float("nan")
+
+    def add_block(self, block: dict[str, float]) -> None:
+        """Append one timed block (:func:`time_block`'s per-step figures)."""
+        for key in ("cpu_s", "wall_s", "user_s", "sys_s", "minflt"):
+            getattr(self, key).append(block[key])
+
+    def median_of(self, key: str) -> float:
+        """Median of one per-block figure (``user_s``, ``sys_s``, ``minflt``, ...); nan when none was taken."""
+        values = getattr(self, key)
+        return statistics.median(values) if values else float("nan")
 
 
 @dataclass
@@ -119,12 +134,13 @@ class PeerComparison:
 
     def format(self) -> str:
         """The side-by-side table, the ratios, the FLOPs check and the notes."""
-        head = ["side", "CPU s/step (median; blocks)", "wall s/step (median)", "TFLOP/step", "params", "peak mem",
-                "first-step loss"]
+        head = ["side", "CPU s/step (median; blocks)", "wall s/step (median)", "user / sys s/step", "minor faults/step",
+                "TFLOP/step", "params", "peak mem", "first-step loss"]
         rows = []
         for s in (self.medfoundry, self.dinov2):
             mem = f"{s.peak_mem_bytes / 2**30:.2f} GiB" if s.peak_mem_bytes else "n/a"
             rows.append([s.name, f"{s.cpu_median:.4g} ({_span(s.cpu_s)})", f"{s.wall_median:.4g}",
+                         f"{s.median_of('user_s'):.3g} / {s.median_of('sys_s'):.3g}", f"{s.median_of('minflt'):,.0f}",
                          f"{s.flops / 1e12:.5f}", f"{s.params / 1e6:.2f} M", mem, f"{s.first_loss:.5g}"])
         widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
         lines = [f"peer comparison: {self.label}, batch {self.batch}, {self.device} {self.precision}, "
@@ -163,30 +179,38 @@ def count_flops_by_op(fn: Callable[[], object]) -> tuple[int, dict[str, int], ob
     return int(counter.get_total_flops()), by_op, out
 
 
+def time_block(fn: Callable[[], object], steps: int, device: torch.device) -> dict[str, float]:
+    """Run ``fn`` ``steps`` times, synchronised at the end, and return per-step CPU time (``time.process_time``),
+    wall time, user and system time and minor page faults (``getrusage`` of this process)."""
+    u0, c0, w0 = resource.getrusage(resource.RUSAGE_SELF), time.process_time(), time.perf_counter()
+    for _ in range(steps):
+        fn()
+    synchronize(device)
+    u1, c1, w1 = resource.getrusage(resource.RUSAGE_SELF), time.process_time(), time.perf_counter()
+    return {"cpu_s": (c1 - c0) / steps, "wall_s": (w1 - w0) / steps, "user_s": (u1.ru_utime - u0.ru_utime) / steps,
+            "sys_s": (u1.ru_stime - u0.ru_stime) / steps, "minflt": (u1.ru_minflt - u0.ru_minflt) / steps}
+
+
 def time_alternating(sides: list[tuple[Side, Callable[[int], object]]], device: torch.device, repeats: int,
                      steps: int, warmup: int, first_step: int = 1) -> None:
-    """Fill each side's ``cpu_s`` / ``wall_s``: ``warmup`` untimed steps per side, then ``repeats`` blocks of
-    ``steps`` steps per side, alternating which side runs first (A B, B A, ...) so drifts of a shared machine
-    fall on both. Each block is synchronised; each side keeps its own step counter."""
+    """Fill each side's per-block figures: ``warmup`` untimed steps per side, then ``repeats`` blocks of ``steps``
+    steps per side, alternating which side runs first (A B, B A, ...) so drifts of a shared machine fall on both.
+    Each block is synchronised; each side keeps its own step counter."""
     counters = {id(s): first_step for s, _ in sides}
 
-    def run(side: Side, fn: Callable[[int], object], n: int) -> None:
-        for _ in range(n):
-            fn(counters[id(side)])
-            counters[id(side)] += 1
+    def one(side: Side, fn: Callable[[int], object]) -> None:
+        fn(counters[id(side)])
+        counters[id(side)] += 1
 
     for side, fn in sides:
-        run(side, fn, warmup)
+        for _ in range(warmup):
+            one(side, fn)
     synchronize(device)
     for r in range(repeats):
         order = sides if r % 2 == 0 else sides[::-1]
         for side, fn in order:
             reset_peak_memory(device)
-            c0, w0 = time.process_time(), time.perf_counter()
-            run(side, fn, steps)
-            synchronize(device)
-            side.cpu_s.append((time.process_time() - c0) / steps)
-            side.wall_s.append((time.perf_counter() - w0) / steps)
+            side.add_block(time_block(lambda side=side, fn=fn: one(side, fn), steps, device))
             if device.type == "cuda":
                 mem, _ = peak_memory(device)
                 side.peak_mem_bytes = max(side.peak_mem_bytes or 0, mem)
@@ -198,21 +222,50 @@ def dino_loss_einsum_flops(n_teacher: int, n_student: int, batch: int, prototype
     return 4 * n_teacher * n_student * batch * prototypes
 
 
-def compare_with_dinov2(spec: StepSpec, peer_path: str | None = None, fetch: bool = True, repeats: int = 4,
-                        steps: int = 1, warmup: int = 1) -> PeerComparison:
-    """Build medfoundry's step and dinov2's for ``spec`` and measure both (see the module docstring)."""
+@dataclass
+class PeerSetup:
+    """Both steps of the comparison, built from one seed: medfoundry's (``setup``: the loop's step around the real
+    DINO method, with its batch) and dinov2's (``peer``, loaded from medfoundry's student, with ``peer_batch``: the
+    same tensors in dinov2's collate layout)."""
+
+    code: Any  # medfoundry_cli.bench.peer_code.PeerCode
+    mods: Any  # medfoundry_cli.bench.peer_code.Dinov2Modules
+    setup: DinoStepSetup
+    peer: Any  # medfoundry_cli.bench.peer_dinov2.Dinov2PeerStep
+    peer_batch: dict
+
+    def step_fn(self, side: str) -> Callable[[int], object]:
+        """The step of ``side`` (``medfoundry`` or ``dinov2``) as a function of the step index."""
+        if side == "medfoundry":
+            return lambda i: self.setup.step(self.setup.batch, i)
+        if side == "dinov2":
+            return lambda i: self.peer(self.peer_batch, i)
+        raise ValueError(f"unknown side {side!r}: expected 'medfoundry' or 'dinov2'")
+
+
+def build_peer_setup(spec: StepSpec, peer_path: str | None = None, fetch: bool = True) -> PeerSetup:
+    """Locate (and, with ``fetch``, clone) dinov2's code first, so an offline machine fails before building anything,
+    then build both steps for ``spec``."""
     from medfoundry_cli.bench.peer_code import import_dinov2, locate_dinov2
     from medfoundry_cli.bench.peer_dinov2 import Dinov2PeerStep, dinov2_batch
 
-    code = locate_dinov2(peer_path, fetch=fetch)  # first: an offline machine fails before building anything
+    code = locate_dinov2(peer_path, fetch=fetch)
     mods = import_dinov2(code)
     setup = build_dino_step(spec)
-    cfg, device, precision, method, step, batch = (setup.cfg, setup.device, setup.precision, setup.method,
-                                                   setup.step, setup.batch)
-    backbone = method.student["backbone"]
-    peer = Dinov2PeerStep(cfg, backbone, device, precision, mods)
-    peer.load_medfoundry_student(method.student)
-    peer_batch = dinov2_batch(batch)
+    peer = Dinov2PeerStep(setup.cfg, setup.method.student["backbone"], setup.device, setup.precision, mods)
+    peer.load_medfoundry_student(setup.method.student)
+    return PeerSetup(code, mods, setup, peer, dinov2_batch(setup.batch))
+
+
+def compare_with_dinov2(spec: StepSpec, peer_path: str | None = None, fetch: bool = True, repeats: int = 4,
+                        steps: int = 1, warmup: int = 1, isolate: bool = False) -> PeerComparison:
+    """Build medfoundry's step and dinov2's for ``spec`` and measure both (see the module docstring). With
+    ``isolate`` the timed blocks run in fresh processes, one side each (:mod:`medfoundry_cli.bench.peer_isolated`);
+    the FLOPs and first-step losses are still counted here."""
+    built = build_peer_setup(spec, peer_path, fetch)
+    code, mods, peer, peer_batch = built.code, built.mods, built.peer, built.peer_batch
+    cfg, device, precision, method, step, batch = (built.setup.cfg, built.setup.device, built.setup.precision,
+                                                   built.setup.method, built.setup.step, built.setup.batch)
 
     ours = Side("medfoundry", params=sum(p.numel() for p in method.student.parameters()))
     theirs = Side("dinov2", params=peer.parameter_count())
@@ -220,8 +273,13 @@ def compare_with_dinov2(spec: StepSpec, peer_path: str | None = None, fetch: boo
     ours.first_loss = float(loss)
     theirs.flops, theirs.flops_by_op, loss = count_flops_by_op(lambda: peer(peer_batch, 0))
     theirs.first_loss = float(loss)
-    time_alternating([(ours, lambda i: step(batch, i)), (theirs, lambda i: peer(peer_batch, i))], device,
-                     repeats, steps, warmup)
+    if isolate:
+        from medfoundry_cli.bench.peer_isolated import time_in_processes
+
+        time_in_processes([ours, theirs], spec, code.root, repeats, steps, warmup)
+    else:
+        time_alternating([(ours, built.step_fn("medfoundry")), (theirs, built.step_fn("dinov2"))], device,
+                         repeats, steps, warmup)
 
     c, d = cfg.crops, cfg.dino
     n_students = c.n_global + c.n_local
@@ -237,8 +295,11 @@ def compare_with_dinov2(spec: StepSpec, peer_path: str | None = None, fetch: boo
     result.notes += [
         f"same weights (the peer starts from medfoundry's student), same crops and the same {masked} iBOT-masked "
         "patches (medfoundry's block masks, in dinov2's collate layout, head buffer = masked count)",
-        f"timing: {warmup} untimed step(s) per side, then {repeats} alternating blocks of {steps} step(s) per side; "
-        "CPU time = time.process_time() (all threads of this process); medians over the blocks",
+        (f"timing: {repeats} alternating blocks of {steps} step(s) per side, each in a fresh process holding only its "
+         f"side's step (after {warmup} untimed step(s) there): no shared allocator heap" if isolate else
+         f"timing: {warmup} untimed step(s) per side, then {repeats} alternating blocks of {steps} step(s) per side, "
+         "in this one process (both sides share its allocator heap)")
+        + "; CPU time = time.process_time() (all threads of the process); medians over the blocks",
         "medfoundry side: the training loop's body (TrainStep: StepOutputs.forward_backward, the loop's "
         "train.step.update; finite/stop flags as train.nonfinite_check=auto: read on the host on a CPU, kept on "
         "the device on a GPU; no metric read, as a non-logging step) around "

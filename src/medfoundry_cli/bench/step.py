@@ -3,7 +3,7 @@
 A step is what :func:`medfoundry.train.loop.train` does per iteration, minus data loading, logging and
 checkpoints (:class:`TrainStep`): schedules, forward under autocast (bf16 on GPU by default), the loop's
 finite-loss agreement, backward, ``before_optimizer_step``, gradient clipping with the norm read back,
-the optimizer step (fused AdamW on CUDA), ``after_optimizer_step`` (the EMA teacher update for DINO)
+the optimizer step (fused AdamW on CPU and CUDA), ``after_optimizer_step`` (the EMA teacher update for DINO)
 and the loop's metric reduction, host syncs included. Inputs are synthetic tensors already on the
 device ("model only").
 
