@@ -3,7 +3,7 @@
 In one process the two steps share the C allocator's heap: what one side leaves freed (and what glibc hands back to
 the operating system) decides how many of the other side's large temporaries fault in fresh pages, so each side's
 kernel time depends on the other. Measured on the 2-core CPU machine (ViT-S/16, 2 x 112 + 4 x 48, batch 8, 65,536
-prototypes): dinov2's step faulted 132-161 k pages per step alone and 78-148 k beside medfoundry's. A user runs one
+prototypes): dinov2's step faulted 132-161 k pages per step alone and 40-148 k beside medfoundry's. A user runs one
 training per process, so for the CPU figure each block here starts ``python -m medfoundry_cli.bench.peer_isolated``,
 which builds both steps exactly as :func:`~medfoundry_cli.bench.peer_compare.build_peer_setup` does in the parent
 (same seed, same weights, same batch; the process holds the same objects), runs one untimed step (the parent's
