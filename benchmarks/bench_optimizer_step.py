@@ -5,8 +5,9 @@ Builds the real :class:`~medfoundry.methods.dino.method.DINOMethod` of ``bench_t
 training loop builds it (:func:`medfoundry.train.optim.build_optimizer`, scheduled lr / weight decay), gives every
 parameter a random gradient and times ``--steps`` optimizer steps per kind in alternating blocks. Per kind it prints
 CPU ms per step (``time.process_time``), wall ms per step, system (kernel) ms per step and minor page faults per
-step (``getrusage``): the ``foreach`` path allocates a parameter-sized ``sqrt`` temporary per parameter, which a
-fresh allocation faults in again. ``--kind`` times one kind alone (to pair whole processes with an outside timer).
+step (``getrusage``; the peer comparison's ``time_alternating``): the ``foreach`` path allocates a parameter-sized
+``sqrt`` temporary per parameter, which a fresh allocation faults in again. ``--kind`` times one kind alone (to
+pair whole processes with an outside timer).
 
 Usage: ``python benchmarks/bench_optimizer_step.py [--model vit_small_patch16] [--prototypes 65536] [--steps 5]
 [--repeats 4] [--threads 1] [--kind both|fused|foreach]``.
@@ -15,9 +16,6 @@ Usage: ``python benchmarks/bench_optimizer_step.py [--model vit_small_patch16] [
 from __future__ import annotations
 
 import argparse
-import resource
-import statistics
-import time
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,51 +33,38 @@ def main(argv: list[str] | None = None) -> int:
 
     from medfoundry.methods.dino.method import DINOMethod
     from medfoundry.train.optim import apply_schedules, build_optimizer
+    from medfoundry_cli.bench.peer_compare import Side, time_alternating
     from medfoundry_cli.bench.results import describe_machine
     from medfoundry_cli.bench.step import StepSpec, dino_run_config
 
     torch.set_num_threads(args.threads)
-    print(describe_machine(torch.device("cpu")), flush=True)
+    device = torch.device("cpu")
+    print(describe_machine(device), flush=True)
     cfg = dino_run_config(StepSpec(model=args.model, global_size=112, local_size=48, n_local=4,
                                    head_dim=args.prototypes))
     kinds = ["fused", "foreach"] if args.kind == "both" else [args.kind]
-    runs = {}
+    sides = []
     for kind in kinds:
         torch.manual_seed(0)
         method = DINOMethod(cfg.model, cfg.dino, cfg.train.steps)
-        depth = method.student["backbone"].depth
-        opt = build_optimizer(method, cfg.optim, depth, fused=kind == "fused")
+        opt = build_optimizer(method, cfg.optim, method.student["backbone"].depth, fused=kind == "fused")
         apply_schedules(opt, cfg.optim, cfg.optim.warmup_steps, cfg.train.steps)
         for p in method.parameters():
             if p.requires_grad:
                 p.grad = torch.randn_like(p)
-        for _ in range(args.warmup):
-            opt.step()
-        runs[kind] = (method, opt, {"cpu": [], "wall": [], "sys": [], "minflt": []})
-    n_params = sum(p.numel() for p in runs[kinds[0]][0].parameters() if p.requires_grad)
-    for r in range(args.repeats):
-        for kind in kinds if r % 2 == 0 else kinds[::-1]:
-            _, opt, rec = runs[kind]
-            u0, c0, w0 = resource.getrusage(resource.RUSAGE_SELF), time.process_time(), time.perf_counter()
-            for _ in range(args.steps):
-                opt.step()
-            u1, c1, w1 = resource.getrusage(resource.RUSAGE_SELF), time.process_time(), time.perf_counter()
-            rec["cpu"].append(1e3 * (c1 - c0) / args.steps)
-            rec["wall"].append(1e3 * (w1 - w0) / args.steps)
-            rec["sys"].append(1e3 * (u1.ru_stime - u0.ru_stime) / args.steps)
-            rec["minflt"].append((u1.ru_minflt - u0.ru_minflt) / args.steps)
+        n_params = sum(p.numel() for p in method.parameters() if p.requires_grad)
+        sides.append((Side(kind, params=n_params), lambda _step, opt=opt: opt.step()))
+    time_alternating(sides, device, args.repeats, args.steps, args.warmup)
     print(f"AdamW step over {n_params / 1e6:.2f} M trainable parameters ({args.model}, {args.prototypes} prototypes), "
           f"{torch.get_num_threads()} torch thread(s), {args.repeats} blocks of {args.steps} steps per kind")
     head = f"{'kind':8s} {'CPU ms/step (median; blocks)':30s} {'wall ms/step':13s} {'sys ms/step':12s}"
     print(head + " minor faults/step")
-    for kind in kinds:
-        rec = runs[kind][2]
-        blocks = f"{min(rec['cpu']):.1f}-{max(rec['cpu']):.1f}"
-        print(f"{kind:8s} {statistics.median(rec['cpu']):8.1f} ({blocks}){'':12s} {statistics.median(rec['wall']):8.1f}"
-              f"{'':5s} {statistics.median(rec['sys']):8.1f}{'':4s} {statistics.median(rec['minflt']):,.0f}")
-    if len(kinds) == 2:
-        ratio = statistics.median(runs["fused"][2]["cpu"]) / statistics.median(runs["foreach"][2]["cpu"])
-        print(f"CPU-time ratio fused / foreach: {ratio:.3f}")
+    for side, _ in sides:
+        blocks = f"{1e3 * min(side.cpu_s):.1f}-{1e3 * max(side.cpu_s):.1f}"
+        print(f"{side.name:8s} {1e3 * side.cpu_median:8.1f} ({blocks}){'':12s} {1e3 * side.wall_median:8.1f}"
+              f"{'':5s} {1e3 * side.median_of('sys_s'):8.1f}{'':4s} {side.median_of('minflt'):,.0f}")
+    if len(sides) == 2:
+        print(f"CPU-time ratio fused / foreach: {sides[0][0].cpu_median / sides[1][0].cpu_median:.3f}")
     return 0
 
 

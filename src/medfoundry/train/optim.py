@@ -85,8 +85,8 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, depth: int | None = None
     The fused kernel updates each parameter, its moments and the weight decay in one pass with no temporaries; the
     ``foreach`` path (what dinov2's ``ssl_meta_arch.py`` asks for) makes a parameter-sized ``sqrt`` temporary per
     parameter (64 MB for DINOv2's prototypes) and passes over the moments several times. On one CPU thread the
-    fused step of a ViT-S/16 + DINOv2 head (44 M parameters) measured 32-36 ms against 109-212 ms
-    (``benchmarks/bench_optimizer_step.py``); the two agree to float rounding
+    fused step of a ViT-S/16 + DINOv2 head (44 M parameters) measured 42 ms against 214 ms
+    (``benchmarks/bench_optimizer_step.py``, 2-core CPU machine); the two agree to float rounding
     (``tests/train/test_train_schedules_optim.py``). A fused AdamW can also skip its step on a device flag
     (``found_inf``: ``train.nonfinite_check=device``). ``fused=False`` asks for ``foreach``."""
     groups = param_groups(model, cfg, depth)

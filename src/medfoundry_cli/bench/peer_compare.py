@@ -264,22 +264,20 @@ def compare_with_dinov2(spec: StepSpec, peer_path: str | None = None, fetch: boo
     the FLOPs and first-step losses are still counted here."""
     built = build_peer_setup(spec, peer_path, fetch)
     code, mods, peer, peer_batch = built.code, built.mods, built.peer, built.peer_batch
-    cfg, device, precision, method, step, batch = (built.setup.cfg, built.setup.device, built.setup.precision,
-                                                   built.setup.method, built.setup.step, built.setup.batch)
+    cfg, device, precision, method = built.setup.cfg, built.setup.device, built.setup.precision, built.setup.method
 
     ours = Side("medfoundry", params=sum(p.numel() for p in method.student.parameters()))
     theirs = Side("dinov2", params=peer.parameter_count())
-    ours.flops, ours.flops_by_op, loss = count_flops_by_op(lambda: step(batch, 0))
-    ours.first_loss = float(loss)
-    theirs.flops, theirs.flops_by_op, loss = count_flops_by_op(lambda: peer(peer_batch, 0))
-    theirs.first_loss = float(loss)
+    steps_of = [(ours, built.step_fn("medfoundry")), (theirs, built.step_fn("dinov2"))]
+    for side, fn in steps_of:
+        side.flops, side.flops_by_op, loss = count_flops_by_op(lambda fn=fn: fn(0))
+        side.first_loss = float(loss)
     if isolate:
         from medfoundry_cli.bench.peer_isolated import time_in_processes
 
         time_in_processes([ours, theirs], spec, code.root, repeats, steps, warmup)
     else:
-        time_alternating([(ours, built.step_fn("medfoundry")), (theirs, built.step_fn("dinov2"))], device,
-                         repeats, steps, warmup)
+        time_alternating(steps_of, device, repeats, steps, warmup)
 
     c, d = cfg.crops, cfg.dino
     n_students = c.n_global + c.n_local
